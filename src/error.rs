@@ -1,0 +1,28 @@
+//! The crate's one error type for failures (ours or the machine's), as opposed to rejections
+//! (the client's fault, `domain::Rejection`). HTTP/WS map both in `http::errors`.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("ledger is corrupt at offset {offset}: {reason}")]
+    Corrupt { offset: u64, reason: String },
+    #[error("data directory {} is in use by another process (a running server?); stop it or use `alarm-ledger backup` against the server", path.display())]
+    Locked { path: PathBuf },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}

@@ -1,0 +1,417 @@
+//! The ledger: the log, the projection built from it, the single writer and the live hub.
+//!
+//! `Ledger::open` verifies and replays the log into the projection (from a snapshot when one is
+//! valid); `Ledger::start` spawns the writer thread. Everything the API layer needs goes through
+//! `Ledger`: `submit` a command, read the projection, read the log, `subscribe`.
+
+pub mod datadir;
+pub mod hub;
+pub mod snapshot;
+pub mod subscription;
+pub mod writer;
+
+use crate::domain::{Alarm, Command, Event, Hash, Rejection};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::projection::{Projection, StateFilter};
+use crate::store::{chain, EventLog, Head, LedgerInfo};
+use crate::time::Timestamp;
+use hub::Hub;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+pub use subscription::{SubItem, Subscription};
+pub use writer::{CommandError, Outcome, WriterHandle};
+
+/// Tunables of the ledger core (validated in `config`).
+#[derive(Clone, Debug)]
+pub struct LedgerOptions {
+    /// Write queue bound; a full queue answers `overloaded`.
+    pub queue_capacity: usize,
+    /// Most commands decided and made durable in one group commit.
+    pub max_batch: usize,
+    /// Take a projection snapshot every this many events (0 = only at shutdown).
+    pub snapshot_every: u64,
+    /// Live broadcast ring size, in batches.
+    pub hub_capacity: usize,
+    /// Where snapshots go; `None` disables them (tests, tools).
+    pub snapshot_path: Option<PathBuf>,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        LedgerOptions {
+            queue_capacity: 65_536,
+            max_batch: 4_096,
+            snapshot_every: 100_000,
+            hub_capacity: 1_024,
+            snapshot_path: None,
+        }
+    }
+}
+
+/// The read model: projection and head under one lock, so a reader always sees a projection
+/// and the head it corresponds to.
+#[derive(Debug)]
+pub struct ReadModel {
+    pub projection: Projection,
+    pub head: Head,
+}
+
+pub struct Ledger {
+    log: Arc<dyn EventLog>,
+    info: LedgerInfo,
+    /// std RwLock, not tokio's: held only for in-memory reads/applies, never across an await.
+    model: RwLock<ReadModel>,
+    hub: Hub,
+    pub metrics: Arc<Metrics>,
+    writer: std::sync::Mutex<Option<WriterHandle>>,
+    tx: std::sync::Mutex<Option<mpsc::Sender<writer::WriterMsg>>>,
+    /// Set when storage failed and was not yet recovered: readiness reports it.
+    degraded: AtomicBool,
+    opts: LedgerOptions,
+}
+
+/// How the projection was restored at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Restore {
+    Empty,
+    FullReplay { events: u64, reason: Option<String> },
+    Snapshot { offset: u64, tail: u64 },
+}
+
+impl Ledger {
+    /// Opens the ledger over `log`: loads a valid snapshot if any, replays and verifies the tail
+    /// (offsets contiguous, every record decodes, every hash chains). Fails with the offset of
+    /// the first bad record; never skips one.
+    pub fn open(
+        log: Arc<dyn EventLog>,
+        opts: LedgerOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Arc<Ledger>, Restore)> {
+        let info = log.info();
+        let head = log.head()?;
+        let mut reason = None;
+        let mut start = (Projection::new(), chain::genesis(info.ledger_id), Timestamp(0));
+        if let Some(path) = &opts.snapshot_path {
+            match snapshot::load(path) {
+                Ok(None) => {}
+                Ok(Some(s)) => match validate_snapshot(log.as_ref(), &s, info.ledger_id, head) {
+                    Ok(()) => {
+                        start = (
+                            Projection::from_parts(s.alarms, s.offset),
+                            s.head_hash,
+                            s.head_at,
+                        )
+                    }
+                    Err(why) => reason = Some(why),
+                },
+                Err(why) => reason = Some(why),
+            }
+            if let Some(why) = &reason {
+                tracing::warn!(snapshot = %path.display(), reason = %why, "projection snapshot discarded; rebuilding from the log");
+            }
+        }
+        let (mut projection, mut prev, mut last_at) = start;
+        let from = projection.offset();
+        let mut expected = from + 1;
+        for item in log.iter_from(expected) {
+            let event = item?;
+            check_link(&event, expected, &prev, info.ledger_id)?;
+            prev = event.hash;
+            last_at = event.at;
+            projection.apply(&event);
+            expected += 1;
+        }
+        let replayed = expected - 1 - from;
+        if expected - 1 != head.offset {
+            return Err(Error::Corrupt {
+                offset: expected,
+                reason: format!("log head is {} but replay ended at {}", head.offset, expected - 1),
+            });
+        }
+        let restore = if head.offset == 0 {
+            Restore::Empty
+        } else if from > 0 {
+            Restore::Snapshot {
+                offset: from,
+                tail: replayed,
+            }
+        } else {
+            Restore::FullReplay {
+                events: replayed,
+                reason,
+            }
+        };
+        metrics.head_offset.set(head.offset as i64);
+        let head = Head {
+            offset: head.offset,
+            hash: prev,
+            at: last_at,
+        };
+        let hub = Hub::new(opts.hub_capacity);
+        let ledger = Arc::new(Ledger {
+            log,
+            info,
+            model: RwLock::new(ReadModel { projection, head }),
+            hub,
+            metrics,
+            writer: std::sync::Mutex::new(None),
+            tx: std::sync::Mutex::new(None),
+            degraded: AtomicBool::new(false),
+            opts,
+        });
+        Ok((ledger, restore))
+    }
+
+    /// Spawns the single writer thread. Commands submitted before `start` get `ShuttingDown`.
+    pub fn start(self: &Arc<Self>) -> Result<()> {
+        let (tx, rx) = mpsc::channel(self.opts.queue_capacity.max(1));
+        let handle = writer::spawn(self.clone(), rx)?;
+        *lock(&self.tx) = Some(tx);
+        *lock(&self.writer) = Some(handle);
+        Ok(())
+    }
+
+    /// Stops the writer after it has finished every queued command, writes a final snapshot,
+    /// and waits for it (blocking: call from a blocking context).
+    pub fn stop(&self) {
+        let tx = lock(&self.tx).take();
+        if let Some(tx) = tx {
+            // The writer drains everything queued before this message.
+            let _ = tx.blocking_send(writer::WriterMsg::Stop);
+        }
+        let handle = lock(&self.writer).take();
+        if let Some(h) = handle {
+            h.join();
+        }
+    }
+
+    pub fn info(&self) -> LedgerInfo {
+        self.info
+    }
+
+    pub fn log(&self) -> &Arc<dyn EventLog> {
+        &self.log
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    pub fn options(&self) -> &LedgerOptions {
+        &self.opts
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_degraded(&self, v: bool) {
+        self.degraded.store(v, Ordering::Relaxed);
+    }
+
+    /// The durable head as published (never ahead of what readers may see).
+    pub fn head(&self) -> Head {
+        self.read_model().head
+    }
+
+    pub fn read_model(&self) -> std::sync::RwLockReadGuard<'_, ReadModel> {
+        self.model.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn write_model(&self) -> std::sync::RwLockWriteGuard<'_, ReadModel> {
+        self.model.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a command for the writer and waits for its durable outcome. A full queue answers
+    /// `Overloaded` at once rather than buffering without bound.
+    pub async fn submit(&self, cmd: Command) -> Result<Outcome, CommandError> {
+        let (reply, rx) = oneshot::channel();
+        let tx = lock(&self.tx).clone().ok_or(CommandError::ShuttingDown)?;
+        let msg = writer::WriterMsg::Command(writer::WriteRequest {
+            cmd,
+            reply,
+            enqueued: std::time::Instant::now(),
+        });
+        tx.try_send(msg).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => CommandError::ShuttingDown,
+        })?;
+        rx.await.unwrap_or(Err(CommandError::ShuttingDown))
+    }
+
+    /// Current alarm, if known (deleted alarms included).
+    pub fn alarm(&self, id: &Uuid) -> Option<Alarm> {
+        self.read_model().projection.get(id).cloned()
+    }
+
+    /// Current alarms and the offset they are as of.
+    pub fn alarms(&self, filter: StateFilter) -> (u64, Vec<Alarm>) {
+        let m = self.read_model();
+        (
+            m.head.offset,
+            m.projection.list(filter).into_iter().cloned().collect(),
+        )
+    }
+
+    /// The state after every event with offset ≤ `offset`, replayed from the log (blocking).
+    pub fn projection_as_of(&self, offset: u64) -> Result<Projection> {
+        let mut p = Projection::new();
+        let upto = offset.min(self.head().offset);
+        for item in self.log.iter_from(1) {
+            let e = item?;
+            if e.offset > upto {
+                break;
+            }
+            p.apply(&e);
+        }
+        Ok(p)
+    }
+
+    /// The offset of the last event with `at` ≤ `t` (0 if none), by binary search on the log
+    /// (`at` never decreases along the log).
+    pub fn offset_at_time(&self, t: Timestamp) -> Result<u64> {
+        let (mut lo, mut hi) = (0u64, self.head().offset);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            match self.log.event_at(mid)? {
+                Some(e) if e.at <= t => lo = mid,
+                Some(_) => hi = mid - 1,
+                None => {
+                    return Err(Error::Corrupt {
+                        offset: mid,
+                        reason: "missing record below head".into(),
+                    })
+                }
+            }
+        }
+        Ok(lo)
+    }
+
+    /// One alarm's events, oldest first (blocking).
+    pub fn history(&self, alarm_id: Uuid) -> Result<Vec<Event>> {
+        let head = self.head().offset;
+        let mut out = Vec::new();
+        for off in self.log.alarm_offsets(alarm_id)? {
+            if off > head {
+                break; // written but not yet durable: not visible
+            }
+            if let Some(e) = self.log.event_at(off)? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A live subscription delivering every event with offset > `from`.
+    pub fn subscribe(self: &Arc<Self>, from: u64) -> Subscription {
+        Subscription::new(self.clone(), from)
+    }
+
+    /// The current state plus a subscription continuing exactly after it.
+    pub fn subscribe_with_snapshot(self: &Arc<Self>) -> (u64, Vec<Alarm>, Subscription) {
+        // Receiver first, then the state: every batch applied after the state was read is
+        // still in the receiver; batches at or below the offset are skipped.
+        let rx = self.hub.subscribe();
+        let (offset, alarms) = self.alarms(StateFilter::Current);
+        let sub = Subscription::with_receiver(self.clone(), offset, rx);
+        (offset, alarms, sub)
+    }
+
+    /// Hash of the event at `offset` as stored (for `from_hash` checks).
+    pub fn hash_at(&self, offset: u64) -> Result<Option<Hash>> {
+        if offset == 0 {
+            return Ok(Some(chain::genesis(self.info.ledger_id)));
+        }
+        if offset > self.head().offset {
+            return Ok(None);
+        }
+        Ok(self.log.event_at(offset)?.map(|e| e.hash))
+    }
+
+    /// Writes a snapshot of the current projection now (blocking).
+    pub fn write_snapshot(&self) -> Result<()> {
+        let Some(path) = &self.opts.snapshot_path else {
+            return Ok(());
+        };
+        let snap = {
+            let m = self.read_model();
+            snapshot::Snapshot {
+                ledger_id: self.info.ledger_id,
+                offset: m.head.offset,
+                head_hash: m.head.hash,
+                head_at: m.head.at,
+                alarms: m.projection.alarms_sorted(),
+            }
+        };
+        snapshot::save(path, &snap)?;
+        self.metrics.snapshots_written.inc();
+        Ok(())
+    }
+}
+
+/// Checks that `event` is the one expected at `expected` after `prev`.
+pub fn check_link(event: &Event, expected: u64, prev: &Hash, ledger_id: Uuid) -> Result<()> {
+    if event.offset != expected {
+        return Err(Error::Corrupt {
+            offset: expected,
+            reason: format!("gap: next record has offset {}", event.offset),
+        });
+    }
+    let h = chain::event_hash(prev, event, ledger_id);
+    if h != event.hash {
+        return Err(Error::Corrupt {
+            offset: event.offset,
+            reason: format!(
+                "hash mismatch: stored {}, computed {}",
+                event.hash.to_hex(),
+                h.to_hex()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn validate_snapshot(
+    log: &dyn EventLog,
+    s: &snapshot::Snapshot,
+    ledger_id: Uuid,
+    head: Head,
+) -> std::result::Result<(), String> {
+    if s.ledger_id != ledger_id {
+        return Err(format!("snapshot is of ledger {}", s.ledger_id));
+    }
+    if s.offset > head.offset {
+        return Err(format!(
+            "snapshot offset {} is beyond the log head {}",
+            s.offset, head.offset
+        ));
+    }
+    if s.offset == 0 {
+        return Ok(());
+    }
+    match log.event_at(s.offset) {
+        Ok(Some(e)) if e.hash == s.head_hash => Ok(()),
+        Ok(Some(_)) => Err(format!("snapshot hash at offset {} disagrees with the log", s.offset)),
+        Ok(None) => Err(format!("no log record at snapshot offset {}", s.offset)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Maps a rejection to its protocol code (kept here so callers need not import domain).
+pub fn rejection_code(r: &Rejection) -> &'static str {
+    r.code()
+}
+
+/// How long the API waits for a queued command before giving up on it (the command may still
+/// complete; a retry with the same command_id is safe).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);

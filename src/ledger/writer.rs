@@ -1,0 +1,367 @@
+//! The single writer: the only code that assigns offsets.
+//!
+//! One OS thread (sled calls block) drains the bounded queue in batches and, per batch:
+//! 1. decides every command in queue order against the projection plus the batch's own pending
+//!    changes (so two triggers of one alarm in one batch: the first wins, the second is `already`);
+//! 2. appends the batch's events and index entries atomically and makes them durable with one
+//!    flush + one fdatasync (`EventLog::append_batch`);
+//! 3. applies them to the projection and advances the head;
+//! 4. publishes them to the hub;
+//! 5. answers every command of the batch.
+//!
+//! Nothing is visible or answered before step 2 returns. If step 2 fails, every command of the
+//! batch gets a storage error, the ledger is marked degraded, and before the next batch the writer
+//! retries the sync and re-reads the log's head: events that did reach the disk are then applied
+//! and published (a client retrying with the same command_id gets `duplicate`), so the offsets
+//! clients see never repeat.
+
+use super::hub::Published;
+use super::Ledger;
+use crate::domain::{decide, Alarm, Command, Decision, Event, Hash, Rejection};
+use crate::error::Result;
+use crate::metrics::KindLabel;
+use crate::store::CommandOutcome;
+use crate::time::Timestamp;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+/// A successful command's answer (the protocol's `ok`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub offset: u64,
+    pub alarm_id: Uuid,
+    /// Already in effect: nothing appended; `offset` is the event that put it in effect.
+    pub already: bool,
+    /// A repeat of a known command_id: nothing appended; `offset` is the original event.
+    pub duplicate: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error("the write queue is full; retry with the same command_id")]
+    Overloaded,
+    #[error("storage failure, the command was not applied: {0}")]
+    Storage(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl CommandError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            CommandError::Rejected(r) => r.code(),
+            CommandError::Overloaded => "overloaded",
+            CommandError::Storage(_) | CommandError::ShuttingDown => "internal",
+        }
+    }
+}
+
+pub struct WriteRequest {
+    pub cmd: Command,
+    pub reply: oneshot::Sender<Result<Outcome, CommandError>>,
+    pub enqueued: Instant,
+}
+
+// Boxing the request would cost an allocation per command on the hot path; the size only
+// matters for the queue slots, which are bounded.
+#[allow(clippy::large_enum_variant)]
+pub enum WriterMsg {
+    Command(WriteRequest),
+    /// Finish everything queued, snapshot, exit.
+    Stop,
+}
+
+pub struct WriterHandle {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl WriterHandle {
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+pub(super) fn spawn(ledger: Arc<Ledger>, rx: mpsc::Receiver<WriterMsg>) -> Result<WriterHandle> {
+    let thread = std::thread::Builder::new()
+        .name("ledger-writer".into())
+        .spawn(move || Writer::new(ledger).run(rx))?;
+    Ok(WriterHandle { thread })
+}
+
+/// What to answer once the batch is durable.
+enum Plan {
+    Ok(Outcome),
+    Err(CommandError),
+}
+
+struct Writer {
+    ledger: Arc<Ledger>,
+    since_snapshot: u64,
+}
+
+impl Writer {
+    fn new(ledger: Arc<Ledger>) -> Self {
+        Writer {
+            ledger,
+            since_snapshot: 0,
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) {
+        let max = self.ledger.opts.max_batch.max(1);
+        let mut stopping = false;
+        let mut batch: Vec<WriteRequest> = Vec::with_capacity(max);
+        while !stopping {
+            match rx.blocking_recv() {
+                Some(WriterMsg::Command(r)) => batch.push(r),
+                Some(WriterMsg::Stop) | None => stopping = true,
+            }
+            while batch.len() < max {
+                match rx.try_recv() {
+                    Ok(WriterMsg::Command(r)) => batch.push(r),
+                    Ok(WriterMsg::Stop) => stopping = true,
+                    Err(_) => break,
+                }
+            }
+            if stopping {
+                // Finish in-flight work: everything already queued is still processed.
+                rx.close();
+                while let Ok(WriterMsg::Command(r)) = rx.try_recv() {
+                    batch.push(r);
+                }
+            }
+            let mut all = std::mem::take(&mut batch);
+            while !all.is_empty() {
+                let rest = if all.len() > max {
+                    all.split_off(max)
+                } else {
+                    Vec::new()
+                };
+                self.process(all);
+                all = rest;
+            }
+        }
+        if let Err(e) = self.ledger.write_snapshot() {
+            tracing::error!(error = %e, "final projection snapshot failed");
+        }
+        tracing::info!("writer stopped");
+    }
+
+    fn process(&mut self, reqs: Vec<WriteRequest>) {
+        if reqs.is_empty() {
+            return;
+        }
+        if self.ledger.is_degraded() {
+            if let Err(e) = self.recover() {
+                let msg = e.to_string();
+                for r in reqs {
+                    self.ledger.metrics.rejected("internal");
+                    let _ = r.reply.send(Err(CommandError::Storage(msg.clone())));
+                }
+                return;
+            }
+        }
+        let (events, plans) = self.decide_batch(&reqs);
+        let n = events.len();
+        if n > 0 {
+            let t = Instant::now();
+            if let Err(e) = self.ledger.log.append_batch(&events) {
+                tracing::error!(error = %e, events = n, "durable append failed; batch not acknowledged");
+                self.ledger.set_degraded(true);
+                let msg = e.to_string();
+                for (r, plan) in reqs.into_iter().zip(plans) {
+                    let err = match plan {
+                        Plan::Err(CommandError::Rejected(rej)) => CommandError::Rejected(rej),
+                        _ => CommandError::Storage(msg.clone()),
+                    };
+                    self.ledger.metrics.rejected(err.code());
+                    let _ = r.reply.send(Err(err));
+                }
+                return;
+            }
+            self.ledger
+                .metrics
+                .flush_duration
+                .observe(t.elapsed().as_secs_f64());
+            self.ledger.metrics.batch_size.observe(n as f64);
+            self.publish(events);
+        }
+        for (r, plan) in reqs.into_iter().zip(plans) {
+            let answer = match plan {
+                Plan::Ok(o) => Ok(o),
+                Plan::Err(e) => {
+                    self.ledger.metrics.rejected(e.code());
+                    Err(e)
+                }
+            };
+            self.ledger
+                .metrics
+                .append_latency
+                .observe(r.enqueued.elapsed().as_secs_f64());
+            let _ = r.reply.send(answer);
+        }
+    }
+
+    /// Decides each command in order. Reads the projection (the writer is its only mutator, so
+    /// what it reads cannot change underneath) plus this batch's pending alarms.
+    fn decide_batch(&self, reqs: &[WriteRequest]) -> (Vec<Event>, Vec<Plan>) {
+        let model = self.ledger.read_model();
+        let ledger_id = self.ledger.info.ledger_id;
+        let mut head = model.head;
+        let mut pending: HashMap<Uuid, Alarm> = HashMap::new();
+        let mut pending_cmds: HashMap<Uuid, CommandOutcome> = HashMap::new();
+        let mut events = Vec::new();
+        let mut plans = Vec::with_capacity(reqs.len());
+        let now = Timestamp::now();
+        for r in reqs {
+            let cmd = &r.cmd;
+            if let Some(cid) = cmd.command_id {
+                let known = match pending_cmds.get(&cid) {
+                    Some(o) => Ok(Some(*o)),
+                    None => self.ledger.log.command_outcome(cid),
+                };
+                match known {
+                    Ok(Some(o)) => {
+                        plans.push(Plan::Ok(Outcome {
+                            offset: o.offset,
+                            alarm_id: o.alarm_id,
+                            already: false,
+                            duplicate: true,
+                        }));
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        plans.push(Plan::Err(CommandError::Storage(e.to_string())));
+                        continue;
+                    }
+                }
+            }
+            let current = pending
+                .get(&cmd.alarm_id)
+                .or_else(|| model.projection.get(&cmd.alarm_id));
+            match decide(current, cmd) {
+                Ok(Decision::Append(data)) => {
+                    let mut event = Event {
+                        offset: head.offset + 1,
+                        id: Uuid::now_v7(),
+                        // Never decreasing, even if the wall clock steps back.
+                        at: now.max(head.at),
+                        actor: cmd.actor.clone(),
+                        alarm_id: cmd.alarm_id,
+                        command_id: cmd.command_id,
+                        data,
+                        hash: Hash::default(),
+                    };
+                    event.hash = crate::store::chain::event_hash(&head.hash, &event, ledger_id);
+                    head.offset = event.offset;
+                    head.hash = event.hash;
+                    head.at = event.at;
+                    let next = match current {
+                        Some(a) => {
+                            let mut a = a.clone();
+                            a.apply(&event);
+                            Some(a)
+                        }
+                        None => Alarm::from_created(&event),
+                    };
+                    if let Some(a) = next {
+                        pending.insert(a.id, a);
+                    }
+                    let outcome = Outcome {
+                        offset: event.offset,
+                        alarm_id: event.alarm_id,
+                        already: false,
+                        duplicate: false,
+                    };
+                    if let Some(cid) = cmd.command_id {
+                        pending_cmds.insert(
+                            cid,
+                            CommandOutcome {
+                                offset: event.offset,
+                                alarm_id: event.alarm_id,
+                            },
+                        );
+                    }
+                    events.push(event);
+                    plans.push(Plan::Ok(outcome));
+                }
+                Ok(Decision::Already { offset }) => plans.push(Plan::Ok(Outcome {
+                    offset,
+                    alarm_id: cmd.alarm_id,
+                    already: true,
+                    duplicate: false,
+                })),
+                Err(rej) => plans.push(Plan::Err(CommandError::Rejected(rej))),
+            }
+        }
+        (events, plans)
+    }
+
+    /// Applies durable events to the read model, then fans them out.
+    fn publish(&mut self, events: Vec<Event>) {
+        let n = events.len() as u64;
+        {
+            let mut m = self.ledger.write_model();
+            for e in &events {
+                m.projection.apply(e);
+            }
+            if let Some(last) = events.last() {
+                m.head.offset = last.offset;
+                m.head.hash = last.hash;
+                m.head.at = last.at;
+            }
+        }
+        for e in &events {
+            self.ledger
+                .metrics
+                .events_appended
+                .get_or_create(&KindLabel {
+                    kind: e.kind().as_str().into(),
+                })
+                .inc();
+        }
+        if let Some(last) = events.last() {
+            self.ledger.metrics.head_offset.set(last.offset as i64);
+        }
+        let batch: Vec<Arc<Published>> = events.into_iter().map(Published::new).collect();
+        self.ledger.hub.publish(Arc::new(batch));
+        self.since_snapshot += n;
+        let every = self.ledger.opts.snapshot_every;
+        if every > 0 && self.since_snapshot >= every {
+            self.since_snapshot = 0;
+            // The snapshot encodes the whole projection; done on this thread it pauses writes
+            // for a few ms per 10k alarms, which we accept for its simplicity (README numbers).
+            if let Err(e) = self.ledger.write_snapshot() {
+                tracing::warn!(error = %e, "projection snapshot failed (the log is unaffected)");
+            }
+        }
+    }
+
+    /// After a failed append: make whatever reached sled durable, and adopt it.
+    fn recover(&mut self) -> Result<()> {
+        self.ledger.log.sync()?;
+        let stored = self.ledger.log.head()?;
+        let ours = self.ledger.head();
+        if stored.offset > ours.offset {
+            let mut adopted = Vec::new();
+            let mut prev = ours.hash;
+            for item in self.ledger.log.iter_from(ours.offset + 1) {
+                let e = item?;
+                super::check_link(&e, ours.offset + 1 + adopted.len() as u64, &prev, self.ledger.info.ledger_id)?;
+                prev = e.hash;
+                adopted.push(e);
+            }
+            tracing::warn!(events = adopted.len(), "adopting events that became durable after a failed append");
+            self.publish(adopted);
+        }
+        self.ledger.set_degraded(false);
+        tracing::info!("storage recovered");
+        Ok(())
+    }
+}

@@ -1,0 +1,21 @@
+//! alarm-ledger: an event-sourced alarm ledger server.
+//!
+//! The data flow, top to bottom:
+//! - `config` parses and validates every option; `telemetry` sets up tracing.
+//! - `startup` opens the store, rebuilds the projection, spawns the writer and serves HTTP/WS.
+//! - `protocol` is the only place that knows the wire JSON; `http/` maps routes and the WebSocket.
+//! - `ledger::writer` is the single writer: queue → decide → append batch → one durable sync →
+//!   apply to the projection → publish to `ledger::hub` → answer.
+//! - `domain/` is pure: the alarm state machine (`decide(state, command) → event | rejection`).
+//! - `projection` folds events into the current state; it cannot fail.
+//! - `store/` is the log behind the `EventLog` trait: sled today, codec and hash chain beside it.
+//! - `auth/` holds users, passwords, tokens, login throttling and the security log.
+
+pub mod domain;
+pub mod error;
+pub mod ledger;
+pub mod metrics;
+pub mod projection;
+pub mod protocol;
+pub mod store;
+pub mod time;

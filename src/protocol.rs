@@ -1,0 +1,462 @@
+//! The wire contract (PROTOCOL.md v1): the only place that knows the JSON of client and server
+//! messages. Client input is parsed here into domain types with limits checked, so nothing past
+//! this boundary re-validates.
+
+use crate::domain::command::limits;
+use crate::domain::{Alarm, AlarmChanges, AlarmSpec, Command, CommandKind, Event, Severity};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A client message's `req`: a string or an integer, echoed verbatim.
+pub type Req = Option<Value>;
+
+/// A malformed message: the `error` answer's message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRequest(pub String);
+
+impl std::fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Fields of a new alarm, as sent by clients (`create.alarm`, `POST /alarms`).
+#[derive(Debug, Deserialize)]
+pub struct NewAlarm {
+    pub name: String,
+    #[serde(default)]
+    pub instrument: Option<String>,
+    #[serde(default)]
+    pub condition: Option<String>,
+    #[serde(default)]
+    pub severity: Option<String>,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(default)]
+    pub id: Option<Uuid>,
+}
+
+/// `update.changes` / `PATCH /alarms/{id}` body.
+#[derive(Debug, Deserialize, Default)]
+pub struct Changes {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub instrument: Option<String>,
+    #[serde(default)]
+    pub condition: Option<String>,
+    #[serde(default)]
+    pub severity: Option<String>,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+}
+
+/// A trigger `value`: a string, or a number kept as its exact text (no floats in events).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ValueText {
+    Text(String),
+    Number(serde_json::Number),
+}
+
+impl ValueText {
+    fn into_string(self) -> String {
+        match self {
+            ValueText::Text(s) => s,
+            ValueText::Number(n) => n.to_string(),
+        }
+    }
+}
+
+/// Client → server messages.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    Subscribe {
+        #[serde(default)]
+        from: u64,
+        #[serde(default)]
+        ledger_id: Option<Uuid>,
+        #[serde(default)]
+        from_hash: Option<String>,
+        #[serde(default)]
+        snapshot: bool,
+    },
+    Unsubscribe {},
+    Create {
+        alarm: NewAlarm,
+        #[serde(default)]
+        command_id: Option<Uuid>,
+    },
+    Trigger {
+        alarm_id: Uuid,
+        #[serde(default)]
+        value: Option<ValueText>,
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default)]
+        command_id: Option<Uuid>,
+        #[serde(default)]
+        expected_version: Option<u64>,
+    },
+    Ack {
+        alarm_id: Uuid,
+        #[serde(default)]
+        comment: Option<String>,
+        #[serde(default)]
+        command_id: Option<Uuid>,
+        #[serde(default)]
+        expected_version: Option<u64>,
+    },
+    Rearm {
+        alarm_id: Uuid,
+        #[serde(default)]
+        command_id: Option<Uuid>,
+        #[serde(default)]
+        expected_version: Option<u64>,
+    },
+    Update {
+        alarm_id: Uuid,
+        changes: Changes,
+        #[serde(default)]
+        command_id: Option<Uuid>,
+        #[serde(default)]
+        expected_version: Option<u64>,
+    },
+    Delete {
+        alarm_id: Uuid,
+        #[serde(default)]
+        command_id: Option<Uuid>,
+        #[serde(default)]
+        expected_version: Option<u64>,
+    },
+    Refresh {
+        token: String,
+    },
+    Ping {},
+}
+
+/// Parses one text frame. On failure, returns the `req` (if it could be read) with the error.
+pub fn parse_client_message(text: &str) -> Result<(Req, ClientMessage), (Req, BadRequest)> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| (None, BadRequest(format!("invalid JSON: {e}"))))?;
+    let Value::Object(obj) = &value else {
+        return Err((None, BadRequest("a message must be a JSON object".into())));
+    };
+    let req = match obj.get("req") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::String(_)) => Some(v.clone()),
+        Some(v @ Value::Number(n)) if n.is_i64() || n.is_u64() => Some(v.clone()),
+        Some(_) => {
+            return Err((
+                None,
+                BadRequest("`req` must be a string or an integer".into()),
+            ))
+        }
+    };
+    match obj.get("type") {
+        Some(Value::String(_)) => {}
+        Some(_) => return Err((req, BadRequest("`type` must be a string".into()))),
+        None => return Err((req, BadRequest("missing field `type`".into()))),
+    }
+    match serde_json::from_value::<ClientMessage>(value) {
+        Ok(m) => Ok((req, m)),
+        Err(e) => Err((req, BadRequest(e.to_string()))),
+    }
+}
+
+fn text(field: &str, v: Option<String>, max: usize) -> Result<Option<String>, BadRequest> {
+    match v {
+        Some(s) if s.chars().count() > max => Err(BadRequest(format!(
+            "`{field}` is longer than {max} characters"
+        ))),
+        Some(s) if s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => Err(BadRequest(
+            format!("`{field}` contains control characters"),
+        )),
+        other => Ok(other),
+    }
+}
+
+fn name(v: String) -> Result<String, BadRequest> {
+    let v = text("name", Some(v), limits::NAME_MAX)?.unwrap_or_default();
+    if v.trim().is_empty() {
+        return Err(BadRequest("`name` must not be empty".into()));
+    }
+    Ok(v)
+}
+
+fn severity(v: Option<String>) -> Result<Option<Severity>, BadRequest> {
+    v.map(|s| {
+        Severity::parse(&s).ok_or_else(|| {
+            BadRequest(format!(
+                "`severity` must be one of low, medium, high, critical (got {s:?})"
+            ))
+        })
+    })
+    .transpose()
+}
+
+fn tags(v: Option<Vec<String>>) -> Result<Option<Vec<String>>, BadRequest> {
+    let Some(tags) = v else { return Ok(None) };
+    if tags.len() > limits::TAGS_MAX {
+        return Err(BadRequest(format!("at most {} tags", limits::TAGS_MAX)));
+    }
+    for t in &tags {
+        if t.is_empty() || t.chars().count() > limits::TAG_MAX || t.chars().any(char::is_control)
+        {
+            return Err(BadRequest(format!(
+                "each tag must be 1..={} printable characters",
+                limits::TAG_MAX
+            )));
+        }
+    }
+    Ok(Some(tags))
+}
+
+impl NewAlarm {
+    pub fn into_command(
+        self,
+        actor: &str,
+        command_id: Option<Uuid>,
+    ) -> Result<Command, BadRequest> {
+        let spec = AlarmSpec {
+            name: name(self.name)?,
+            instrument: text("instrument", self.instrument, limits::NAME_MAX)?.unwrap_or_default(),
+            condition: text("condition", self.condition, limits::TEXT_MAX)?.unwrap_or_default(),
+            severity: severity(self.severity)?.unwrap_or(Severity::Medium),
+            tags: tags(self.tags)?.unwrap_or_default(),
+            owner: actor.to_string(),
+        };
+        Ok(Command {
+            alarm_id: self.id.unwrap_or_else(Uuid::now_v7),
+            kind: CommandKind::Create(spec),
+            actor: actor.to_string(),
+            command_id,
+            expected_version: None,
+        })
+    }
+}
+
+impl Changes {
+    pub fn into_changes(self) -> Result<AlarmChanges, BadRequest> {
+        let changes = AlarmChanges {
+            name: self.name.map(name).transpose()?,
+            instrument: text("instrument", self.instrument, limits::NAME_MAX)?,
+            condition: text("condition", self.condition, limits::TEXT_MAX)?,
+            severity: severity(self.severity)?,
+            tags: tags(self.tags)?,
+        };
+        if changes.is_empty() {
+            return Err(BadRequest("`changes` must change at least one field".into()));
+        }
+        Ok(changes)
+    }
+}
+
+/// Builds the domain command of a command message; `None` for non-command messages.
+pub fn command_of(msg: ClientMessage, actor: &str) -> Option<Result<Command, BadRequest>> {
+    let simple = |alarm_id, kind, command_id, expected_version| {
+        Ok(Command {
+            alarm_id,
+            kind,
+            actor: actor.to_string(),
+            command_id,
+            expected_version,
+        })
+    };
+    Some(match msg {
+        ClientMessage::Create { alarm, command_id } => alarm.into_command(actor, command_id),
+        ClientMessage::Trigger {
+            alarm_id,
+            value,
+            message,
+            command_id,
+            expected_version,
+        } => trigger_kind(value, message)
+            .and_then(|k| simple(alarm_id, k, command_id, expected_version)),
+        ClientMessage::Ack {
+            alarm_id,
+            comment,
+            command_id,
+            expected_version,
+        } => text("comment", comment, limits::TEXT_MAX).and_then(|comment| {
+            simple(alarm_id, CommandKind::Ack { comment }, command_id, expected_version)
+        }),
+        ClientMessage::Rearm {
+            alarm_id,
+            command_id,
+            expected_version,
+        } => simple(alarm_id, CommandKind::Rearm, command_id, expected_version),
+        ClientMessage::Delete {
+            alarm_id,
+            command_id,
+            expected_version,
+        } => simple(alarm_id, CommandKind::Delete, command_id, expected_version),
+        ClientMessage::Update {
+            alarm_id,
+            changes,
+            command_id,
+            expected_version,
+        } => changes.into_changes().and_then(|c| {
+            simple(alarm_id, CommandKind::Update(c), command_id, expected_version)
+        }),
+        _ => return None,
+    })
+}
+
+pub fn trigger_kind(
+    value: Option<ValueText>,
+    message: Option<String>,
+) -> Result<CommandKind, BadRequest> {
+    Ok(CommandKind::Trigger {
+        value: text("value", value.map(ValueText::into_string), limits::NAME_MAX)?,
+        message: text("message", message, limits::TEXT_MAX)?,
+    })
+}
+
+pub fn ack_kind(comment: Option<String>) -> Result<CommandKind, BadRequest> {
+    Ok(CommandKind::Ack {
+        comment: text("comment", comment, limits::TEXT_MAX)?,
+    })
+}
+
+// ---------------------------------------------------------------- server → client
+
+fn with_req(mut m: Map<String, Value>, req: &Req) -> String {
+    if let Some(r) = req {
+        m.insert("req".into(), r.clone());
+    }
+    Value::Object(m).to_string()
+}
+
+/// The `event` message (no `ledger_id`: the client has it from `hello`).
+pub fn event_message(event: &Event) -> String {
+    let mut m = Map::new();
+    m.insert("type".into(), json!("event"));
+    m.extend(event.to_json(None));
+    Value::Object(m).to_string()
+}
+
+/// One NDJSON export line: the event with `ledger_id` and `hash`.
+pub fn export_line(event: &Event, ledger_id: Uuid) -> String {
+    Value::Object(event.to_json(Some(ledger_id))).to_string()
+}
+
+pub struct Hello<'a> {
+    pub ledger_id: Uuid,
+    pub head: u64,
+    pub user: &'a str,
+    pub role: &'a str,
+    pub token_expires_at: String,
+}
+
+pub fn hello(h: &Hello<'_>) -> String {
+    json!({
+        "type": "hello",
+        "protocol": PROTOCOL_VERSION,
+        "ledger_id": h.ledger_id.to_string(),
+        "head": h.head,
+        "server_time": crate::time::Timestamp::now().to_rfc3339(),
+        "user": {"name": h.user, "role": h.role},
+        "token_expires_at": h.token_expires_at,
+    })
+    .to_string()
+}
+
+pub fn snapshot(offset: u64, alarms: &[Alarm]) -> String {
+    json!({
+        "type": "snapshot",
+        "offset": offset,
+        "alarms": alarms.iter().map(Alarm::to_json).collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
+pub fn live(offset: u64) -> String {
+    json!({"type": "live", "offset": offset}).to_string()
+}
+
+/// The `ok` object of a command (also the HTTP command answer, without `type`... kept with it
+/// for one shape everywhere).
+pub fn ok_value(req: &Req, offset: u64, alarm_id: Uuid, already: bool, duplicate: bool) -> Value {
+    let mut m = Map::new();
+    m.insert("type".into(), json!("ok"));
+    if let Some(r) = req {
+        m.insert("req".into(), r.clone());
+    }
+    m.insert("offset".into(), json!(offset));
+    m.insert("alarm_id".into(), json!(alarm_id.to_string()));
+    if already {
+        m.insert("already".into(), json!(true));
+    }
+    if duplicate {
+        m.insert("duplicate".into(), json!(true));
+    }
+    Value::Object(m)
+}
+
+/// `ok` for non-command requests (`unsubscribe`, `refresh`), with extra fields.
+pub fn ok_plain(req: &Req, extra: Map<String, Value>) -> String {
+    let mut m = Map::new();
+    m.insert("type".into(), json!("ok"));
+    m.extend(extra);
+    with_req(m, req)
+}
+
+pub fn error(req: &Req, code: &str, message: &str) -> String {
+    let mut m = Map::new();
+    m.insert("type".into(), json!("error"));
+    m.insert("code".into(), json!(code));
+    m.insert("message".into(), json!(message));
+    with_req(m, req)
+}
+
+pub fn pong(req: &Req) -> String {
+    let mut m = Map::new();
+    m.insert("type".into(), json!("pong"));
+    with_req(m, req)
+}
+
+pub fn token_expiring(expires_at: &str) -> String {
+    json!({"type": "token_expiring", "expires_at": expires_at}).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands_and_reports_bad_input() {
+        let (req, m) = parse_client_message(
+            r#"{"type":"trigger","req":7,"alarm_id":"0196a0a0-0000-7000-8000-000000000001","value":201.5}"#,
+        )
+        .unwrap();
+        assert_eq!(req, Some(json!(7)));
+        let cmd = command_of(m, "alice").unwrap().unwrap();
+        assert_eq!(
+            cmd.kind,
+            CommandKind::Trigger {
+                value: Some("201.5".into()),
+                message: None
+            }
+        );
+        let (req, e) = parse_client_message(r#"{"type":"nope","req":"a"}"#).unwrap_err();
+        assert_eq!(req, Some(json!("a")));
+        assert!(e.0.contains("unknown variant"), "{}", e.0);
+        assert!(parse_client_message("{").is_err());
+        assert!(parse_client_message("[]").is_err());
+        let (_, e) = parse_client_message(r#"{"type":"trigger","alarm_id":5}"#).unwrap_err();
+        assert!(e.0.contains("alarm_id") || e.0.contains("invalid type"), "{}", e.0);
+        let (_, m) =
+            parse_client_message(r#"{"type":"create","alarm":{"name":"  "}}"#).unwrap();
+        assert!(command_of(m, "a").unwrap().is_err());
+        let (_, m) = parse_client_message(
+            r#"{"type":"create","alarm":{"name":"x","severity":"urgent"}}"#,
+        )
+        .unwrap();
+        assert!(command_of(m, "a").unwrap().is_err());
+    }
+}

@@ -1,0 +1,73 @@
+//! The log and its storage interface.
+//!
+//! Everything above this module talks to the [`EventLog`] trait only; `sled_log` is the embedded
+//! default. `codec` owns the disk encoding (format-version byte + bincode), `chain` the hash chain.
+
+pub mod chain;
+pub mod codec;
+pub mod sled_log;
+
+use crate::domain::{Event, Hash};
+use crate::error::Result;
+use crate::time::Timestamp;
+use uuid::Uuid;
+
+pub use sled_log::SledLog;
+
+/// The last event of the log, or the empty log's genesis values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub offset: u64,
+    pub hash: Hash,
+    pub at: Timestamp,
+}
+
+/// What a command with a `command_id` produced the first time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommandOutcome {
+    pub offset: u64,
+    pub alarm_id: Uuid,
+}
+
+/// Identity of a ledger, fixed at creation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LedgerInfo {
+    pub ledger_id: Uuid,
+    pub created_at: Timestamp,
+    pub format_version: u8,
+}
+
+/// An append-only, gapless event log with two indexes (alarm → offsets, command_id → outcome).
+/// All methods block: call them from the writer thread or `spawn_blocking`.
+pub trait EventLog: Send + Sync + 'static {
+    fn info(&self) -> LedgerInfo;
+
+    /// The last event (offset 0 and the genesis hash when empty).
+    fn head(&self) -> Result<Head>;
+
+    /// Appends events with consecutive offsets following the head, with their index entries, in
+    /// one atomic batch, and returns only once the batch is on disk (power-loss durable).
+    fn append_batch(&self, events: &[Event]) -> Result<()>;
+
+    /// Makes everything written so far durable (used to recover after a failed append).
+    fn sync(&self) -> Result<()>;
+
+    /// Up to `max` events with offset ≥ `from`, in order.
+    fn read_from(&self, from: u64, max: usize) -> Result<Vec<Event>>;
+
+    /// Streams every event with offset ≥ `from` in order, decoding lazily (constant memory).
+    fn iter_from(&self, from: u64) -> Box<dyn Iterator<Item = Result<Event>> + Send + '_>;
+
+    fn event_at(&self, offset: u64) -> Result<Option<Event>>;
+
+    /// Offsets of one alarm's events, oldest first.
+    fn alarm_offsets(&self, alarm_id: Uuid) -> Result<Vec<u64>>;
+
+    fn command_outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>>;
+
+    /// Every indexed command id with its outcome (used by `verify`).
+    fn command_index(&self) -> Box<dyn Iterator<Item = Result<(Uuid, CommandOutcome)>> + Send + '_>;
+
+    /// Every alarm index entry (used by `verify`).
+    fn alarm_index(&self) -> Box<dyn Iterator<Item = Result<(Uuid, u64)>> + Send + '_>;
+}

@@ -1,0 +1,341 @@
+//! The embedded log on sled 0.34.
+//!
+//! One sled tree, `ledger`, holds the log and its indexes under key prefixes, so that a record and
+//! its index entries go into one atomic `apply_batch`:
+//!
+//! | key                                   | value                          |
+//! |---------------------------------------|--------------------------------|
+//! | `e` + offset (u64 BE)                 | record (`codec`)               |
+//! | `a` + alarm_id (16 B) + offset (u64 BE) | empty                        |
+//! | `c` + command_id (16 B)               | bincode `CommandOutcome`       |
+//! | `m` + name                            | ledger metadata                |
+//!
+//! Durability: sled's `flush()` writes with `sync_file_range`, which is not power-loss durable
+//! (sled #1452), so after each flush we `fdatasync` the `db` file ourselves. That is one
+//! flush + one fdatasync per batch: the group commit.
+
+use super::codec::{self, decode_event, encode_event, FORMAT_VERSION};
+use super::{chain, CommandOutcome, EventLog, Head, LedgerInfo};
+use crate::domain::Event;
+use crate::error::{Error, Result};
+use crate::time::Timestamp;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+const EVENT: u8 = b'e';
+const ALARM: u8 = b'a';
+const COMMAND: u8 = b'c';
+const META: u8 = b'm';
+
+/// Options of the sled store.
+#[derive(Clone, Debug)]
+pub struct SledOptions {
+    /// sled page cache in bytes. sled's default (1 GiB) is more than a small host can spare and
+    /// real use exceeds it (sled #1309), so we always set it.
+    pub cache_bytes: u64,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            cache_bytes: 128 * 1024 * 1024,
+        }
+    }
+}
+
+pub struct SledLog {
+    db: sled::Db,
+    tree: sled::Tree,
+    /// The sled `db` file, kept open to `fdatasync` it after each flush.
+    db_file: File,
+    info: LedgerInfo,
+    dir: PathBuf,
+}
+
+fn event_key(offset: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = EVENT;
+    k[1..].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn alarm_key(alarm_id: Uuid, offset: u64) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[0] = ALARM;
+    k[1..17].copy_from_slice(alarm_id.as_bytes());
+    k[17..].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn command_key(command_id: Uuid) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = COMMAND;
+    k[1..].copy_from_slice(command_id.as_bytes());
+    k
+}
+
+fn meta_key(name: &str) -> Vec<u8> {
+    let mut k = vec![META];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn offset_of(key: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+impl SledLog {
+    /// Opens (or creates, with a fresh ledger_id) the log in `dir` (the `ledger/` sub-directory
+    /// of the data directory). The caller holds the data directory's lock.
+    pub fn open(dir: &Path, opts: &SledOptions) -> Result<SledLog> {
+        Self::open_with(dir, opts, None)
+    }
+
+    /// Like `open`, but a new ledger gets the given identity (used by `backup`, which must
+    /// reproduce the source's ledger_id and creation time).
+    pub fn open_with(
+        dir: &Path,
+        opts: &SledOptions,
+        identity: Option<(Uuid, Timestamp)>,
+    ) -> Result<SledLog> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(opts.cache_bytes)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    Error::Locked {
+                        path: dir.to_path_buf(),
+                    }
+                }
+                other => Error::Storage(format!("cannot open {}: {other}", dir.display())),
+            })?;
+        let tree = db.open_tree("ledger")?;
+        let db_file = File::open(dir.join("db"))?;
+        let info = match Self::read_info(&tree)? {
+            Some(info) => info,
+            None => {
+                let (ledger_id, created_at) =
+                    identity.unwrap_or_else(|| (Uuid::new_v4(), Timestamp::now()));
+                let mut batch = sled::Batch::default();
+                batch.insert(meta_key("ledger_id"), ledger_id.as_bytes().to_vec());
+                batch.insert(meta_key("created_at"), created_at.0.to_be_bytes().to_vec());
+                batch.insert(meta_key("format_version"), vec![FORMAT_VERSION]);
+                tree.apply_batch(batch)?;
+                db.flush()?;
+                db_file.sync_all()?;
+                if let Ok(d) = File::open(dir) {
+                    let _ = d.sync_all();
+                }
+                LedgerInfo {
+                    ledger_id,
+                    created_at,
+                    format_version: FORMAT_VERSION,
+                }
+            }
+        };
+        if info.format_version > FORMAT_VERSION {
+            return Err(Error::Corrupt {
+                offset: 0,
+                reason: format!(
+                    "ledger format version {} is newer than this build supports ({FORMAT_VERSION}); upgrade alarm-ledger",
+                    info.format_version
+                ),
+            });
+        }
+        Ok(SledLog {
+            db,
+            tree,
+            db_file,
+            info,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn read_info(tree: &sled::Tree) -> Result<Option<LedgerInfo>> {
+        let Some(id) = tree.get(meta_key("ledger_id"))? else {
+            return Ok(None);
+        };
+        let corrupt = |what: &str| Error::Corrupt {
+            offset: 0,
+            reason: format!("ledger metadata `{what}` is malformed"),
+        };
+        let ledger_id = Uuid::from_slice(&id).map_err(|_| corrupt("ledger_id"))?;
+        let created = tree
+            .get(meta_key("created_at"))?
+            .ok_or_else(|| corrupt("created_at"))?;
+        let created: [u8; 8] = created
+            .as_ref()
+            .try_into()
+            .map_err(|_| corrupt("created_at"))?;
+        let version = tree
+            .get(meta_key("format_version"))?
+            .and_then(|v| v.first().copied())
+            .ok_or_else(|| corrupt("format_version"))?;
+        Ok(Some(LedgerInfo {
+            ledger_id,
+            created_at: Timestamp(i64::from_be_bytes(created)),
+            format_version: version,
+        }))
+    }
+
+    /// The sled database, for the other trees of the data directory (users, security log).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn decode_at(key: &[u8], value: &[u8]) -> Result<Event> {
+        let offset = offset_of(key).unwrap_or(0);
+        let event = decode_event(value).map_err(|e| Error::Corrupt {
+            offset,
+            reason: e.to_string(),
+        })?;
+        if event.offset != offset {
+            return Err(Error::Corrupt {
+                offset,
+                reason: format!("record carries offset {}", event.offset),
+            });
+        }
+        Ok(event)
+    }
+
+    fn event_range(&self, from: u64) -> sled::Iter {
+        self.tree.range(event_key(from)..=event_key(u64::MAX))
+    }
+}
+
+impl EventLog for SledLog {
+    fn info(&self) -> LedgerInfo {
+        self.info
+    }
+
+    fn head(&self) -> Result<Head> {
+        match self.event_range(0).next_back() {
+            None => Ok(Head {
+                offset: 0,
+                hash: chain::genesis(self.info.ledger_id),
+                at: Timestamp(0),
+            }),
+            Some(kv) => {
+                let (k, v) = kv?;
+                let e = Self::decode_at(&k, &v)?;
+                Ok(Head {
+                    offset: e.offset,
+                    hash: e.hash,
+                    at: e.at,
+                })
+            }
+        }
+    }
+
+    fn append_batch(&self, events: &[Event]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for e in events {
+            batch.insert(&event_key(e.offset), encode_event(e));
+            batch.insert(&alarm_key(e.alarm_id, e.offset), &[]);
+            if let Some(c) = e.command_id {
+                let outcome = CommandOutcome {
+                    offset: e.offset,
+                    alarm_id: e.alarm_id,
+                };
+                let bytes = codec::encode_value(&outcome)
+                    .map_err(|e| Error::Storage(e.to_string()))?;
+                batch.insert(&command_key(c), bytes);
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        self.sync()
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.db.flush()?;
+        self.db_file.sync_data()?;
+        Ok(())
+    }
+
+    fn read_from(&self, from: u64, max: usize) -> Result<Vec<Event>> {
+        let mut out = Vec::with_capacity(max.min(4096));
+        for kv in self.event_range(from.max(1)).take(max) {
+            let (k, v) = kv?;
+            out.push(Self::decode_at(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn iter_from(&self, from: u64) -> Box<dyn Iterator<Item = Result<Event>> + Send + '_> {
+        Box::new(self.event_range(from.max(1)).map(|kv| {
+            let (k, v) = kv?;
+            Self::decode_at(&k, &v)
+        }))
+    }
+
+    fn event_at(&self, offset: u64) -> Result<Option<Event>> {
+        match self.tree.get(event_key(offset))? {
+            None => Ok(None),
+            Some(v) => Self::decode_at(&event_key(offset), &v).map(Some),
+        }
+    }
+
+    fn alarm_offsets(&self, alarm_id: Uuid) -> Result<Vec<u64>> {
+        let mut prefix = vec![ALARM];
+        prefix.extend_from_slice(alarm_id.as_bytes());
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, _) = kv?;
+            if let Some(o) = offset_of(&k) {
+                out.push(o);
+            }
+        }
+        Ok(out)
+    }
+
+    fn command_outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>> {
+        match self.tree.get(command_key(command_id))? {
+            None => Ok(None),
+            Some(v) => codec::decode_value(&v)
+                .map(Some)
+                .map_err(|e| Error::Corrupt {
+                    offset: 0,
+                    reason: format!("command index entry {command_id}: {e}"),
+                }),
+        }
+    }
+
+    fn command_index(&self) -> Box<dyn Iterator<Item = Result<(Uuid, CommandOutcome)>> + Send + '_> {
+        Box::new(self.tree.scan_prefix([COMMAND]).map(|kv| {
+            let (k, v) = kv?;
+            let id = Uuid::from_slice(&k[1..]).map_err(|_| Error::Corrupt {
+                offset: 0,
+                reason: "malformed command index key".into(),
+            })?;
+            let outcome: CommandOutcome = codec::decode_value(&v).map_err(|e| Error::Corrupt {
+                offset: 0,
+                reason: format!("command index entry {id}: {e}"),
+            })?;
+            Ok((id, outcome))
+        }))
+    }
+
+    fn alarm_index(&self) -> Box<dyn Iterator<Item = Result<(Uuid, u64)>> + Send + '_> {
+        Box::new(self.tree.scan_prefix([ALARM]).map(|kv| {
+            let (k, _) = kv?;
+            let bad = || Error::Corrupt {
+                offset: 0,
+                reason: "malformed alarm index key".into(),
+            };
+            let id = k.get(1..17).and_then(|b| Uuid::from_slice(b).ok()).ok_or_else(bad)?;
+            let off = offset_of(&k).ok_or_else(bad)?;
+            Ok((id, off))
+        }))
+    }
+}
