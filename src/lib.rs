@@ -11,11 +11,21 @@
 //! - `store/` is the log behind the `EventLog` trait: sled today, codec and hash chain beside it.
 //! - `auth/` holds users, passwords, tokens, login throttling and the security log.
 
+pub mod auth;
+pub mod backup;
+pub mod cli;
+pub mod config;
 pub mod domain;
 pub mod error;
+pub mod export;
+pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod projection;
 pub mod protocol;
+pub mod shutdown;
+pub mod startup;
 pub mod store;
+pub mod telemetry;
 pub mod time;
+pub mod verify;

@@ -1,1 +1,53 @@
-fn main() {}
+//! The `alarm-ledger` binary: parse and validate configuration (exit 2 on a bad value, before
+//! anything is opened), set up logging, run the subcommand.
+
+use alarm_ledger::config::{self, Command};
+use alarm_ledger::error::Error;
+use alarm_ledger::{cli, shutdown, startup::Application, telemetry};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = config::parse_cli();
+    telemetry::init(args.log_format);
+    for var in config::unknown_env_vars() {
+        tracing::warn!(variable = %var, "unknown ALARM_LEDGER_* environment variable (typo?); it is ignored");
+    }
+    let result = match args.command {
+        Command::Serve(serve) => run_server(*serve),
+        Command::User(a) => cli::user(a),
+        Command::Export(a) => cli::export(a),
+        Command::Verify(a) => cli::verify(a).map(|s| println!("{s}")),
+        Command::Backup(a) => cli::backup(a).map(|s| println!("{s}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                Error::Config(_) => ExitCode::from(2),
+                _ => ExitCode::from(1),
+            }
+        }
+    }
+}
+
+fn run_server(args: config::ServeArgs) -> Result<(), Error> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("alarm-ledger")
+        .build()?;
+    rt.block_on(async move {
+        let app = Application::build(&args).await?;
+        let addr = app.local_addr();
+        tracing::info!(%addr, data = %args.data.data.display(), "alarm-ledger listening");
+        if let Some(pw) = &app.generated_admin_password {
+            eprintln!(
+                "\n  First start: created user `admin` with password: {pw}\n  (shown once; change it with `alarm-ledger user passwd admin`)\n"
+            );
+        }
+        eprintln!(
+            "  Log in: curl -s -X POST http://{addr}/api/v1/login -H 'content-type: application/json' -d '{{\"username\":\"admin\",\"password\":\"...\"}}'"
+        );
+        app.run_until_stopped(shutdown::signal()).await
+    })
+}

@@ -141,8 +141,8 @@ pub enum ClientMessage {
 
 /// Parses one text frame. On failure, returns the `req` (if it could be read) with the error.
 pub fn parse_client_message(text: &str) -> Result<(Req, ClientMessage), (Req, BadRequest)> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| (None, BadRequest(format!("invalid JSON: {e}"))))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| (None, BadRequest(format!("invalid JSON: {e}"))))?;
     let Value::Object(obj) = &value else {
         return Err((None, BadRequest("a message must be a JSON object".into())));
     };
@@ -173,9 +173,9 @@ fn text(field: &str, v: Option<String>, max: usize) -> Result<Option<String>, Ba
         Some(s) if s.chars().count() > max => Err(BadRequest(format!(
             "`{field}` is longer than {max} characters"
         ))),
-        Some(s) if s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => Err(BadRequest(
-            format!("`{field}` contains control characters"),
-        )),
+        Some(s) if s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => {
+            Err(BadRequest(format!("`{field}` contains control characters")))
+        }
         other => Ok(other),
     }
 }
@@ -205,8 +205,7 @@ fn tags(v: Option<Vec<String>>) -> Result<Option<Vec<String>>, BadRequest> {
         return Err(BadRequest(format!("at most {} tags", limits::TAGS_MAX)));
     }
     for t in &tags {
-        if t.is_empty() || t.chars().count() > limits::TAG_MAX || t.chars().any(char::is_control)
-        {
+        if t.is_empty() || t.chars().count() > limits::TAG_MAX || t.chars().any(char::is_control) {
             return Err(BadRequest(format!(
                 "each tag must be 1..={} printable characters",
                 limits::TAG_MAX
@@ -250,7 +249,9 @@ impl Changes {
             tags: tags(self.tags)?,
         };
         if changes.is_empty() {
-            return Err(BadRequest("`changes` must change at least one field".into()));
+            return Err(BadRequest(
+                "`changes` must change at least one field".into(),
+            ));
         }
         Ok(changes)
     }
@@ -283,7 +284,12 @@ pub fn command_of(msg: ClientMessage, actor: &str) -> Option<Result<Command, Bad
             command_id,
             expected_version,
         } => text("comment", comment, limits::TEXT_MAX).and_then(|comment| {
-            simple(alarm_id, CommandKind::Ack { comment }, command_id, expected_version)
+            simple(
+                alarm_id,
+                CommandKind::Ack { comment },
+                command_id,
+                expected_version,
+            )
         }),
         ClientMessage::Rearm {
             alarm_id,
@@ -301,7 +307,12 @@ pub fn command_of(msg: ClientMessage, actor: &str) -> Option<Result<Command, Bad
             command_id,
             expected_version,
         } => changes.into_changes().and_then(|c| {
-            simple(alarm_id, CommandKind::Update(c), command_id, expected_version)
+            simple(
+                alarm_id,
+                CommandKind::Update(c),
+                command_id,
+                expected_version,
+            )
         }),
         _ => return None,
     })
@@ -449,14 +460,16 @@ mod tests {
         assert!(parse_client_message("{").is_err());
         assert!(parse_client_message("[]").is_err());
         let (_, e) = parse_client_message(r#"{"type":"trigger","alarm_id":5}"#).unwrap_err();
-        assert!(e.0.contains("alarm_id") || e.0.contains("invalid type"), "{}", e.0);
-        let (_, m) =
-            parse_client_message(r#"{"type":"create","alarm":{"name":"  "}}"#).unwrap();
+        assert!(
+            e.0.contains("alarm_id") || e.0.contains("invalid type"),
+            "{}",
+            e.0
+        );
+        let (_, m) = parse_client_message(r#"{"type":"create","alarm":{"name":"  "}}"#).unwrap();
         assert!(command_of(m, "a").unwrap().is_err());
-        let (_, m) = parse_client_message(
-            r#"{"type":"create","alarm":{"name":"x","severity":"urgent"}}"#,
-        )
-        .unwrap();
+        let (_, m) =
+            parse_client_message(r#"{"type":"create","alarm":{"name":"x","severity":"urgent"}}"#)
+                .unwrap();
         assert!(command_of(m, "a").unwrap().is_err());
     }
 }

@@ -37,10 +37,7 @@ impl DataDir {
             .write(true)
             .open(root.join(".lock"))
             .map_err(|e| {
-                Error::Other(format!(
-                    "cannot open lock file in {}: {e}",
-                    root.display()
-                ))
+                Error::Other(format!("cannot open lock file in {}: {e}", root.display()))
             })?;
         // SAFETY: flock on a valid, owned file descriptor.
         let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

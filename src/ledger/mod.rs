@@ -10,7 +10,7 @@ pub mod snapshot;
 pub mod subscription;
 pub mod writer;
 
-use crate::domain::{Alarm, Command, Event, Hash, Rejection};
+use crate::domain::{Alarm, Command, Event, Hash};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::projection::{Projection, StateFilter};
@@ -20,7 +20,6 @@ use hub::Hub;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -96,7 +95,11 @@ impl Ledger {
         let info = log.info();
         let head = log.head()?;
         let mut reason = None;
-        let mut start = (Projection::new(), chain::genesis(info.ledger_id), Timestamp(0));
+        let mut start = (
+            Projection::new(),
+            chain::genesis(info.ledger_id),
+            Timestamp(0),
+        );
         if let Some(path) = &opts.snapshot_path {
             match snapshot::load(path) {
                 Ok(None) => {}
@@ -131,7 +134,11 @@ impl Ledger {
         if expected - 1 != head.offset {
             return Err(Error::Corrupt {
                 offset: expected,
-                reason: format!("log head is {} but replay ended at {}", head.offset, expected - 1),
+                reason: format!(
+                    "log head is {} but replay ended at {}",
+                    head.offset,
+                    expected - 1
+                ),
             });
         }
         let restore = if head.offset == 0 {
@@ -261,36 +268,12 @@ impl Ledger {
 
     /// The state after every event with offset ≤ `offset`, replayed from the log (blocking).
     pub fn projection_as_of(&self, offset: u64) -> Result<Projection> {
-        let mut p = Projection::new();
-        let upto = offset.min(self.head().offset);
-        for item in self.log.iter_from(1) {
-            let e = item?;
-            if e.offset > upto {
-                break;
-            }
-            p.apply(&e);
-        }
-        Ok(p)
+        crate::export::state_as_of(self.log.as_ref(), offset.min(self.head().offset))
     }
 
-    /// The offset of the last event with `at` ≤ `t` (0 if none), by binary search on the log
-    /// (`at` never decreases along the log).
+    /// The offset of the last event with `at` ≤ `t` (0 if none).
     pub fn offset_at_time(&self, t: Timestamp) -> Result<u64> {
-        let (mut lo, mut hi) = (0u64, self.head().offset);
-        while lo < hi {
-            let mid = lo + (hi - lo).div_ceil(2);
-            match self.log.event_at(mid)? {
-                Some(e) if e.at <= t => lo = mid,
-                Some(_) => hi = mid - 1,
-                None => {
-                    return Err(Error::Corrupt {
-                        offset: mid,
-                        reason: "missing record below head".into(),
-                    })
-                }
-            }
-        }
-        Ok(lo)
+        crate::export::offset_at_time(self.log.as_ref(), self.head().offset, t)
     }
 
     /// One alarm's events, oldest first (blocking).
@@ -397,7 +380,10 @@ fn validate_snapshot(
     }
     match log.event_at(s.offset) {
         Ok(Some(e)) if e.hash == s.head_hash => Ok(()),
-        Ok(Some(_)) => Err(format!("snapshot hash at offset {} disagrees with the log", s.offset)),
+        Ok(Some(_)) => Err(format!(
+            "snapshot hash at offset {} disagrees with the log",
+            s.offset
+        )),
         Ok(None) => Err(format!("no log record at snapshot offset {}", s.offset)),
         Err(e) => Err(e.to_string()),
     }
@@ -406,12 +392,3 @@ fn validate_snapshot(
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
-
-/// Maps a rejection to its protocol code (kept here so callers need not import domain).
-pub fn rejection_code(r: &Rejection) -> &'static str {
-    r.code()
-}
-
-/// How long the API waits for a queued command before giving up on it (the command may still
-/// complete; a retry with the same command_id is safe).
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);

@@ -111,9 +111,10 @@ impl Subscription {
                     let ledger = self.ledger.clone();
                     let from = self.last + 1;
                     let max = REPLAY_CHUNK.min((head - self.last) as usize);
-                    let events = tokio::task::spawn_blocking(move || ledger.log().read_from(from, max))
-                        .await
-                        .map_err(|e| crate::error::Error::Other(e.to_string()))??;
+                    let events =
+                        tokio::task::spawn_blocking(move || ledger.log().read_from(from, max))
+                            .await
+                            .map_err(|e| crate::error::Error::Other(e.to_string()))??;
                     let mut out = Vec::with_capacity(events.len());
                     for e in events {
                         if e.offset != self.last + 1 || e.offset > head {

@@ -353,11 +353,19 @@ impl Writer {
             let mut prev = ours.hash;
             for item in self.ledger.log.iter_from(ours.offset + 1) {
                 let e = item?;
-                super::check_link(&e, ours.offset + 1 + adopted.len() as u64, &prev, self.ledger.info.ledger_id)?;
+                super::check_link(
+                    &e,
+                    ours.offset + 1 + adopted.len() as u64,
+                    &prev,
+                    self.ledger.info.ledger_id,
+                )?;
                 prev = e.hash;
                 adopted.push(e);
             }
-            tracing::warn!(events = adopted.len(), "adopting events that became durable after a failed append");
+            tracing::warn!(
+                events = adopted.len(),
+                "adopting events that became durable after a failed append"
+            );
             self.publish(adopted);
         }
         self.ledger.set_degraded(false);

@@ -37,9 +37,8 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     match version {
         1 => {
-            let (event, used): (Event, usize) =
-                bincode::serde::decode_from_slice(body, standard())
-                    .map_err(|e| CodecError::Decode(e.to_string()))?;
+            let (event, used): (Event, usize) = bincode::serde::decode_from_slice(body, standard())
+                .map_err(|e| CodecError::Decode(e.to_string()))?;
             if used != body.len() {
                 return Err(CodecError::Trailing(body.len() - used));
             }

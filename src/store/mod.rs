@@ -66,7 +66,8 @@ pub trait EventLog: Send + Sync + 'static {
     fn command_outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>>;
 
     /// Every indexed command id with its outcome (used by `verify`).
-    fn command_index(&self) -> Box<dyn Iterator<Item = Result<(Uuid, CommandOutcome)>> + Send + '_>;
+    fn command_index(&self)
+        -> Box<dyn Iterator<Item = Result<(Uuid, CommandOutcome)>> + Send + '_>;
 
     /// Every alarm index entry (used by `verify`).
     fn alarm_index(&self) -> Box<dyn Iterator<Item = Result<(Uuid, u64)>> + Send + '_>;

@@ -248,8 +248,8 @@ impl EventLog for SledLog {
                     offset: e.offset,
                     alarm_id: e.alarm_id,
                 };
-                let bytes = codec::encode_value(&outcome)
-                    .map_err(|e| Error::Storage(e.to_string()))?;
+                let bytes =
+                    codec::encode_value(&outcome).map_err(|e| Error::Storage(e.to_string()))?;
                 batch.insert(&command_key(c), bytes);
             }
         }
@@ -311,7 +311,9 @@ impl EventLog for SledLog {
         }
     }
 
-    fn command_index(&self) -> Box<dyn Iterator<Item = Result<(Uuid, CommandOutcome)>> + Send + '_> {
+    fn command_index(
+        &self,
+    ) -> Box<dyn Iterator<Item = Result<(Uuid, CommandOutcome)>> + Send + '_> {
         Box::new(self.tree.scan_prefix([COMMAND]).map(|kv| {
             let (k, v) = kv?;
             let id = Uuid::from_slice(&k[1..]).map_err(|_| Error::Corrupt {
@@ -333,7 +335,10 @@ impl EventLog for SledLog {
                 offset: 0,
                 reason: "malformed alarm index key".into(),
             };
-            let id = k.get(1..17).and_then(|b| Uuid::from_slice(b).ok()).ok_or_else(bad)?;
+            let id = k
+                .get(1..17)
+                .and_then(|b| Uuid::from_slice(b).ok())
+                .ok_or_else(bad)?;
             let off = offset_of(&k).ok_or_else(bad)?;
             Ok((id, off))
         }))

@@ -1,0 +1,388 @@
+//! Every option: flag, `ALARM_LEDGER_*` variable, default, and validation.
+//!
+//! Values are parsed by clap with our own parsers (clear "expected ..." messages); a bad value
+//! stops the process with exit code 2 **before anything is opened**, and the message names the
+//! variable or flag, the value and what was expected (`parse_cli`). Unknown `ALARM_LEDGER_*`
+//! variables are warned about (typo guard).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "alarm-ledger",
+    version,
+    about = "Event-sourced alarm ledger server"
+)]
+pub struct Cli {
+    /// Log format: `human` (default) or `json` (one JSON object per line, for collectors).
+    #[arg(long, env = "ALARM_LEDGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(Box<ServeArgs>),
+    /// Manage users on a stopped server's data directory.
+    User(UserArgs),
+    /// Export the audit trail (NDJSON or CSV), or the state as of a point (`--state`).
+    Export(ExportArgs),
+    /// Verify a data directory: offsets, records, hash chain, indexes, snapshot.
+    Verify(VerifyArgs),
+    /// Copy a stopped server's data directory into a fresh, consistent data directory.
+    Backup(BackupArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DataArg {
+    /// Data directory.
+    #[arg(long = "data", env = "ALARM_LEDGER_DATA", default_value = "./data")]
+    pub data: PathBuf,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    /// Address to listen on (the container sets 0.0.0.0:8080).
+    #[arg(long, env = "ALARM_LEDGER_LISTEN", default_value = "127.0.0.1:8080", value_parser = parse_addr)]
+    pub listen: SocketAddr,
+    /// HS256 secret for tokens, ≥ 32 bytes, used as given. Default: generated once into
+    /// `<data>/jwt_secret` (mode 0600).
+    #[arg(long, env = "ALARM_LEDGER_JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub jwt_secret: Option<String>,
+    /// Password of the `admin` account created on first start (≥ 12 characters). Default: a
+    /// random one printed once.
+    #[arg(long, env = "ALARM_LEDGER_ADMIN_PASSWORD", hide_env_values = true, value_parser = parse_admin_password)]
+    pub admin_password: Option<String>,
+    /// Token lifetime.
+    #[arg(long, env = "ALARM_LEDGER_TOKEN_TTL", default_value = "15m", value_parser = parse_token_ttl)]
+    pub token_ttl: Duration,
+    /// Failed logins per (user, address) within the window before 429.
+    #[arg(long, env = "ALARM_LEDGER_LOGIN_MAX_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub login_max_failures: u32,
+    /// Login throttle window.
+    #[arg(long, env = "ALARM_LEDGER_LOGIN_WINDOW", default_value = "15m", value_parser = parse_duration)]
+    pub login_window: Duration,
+    /// Peers whose `X-Forwarded-For` is believed (comma-separated IPs or CIDRs). Default: none.
+    #[arg(long, env = "ALARM_LEDGER_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Write queue bound (commands); beyond it commands get `overloaded`.
+    #[arg(long, env = "ALARM_LEDGER_QUEUE_CAPACITY", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub queue_capacity: u64,
+    /// Most commands per group commit.
+    #[arg(long, env = "ALARM_LEDGER_MAX_BATCH", default_value_t = 4_096, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_batch: u64,
+    /// Projection snapshot every N events (0 = only at shutdown).
+    #[arg(long, env = "ALARM_LEDGER_SNAPSHOT_EVERY", default_value_t = 100_000)]
+    pub snapshot_every: u64,
+    /// sled page cache, MiB.
+    #[arg(long, env = "ALARM_LEDGER_CACHE_MB", default_value_t = 128, value_parser = clap::value_parser!(u64).range(8..=65_536))]
+    pub cache_mb: u64,
+    /// Server WebSocket ping interval.
+    #[arg(long, env = "ALARM_LEDGER_WS_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    pub ws_ping_interval: Duration,
+    /// A peer silent for this long (no frame, no pong) is dropped.
+    #[arg(long, env = "ALARM_LEDGER_WS_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub ws_idle_timeout: Duration,
+    /// Largest WebSocket message accepted, bytes; larger closes with 1008.
+    #[arg(long, env = "ALARM_LEDGER_WS_MAX_MESSAGE", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1024..=16_777_216))]
+    pub ws_max_message: u64,
+    /// A client that cannot take a message for this long is closed with 4008.
+    #[arg(long, env = "ALARM_LEDGER_WS_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub ws_stall_timeout: Duration,
+    /// Commands per second per connection (burst = the same number) before `rate_limited`.
+    #[arg(long, env = "ALARM_LEDGER_WS_COMMAND_RATE", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub ws_command_rate: u32,
+    /// Grace period for in-flight work at shutdown.
+    #[arg(long, env = "ALARM_LEDGER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct UserArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    #[command(subcommand)]
+    pub action: UserAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserAction {
+    /// Add a user (password from --password, ALARM_LEDGER_NEW_PASSWORD, or stdin).
+    Add {
+        name: String,
+        #[arg(long, default_value = "viewer")]
+        role: String,
+        #[arg(long, env = "ALARM_LEDGER_NEW_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
+    /// List users.
+    List,
+    /// Change a password (from --password, ALARM_LEDGER_NEW_PASSWORD, or stdin).
+    Passwd {
+        name: String,
+        #[arg(long, env = "ALARM_LEDGER_NEW_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
+    /// Change a role.
+    Role { name: String, role: String },
+    /// Disable (or with --enable, re-enable) a user.
+    Disable {
+        name: String,
+        #[arg(long)]
+        enable: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    Ndjson,
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    #[arg(long)]
+    pub from: Option<u64>,
+    #[arg(long)]
+    pub to: Option<u64>,
+    /// RFC 3339 time (inclusive).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<crate::time::Timestamp>,
+    /// RFC 3339 time (inclusive).
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<crate::time::Timestamp>,
+    #[arg(long)]
+    pub alarm: Option<uuid::Uuid>,
+    #[arg(long)]
+    pub actor: Option<String>,
+    #[arg(long, value_enum, default_value_t = ExportFormat::Ndjson)]
+    pub format: ExportFormat,
+    /// Write here instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Export the state of every alarm (JSON) instead of events.
+    #[arg(long)]
+    pub state: bool,
+    /// With --state: an offset or an RFC 3339 time (default: head).
+    #[arg(long)]
+    pub as_of: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    /// Destination: a new (or empty) directory.
+    #[arg(long)]
+    pub to: PathBuf,
+}
+
+// ------------------------------------------------------------------ parsers
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| "expected IP:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080".to_string())
+}
+
+fn parse_secret(s: &str) -> Result<String, String> {
+    if s.len() < 32 {
+        return Err(format!(
+            "expected at least 32 bytes, got {} (generate one with `openssl rand -hex 32`)",
+            s.len()
+        ));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_admin_password(s: &str) -> Result<String, String> {
+    if s.chars().count() < 12 {
+        return Err("expected at least 12 characters".into());
+    }
+    Ok(s.to_string())
+}
+
+/// Durations: `500ms`, `30s`, `15m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("expected a duration like 500ms, 30s, 15m or 1h (got {s:?})");
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(err)?),
+        _ => return Err(err()),
+    };
+    if d.is_zero() {
+        return Err(format!("expected a duration greater than zero (got {s:?})"));
+    }
+    Ok(d)
+}
+
+fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(60) || d > Duration::from_secs(24 * 3600) {
+        return Err("expected a token lifetime between 1m and 24h".into());
+    }
+    Ok(d)
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    t.parse::<IpNet>()
+        .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("expected an IP address or CIDR like 10.0.0.0/8 (got {s:?})"))
+}
+
+fn parse_time(s: &str) -> Result<crate::time::Timestamp, String> {
+    crate::time::Timestamp::parse_rfc3339(s)
+        .ok_or_else(|| format!("expected an RFC 3339 time like 2026-11-21T10:00:00Z (got {s:?})"))
+}
+
+// ------------------------------------------------------------------ entry
+
+/// Parses the command line and environment. On a usage error prints a message naming the
+/// variable (or flag), the value and what is expected, and exits with code 2.
+pub fn parse_cli() -> Cli {
+    use clap::CommandFactory;
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::{ContextKind, ContextValue, ErrorKind};
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit();
+            }
+            if let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+                e.get(ContextKind::InvalidArg),
+                e.get(ContextKind::InvalidValue),
+            ) {
+                // Name the environment variable too: most deployments set values that way.
+                if let Some(env) = env_of(&Cli::command(), arg) {
+                    let from_env = std::env::var(&env).ok().as_deref() == Some(value.as_str());
+                    let hidden = env.ends_with("SECRET") || env.ends_with("PASSWORD");
+                    let shown = if hidden { "<hidden>" } else { value.as_str() };
+                    let source = if from_env {
+                        format!("{env}={shown}")
+                    } else {
+                        format!("{arg} {shown} (env {env})")
+                    };
+                    let why = e.to_string();
+                    let why = why
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim_start_matches("error: ");
+                    let why = why.rsplit(": ").next().unwrap_or(why);
+                    eprintln!("error: invalid configuration {source}: {why}");
+                    std::process::exit(2);
+                }
+            }
+            e.exit();
+        }
+    }
+}
+
+/// The env var of the argument whose display is `arg` (e.g. `--listen <LISTEN>`).
+fn env_of(cmd: &clap::Command, arg: &str) -> Option<String> {
+    let long = arg.split_whitespace().next()?.trim_start_matches("--");
+    let mut stack = vec![cmd];
+    while let Some(c) = stack.pop() {
+        for a in c.get_arguments() {
+            if a.get_long() == Some(long) {
+                if let Some(env) = a.get_env() {
+                    return Some(env.to_string_lossy().into_owned());
+                }
+            }
+        }
+        stack.extend(c.get_subcommands());
+    }
+    None
+}
+
+/// Every `ALARM_LEDGER_*` variable this build knows.
+pub fn known_env_vars() -> Vec<String> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let mut out = vec!["ALARM_LEDGER_NEW_PASSWORD".to_string()];
+    let mut stack = vec![&cmd];
+    while let Some(c) = stack.pop() {
+        for a in c.get_arguments() {
+            if let Some(env) = a.get_env() {
+                out.push(env.to_string_lossy().into_owned());
+            }
+        }
+        stack.extend(c.get_subcommands());
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `ALARM_LEDGER_*` variables set in the environment that no option reads (likely typos).
+pub fn unknown_env_vars() -> Vec<String> {
+    let known = known_env_vars();
+    let mut out: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("ALARM_LEDGER_") && !known.contains(k))
+        .collect();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("15x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_token_ttl("10s").is_err());
+    }
+
+    #[test]
+    fn env_names_are_known() {
+        let known = known_env_vars();
+        assert!(known.contains(&"ALARM_LEDGER_LISTEN".to_string()));
+        assert!(known.contains(&"ALARM_LEDGER_DATA".to_string()));
+        assert!(known.contains(&"ALARM_LEDGER_JWT_SECRET".to_string()));
+    }
+
+    #[test]
+    fn nets() {
+        assert!(parse_net("10.0.0.0/8").is_ok());
+        assert!(parse_net("127.0.0.1").is_ok());
+        assert!(parse_net("::1").is_ok());
+        assert!(parse_net("nope").is_err());
+    }
+}

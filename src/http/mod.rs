@@ -1,0 +1,332 @@
+//! HTTP and WebSocket API v1 (PROTOCOL.md) on warp 0.4.
+//!
+//! One catch-all filter reads the request (method, path, query, headers, bounded body, peer) and
+//! `dispatch` matches `(method, path segments)` to a handler: the route table is one `match` you
+//! can read in one sitting, and request logging, request ids and metrics live in one place.
+//! The WebSocket upgrade is the only route served by a dedicated warp filter (`ws.rs`).
+
+pub mod admin;
+pub mod commands;
+pub mod errors;
+pub mod health;
+pub mod queries;
+pub mod session;
+pub mod ws;
+
+use crate::auth::{
+    security_log::SecurityLog, throttle::LoginThrottle, token::TokenService, users::UserStore,
+};
+use crate::ledger::Ledger;
+use crate::metrics::{HttpLabel, Metrics};
+use bytes::Bytes;
+use errors::ApiError;
+use futures_util::StreamExt;
+use ipnet::IpNet;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::Instrument;
+use warp::filters::BoxedFilter;
+use warp::http::{HeaderMap, Method};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+/// Largest HTTP request body accepted.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// Users, tokens, throttle and security log, shared by HTTP and WebSocket handlers.
+pub struct AuthCtx {
+    pub users: UserStore,
+    pub tokens: TokenService,
+    pub throttle: LoginThrottle,
+    pub security: SecurityLog,
+}
+
+/// Settings of the API layer (validated in `config`).
+#[derive(Clone, Debug)]
+pub struct ApiSettings {
+    pub ws_ping_interval: Duration,
+    pub ws_idle_timeout: Duration,
+    pub ws_max_message: usize,
+    pub ws_stall_timeout: Duration,
+    pub ws_command_rate: u32,
+    pub trusted_proxies: Vec<IpNet>,
+    pub data_dir: PathBuf,
+}
+
+pub struct AppState {
+    pub ledger: Arc<Ledger>,
+    /// The sled database of the data directory (auxiliary trees, copied by backups).
+    pub db: sled::Db,
+    pub auth: Arc<AuthCtx>,
+    pub settings: ApiSettings,
+    pub metrics: Arc<Metrics>,
+    /// Flips to `true` once at shutdown: sockets close with 1001, streams end.
+    pub shutdown: watch::Receiver<bool>,
+    /// Cleared at shutdown so `/readyz` turns 503 before the listener closes.
+    pub accepting: AtomicBool,
+}
+
+pub type State = Arc<AppState>;
+
+/// A parsed HTTP request as handlers see it.
+pub struct Request {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub peer: Option<SocketAddr>,
+    pub request_id: String,
+}
+
+impl Request {
+    /// The client address: the socket peer, or the `X-Forwarded-For` client when the peer is a
+    /// trusted proxy.
+    pub fn client_ip(&self, state: &AppState) -> Option<IpAddr> {
+        client_ip(self.peer, &self.headers, &state.settings.trusted_proxies)
+    }
+
+    pub fn user_agent(&self) -> Option<String> {
+        self.headers
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect())
+    }
+
+    pub fn query_pairs(&self) -> Vec<(String, String)> {
+        parse_query(&self.query)
+    }
+
+    /// The body as JSON; an empty body reads as `{}`.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ApiError> {
+        let body: &[u8] = if self.body.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &self.body
+        };
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// `X-Forwarded-For` is believed only from trusted proxies; walking it right to left, the first
+/// address that is not itself a trusted proxy is the client.
+pub fn client_ip(
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+) -> Option<IpAddr> {
+    let peer = peer?.ip();
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return Some(peer);
+    }
+    let Some(xff) = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) else {
+        return Some(peer);
+    };
+    let mut client = peer;
+    for part in xff.rsplit(',') {
+        match part.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !is_trusted(&ip) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    Some(client)
+}
+
+pub fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads the body, refusing more than `MAX_BODY` bytes.
+async fn read_body(
+    mut body: impl futures_util::Stream<Item = Result<impl bytes::Buf, warp::Error>> + Unpin,
+) -> Result<Bytes, ApiError> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| ApiError::bad_request(format!("body: {e}")))?;
+        if out.len() + chunk.remaining() > MAX_BODY {
+            let mut e = ApiError::bad_request(format!("request body larger than {MAX_BODY} bytes"));
+            e.status = warp::http::StatusCode::PAYLOAD_TOO_LARGE;
+            return Err(e);
+        }
+        while chunk.has_remaining() {
+            let c = chunk.chunk();
+            let n = c.len();
+            out.extend_from_slice(c);
+            chunk.advance(n);
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// All routes.
+pub fn routes(state: State) -> BoxedFilter<(Response,)> {
+    let ws_state = state.clone();
+    let ws_route = warp::path!("api" / "v1" / "ws")
+        .and(warp::ws())
+        .and(warp::header::headers_cloned())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::addr::remote())
+        .map(
+            move |upgrade: warp::ws::Ws,
+                  headers: HeaderMap,
+                  query: String,
+                  peer: Option<SocketAddr>| {
+                ws::upgrade(ws_state.clone(), upgrade, headers, query, peer)
+            },
+        );
+    let api = warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and(warp::addr::remote())
+        .and_then(
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  headers: HeaderMap,
+                  body,
+                  peer: Option<SocketAddr>| {
+                let state = state.clone();
+                async move {
+                    let started = Instant::now();
+                    let request_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+                    let span = tracing::info_span!("http", request_id = %request_id, method = %method, path = %path.as_str());
+                    let resp = async {
+                        let body = match read_body(Box::pin(body)).await {
+                            Ok(b) => b,
+                            Err(e) => return ("body", e.into_response()),
+                        };
+                        let req = Request {
+                            method,
+                            path: path.as_str().to_string(),
+                            query,
+                            headers,
+                            body,
+                            peer,
+                            request_id: request_id.clone(),
+                        };
+                        dispatch(&state, &req).await
+                    }
+                    .instrument(span.clone())
+                    .await;
+                    let (route, mut resp) = resp;
+                    let status = resp.status().as_u16();
+                    state
+                        .metrics
+                        .http_requests
+                        .get_or_create(&HttpLabel {
+                            route: route.to_string(),
+                            status,
+                        })
+                        .inc();
+                    span.in_scope(|| {
+                        tracing::info!(route, status, elapsed_ms = started.elapsed().as_millis() as u64, "request");
+                    });
+                    if let Ok(v) = warp::http::HeaderValue::from_str(&request_id) {
+                        resp.headers_mut().insert("x-request-id", v);
+                    }
+                    Ok::<Response, Infallible>(resp)
+                }
+            },
+        );
+    ws_route.map(Reply::into_response).or(api).unify().boxed()
+}
+
+/// The route table. Returns the route's name (a metrics label) and the response.
+async fn dispatch(state: &State, req: &Request) -> (&'static str, Response) {
+    let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    let m = &req.method;
+    macro_rules! route {
+        ($name:expr, $fut:expr) => {{
+            let r: Result<Response, ApiError> = $fut.await;
+            return ($name, r.unwrap_or_else(ApiError::into_response));
+        }};
+    }
+    match (m.as_str(), segs.as_slice()) {
+        ("GET", ["healthz"]) => route!("healthz", health::healthz(state)),
+        ("GET", ["readyz"]) => route!("readyz", health::readyz(state)),
+        ("GET", ["metrics"]) => route!("metrics", health::metrics(state)),
+        ("POST", ["api", "v1", "login"]) => route!("login", admin::login(state, req)),
+        ("POST", ["api", "v1", "token", "refresh"]) => {
+            route!("token_refresh", admin::refresh(state, req))
+        }
+        ("GET", ["api", "v1", "ledger"]) => route!("ledger", queries::ledger(state, req)),
+        ("GET", ["api", "v1", "alarms"]) => route!("alarms", queries::alarms(state, req)),
+        ("POST", ["api", "v1", "alarms"]) => route!("alarm_create", commands::create(state, req)),
+        ("GET", ["api", "v1", "alarms", id]) => route!("alarm", queries::alarm(state, req, id)),
+        ("PATCH", ["api", "v1", "alarms", id]) => {
+            route!("alarm_update", commands::update(state, req, id))
+        }
+        ("DELETE", ["api", "v1", "alarms", id]) => {
+            route!("alarm_delete", commands::delete(state, req, id))
+        }
+        ("GET", ["api", "v1", "alarms", id, "history"]) => {
+            route!("alarm_history", queries::history(state, req, id))
+        }
+        ("POST", ["api", "v1", "alarms", id, action @ ("trigger" | "ack" | "rearm")]) => {
+            route!("alarm_action", commands::action(state, req, id, action))
+        }
+        ("GET", ["api", "v1", "events"]) => route!("events", queries::events(state, req)),
+        ("GET", ["api", "v1", "users"]) => route!("users", admin::list_users(state, req)),
+        ("POST", ["api", "v1", "users"]) => route!("user_create", admin::create_user(state, req)),
+        ("PATCH", ["api", "v1", "users", name]) => {
+            route!("user_update", admin::update_user(state, req, name))
+        }
+        ("GET", ["api", "v1", "security-log"]) => {
+            route!("security_log", admin::security_log(state, req))
+        }
+        ("POST", ["api", "v1", "admin", "backup"]) => route!("backup", admin::backup(state, req)),
+        _ => (
+            "unknown",
+            ApiError::not_found(format!("no route for {} {}", m, req.path)).into_response(),
+        ),
+    }
+}
+
+/// A JSON response with status 200.
+pub fn json_ok(v: &serde_json::Value) -> Response {
+    warp::reply::json(v).into_response()
+}

@@ -1,0 +1,246 @@
+//! Read-only routes: ledger info, alarms (current or as of a point), history, the event stream.
+
+use super::errors::ApiError;
+use super::session::{authenticate, Principal};
+use super::{json_ok, Request, State};
+use crate::auth::{NewSecurityEntry, SecurityAction};
+use crate::domain::AlarmState;
+use crate::export::{self, EventFilter};
+use crate::projection::StateFilter;
+use crate::time::Timestamp;
+use bytes::Bytes;
+use serde_json::json;
+use uuid::Uuid;
+use warp::reply::Response;
+use warp::Reply;
+
+pub async fn ledger(state: &State, req: &Request) -> Result<Response, ApiError> {
+    authenticate(state, &req.headers)?;
+    let info = state.ledger.info();
+    let head = state.ledger.head();
+    Ok(json_ok(&json!({
+        "ledger_id": info.ledger_id.to_string(),
+        "head": head.offset,
+        "head_hash": head.hash.to_hex(),
+        "created_at": info.created_at.to_rfc3339(),
+        "format_version": info.format_version,
+    })))
+}
+
+/// `as_of`: an offset, or an RFC 3339 time (the last event with `at` ≤ it).
+pub fn parse_as_of(state: &State, v: &str) -> Result<u64, ApiError> {
+    if let Ok(n) = v.parse::<u64>() {
+        return Ok(n);
+    }
+    let t = Timestamp::parse_rfc3339(v).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "as_of must be an offset or an RFC 3339 time, got {v:?}"
+        ))
+    })?;
+    Ok(state.ledger.offset_at_time(t)?)
+}
+
+fn state_filter(v: Option<&str>) -> Result<StateFilter, ApiError> {
+    match v {
+        None | Some("") => Ok(StateFilter::Current),
+        Some(s) => AlarmState::parse(s).map(StateFilter::Only).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "state must be armed, triggered, acknowledged or deleted, got {s:?}"
+            ))
+        }),
+    }
+}
+
+pub async fn alarms(state: &State, req: &Request) -> Result<Response, ApiError> {
+    authenticate(state, &req.headers)?;
+    let q = req.query_pairs();
+    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let filter = state_filter(get("state"))?;
+    let (offset, alarms) = match get("as_of") {
+        None | Some("") => {
+            let (o, a) = state.ledger.alarms(filter);
+            (o, a.iter().map(|a| a.to_json()).collect::<Vec<_>>())
+        }
+        Some(v) => {
+            let ledger = state.ledger.clone();
+            let v = v.to_string();
+            let st = state.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+                let offset = parse_as_of(&st, &v)?.min(ledger.head().offset);
+                let p = ledger.projection_as_of(offset)?;
+                let alarms = p
+                    .list(filter)
+                    .iter()
+                    .map(|a| a.to_json())
+                    .collect::<Vec<_>>();
+                Ok((offset, alarms))
+            })
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??
+        }
+    };
+    Ok(json_ok(&json!({"offset": offset, "alarms": alarms})))
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found(format!("no alarm {id:?} (not a UUID)")))
+}
+
+pub async fn alarm(state: &State, req: &Request, id: &str) -> Result<Response, ApiError> {
+    authenticate(state, &req.headers)?;
+    let id = parse_id(id)?;
+    match state.ledger.alarm(&id) {
+        Some(a) => Ok(json_ok(&a.to_json())),
+        None => Err(ApiError::not_found(format!("no alarm {id}"))),
+    }
+}
+
+fn audit(
+    state: &State,
+    req: &Request,
+    p: &Principal,
+    action: SecurityAction,
+    details: serde_json::Value,
+) {
+    let mut entry = NewSecurityEntry::new(action).actor(p.name.clone());
+    if let Some(ip) = req.client_ip(state) {
+        entry = entry.address(ip.to_string());
+    }
+    if let Some(ua) = req.user_agent() {
+        entry = entry.user_agent(ua);
+    }
+    if let serde_json::Value::Object(m) = details {
+        for (k, v) in m {
+            entry = entry.detail(k, v);
+        }
+    }
+    if let Err(e) = state.auth.security.append(entry) {
+        tracing::error!(error = %e, "security log append failed");
+    }
+}
+
+pub async fn history(state: &State, req: &Request, id: &str) -> Result<Response, ApiError> {
+    let p = authenticate(state, &req.headers)?;
+    let id = parse_id(id)?;
+    if state.ledger.alarm(&id).is_none() {
+        return Err(ApiError::not_found(format!("no alarm {id}")));
+    }
+    let ledger = state.ledger.clone();
+    let events = tokio::task::spawn_blocking(move || ledger.history(id))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    audit(
+        state,
+        req,
+        &p,
+        SecurityAction::HistoryRead,
+        json!({"alarm_id": id.to_string()}),
+    );
+    let ledger_id = state.ledger.info().ledger_id;
+    let events: Vec<_> = events
+        .iter()
+        .map(|e| serde_json::Value::Object(e.to_json(Some(ledger_id))))
+        .collect();
+    Ok(json_ok(
+        &json!({"alarm_id": id.to_string(), "events": events}),
+    ))
+}
+
+fn parse_filter(req: &Request) -> Result<EventFilter, ApiError> {
+    let mut f = EventFilter::default();
+    for (k, v) in req.query_pairs() {
+        let num = |v: &str| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!("{k} must be a non-negative integer, got {v:?}"))
+            })
+        };
+        let time = |v: &str| {
+            Timestamp::parse_rfc3339(v).ok_or_else(|| {
+                ApiError::bad_request(format!("{k} must be an RFC 3339 time, got {v:?}"))
+            })
+        };
+        match k.as_str() {
+            "from" => f.from = Some(num(&v)?),
+            "to" => f.to = Some(num(&v)?),
+            "limit" => f.limit = Some(num(&v)?),
+            "since" => f.since = Some(time(&v)?),
+            "until" => f.until = Some(time(&v)?),
+            "alarm_id" => {
+                f.alarm_id = Some(Uuid::parse_str(&v).map_err(|_| {
+                    ApiError::bad_request(format!("alarm_id must be a UUID, got {v:?}"))
+                })?)
+            }
+            "actor" => f.actor = Some(v),
+            _ => {}
+        }
+    }
+    Ok(f)
+}
+
+/// NDJSON, streamed from the log in chunks: memory stays constant whatever the log's size.
+pub async fn events(state: &State, req: &Request) -> Result<Response, ApiError> {
+    let p = authenticate(state, &req.headers)?;
+    let filter = parse_filter(req)?;
+    let head = state.ledger.head().offset;
+    if let Some(from) = filter.from {
+        if from > head + 1 {
+            return Err(ApiError::new(
+                "offset_out_of_range",
+                format!("from {from} is beyond the head {head}"),
+            ));
+        }
+    }
+    audit(
+        state,
+        req,
+        &p,
+        SecurityAction::AuditExport,
+        filter.to_json(),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let ledger = state.ledger.clone();
+    tokio::task::spawn_blocking(move || {
+        let ledger_id = ledger.info().ledger_id;
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let mut gone = false;
+        let result = export::for_each(ledger.log().as_ref(), head, &filter, |e| {
+            buf.extend_from_slice(crate::protocol::export_line(e, ledger_id).as_bytes());
+            buf.push(b'\n');
+            if buf.len() >= 60 * 1024 {
+                let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(64 * 1024)));
+                if tx.blocking_send(Ok(chunk)).is_err() {
+                    gone = true; // client went away
+                    return false;
+                }
+            }
+            true
+        });
+        if gone {
+            return;
+        }
+        match result {
+            Ok(_) => {
+                if !buf.is_empty() {
+                    let _ = tx.blocking_send(Ok(Bytes::from(buf)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "event export failed mid-stream");
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
+        }
+    });
+    let stream = tokio_stream_from(rx);
+    let mut resp = warp::reply::stream(stream).into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        warp::http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(resp)
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,591 @@
+//! The WebSocket endpoint `GET /api/v1/ws`: one task per connection.
+//!
+//! The connection task owns the socket and `select!`s over: client frames, answers of commands
+//! (each command runs in its own task and posts its answer back), the subscription's output,
+//! the ping timer, token expiry, a periodic check that the user is still enabled, and shutdown.
+//!
+//! The subscription runs in its own task (`ledger::Subscription`: replay → live → replay on lag)
+//! and hands chunks over a small bounded channel, so a connection holds at most a few chunks in
+//! memory. Writing to a client that does not read blocks only its own task; if one write takes
+//! longer than the stall limit the socket is closed with 4008 and the client resumes from its
+//! last offset.
+
+use super::session::{bearer, check_token, Denied, Principal};
+use super::State;
+use crate::auth::{NewSecurityEntry, SecurityAction};
+use crate::ledger::{CommandError, SubItem};
+use crate::protocol::{self, ClientMessage, Hello, Req};
+use crate::time::Timestamp;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Map};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tracing::Instrument;
+use warp::http::HeaderMap;
+use warp::ws::{Message, WebSocket};
+
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_POLICY: u16 = 1008;
+pub const CLOSE_UNAUTHORIZED: u16 = 4001;
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+
+/// Malformed messages tolerated per minute; one more closes with 1008.
+const MALFORMED_PER_MINUTE: usize = 10;
+/// `token_expiring` is sent this long before expiry.
+const EXPIRY_WARNING: Duration = Duration::from_secs(60);
+/// How often a live socket re-checks that its user is still enabled with the same role.
+const USER_RECHECK: Duration = Duration::from_secs(2);
+/// Chunks buffered between the subscription task and the socket.
+const SUB_BUFFER: usize = 4;
+
+pub fn upgrade(
+    state: State,
+    ws: warp::ws::Ws,
+    headers: HeaderMap,
+    query: String,
+    peer: Option<SocketAddr>,
+) -> impl warp::Reply {
+    let token = bearer(&headers).map(str::to_string).or_else(|| {
+        super::parse_query(&query)
+            .into_iter()
+            .find(|(k, _)| k == "access_token")
+            .map(|(_, v)| v)
+    });
+    // Authentication happens before the upgrade completes, but a failure is reported by closing
+    // the accepted socket with 4001: Qt's QWebSocket cannot read a rejected handshake.
+    let auth = match token {
+        None => Err(Denied::Missing),
+        Some(t) => check_token(&state, &t),
+    };
+    let ip = super::client_ip(peer, &headers, &state.settings.trusted_proxies);
+    let ua = headers
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(256).collect::<String>());
+    let limit = state.settings.ws_max_message;
+    // The transport limit is a backstop well above ours, so an oversized message reaches our
+    // check and gets a clean 1008 close instead of a broken stream.
+    let ws = ws
+        .max_message_size(limit.saturating_mul(4).max(1 << 20))
+        .max_frame_size(limit.saturating_mul(4).max(1 << 20));
+    ws.on_upgrade(move |socket| {
+        let conn_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let span =
+            tracing::info_span!("ws", conn = %conn_id, user = tracing::field::Empty, ip = ?ip);
+        async move {
+            match auth {
+                Err(denied) => reject(socket, denied).await,
+                Ok(principal) => {
+                    tracing::Span::current().record("user", principal.name.as_str());
+                    let meta = ConnMeta { ip, ua };
+                    Connection::new(state, principal, meta).run(socket).await
+                }
+            }
+        }
+        .instrument(span)
+    })
+}
+
+async fn reject(mut socket: WebSocket, denied: Denied) {
+    tracing::info!(reason = denied.reason(), "websocket rejected");
+    let _ = socket
+        .send(Message::close_with(CLOSE_UNAUTHORIZED, denied.reason()))
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), socket.close()).await;
+}
+
+struct ConnMeta {
+    ip: Option<std::net::IpAddr>,
+    ua: Option<String>,
+}
+
+/// Why the connection loop ended.
+enum End {
+    /// The peer closed or vanished.
+    Gone,
+    /// We close with this code and reason.
+    Close(u16, String),
+}
+
+struct Connection {
+    state: State,
+    principal: Principal,
+    meta: ConnMeta,
+    /// Answers of command tasks, posted back to the socket.
+    answers_tx: mpsc::Sender<String>,
+    answers_rx: mpsc::Receiver<String>,
+    sub_rx: Option<mpsc::Receiver<Result<SubItem, String>>>,
+    sub_task: Option<tokio::task::JoinHandle<()>>,
+    malformed: VecDeque<Instant>,
+    /// Token bucket for commands: (tokens, last refill).
+    bucket: (f64, Instant),
+    expires_at: Instant,
+    expires_at_text: String,
+    warned: bool,
+}
+
+impl Connection {
+    fn new(state: State, principal: Principal, meta: ConnMeta) -> Self {
+        let (answers_tx, answers_rx) = mpsc::channel(256);
+        let (expires_at, expires_at_text) = expiry(principal.claims.exp);
+        let rate = f64::from(state.settings.ws_command_rate);
+        Connection {
+            state,
+            principal,
+            meta,
+            answers_tx,
+            answers_rx,
+            sub_rx: None,
+            sub_task: None,
+            malformed: VecDeque::new(),
+            bucket: (rate, Instant::now()),
+            expires_at,
+            expires_at_text,
+            warned: false,
+        }
+    }
+
+    async fn run(mut self, socket: WebSocket) {
+        let metrics = self.state.metrics.clone();
+        metrics.ws_connections.inc();
+        tracing::info!(role = self.principal.role.as_str(), "websocket connected");
+        let (mut sink, mut stream) = socket.split();
+        let end = self.serve(&mut sink, &mut stream).await;
+        self.stop_subscription();
+        let how = match end {
+            End::Gone => "peer gone".to_string(),
+            End::Close(code, reason) => {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    sink.send(Message::close_with(code, reason.clone())),
+                )
+                .await;
+                format!("closed {code} {reason}")
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+        metrics.ws_connections.dec();
+        tracing::info!(end = %how, "websocket disconnected");
+    }
+
+    async fn serve(
+        &mut self,
+        sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
+        stream: &mut (impl futures_util::Stream<Item = Result<Message, warp::Error>> + Unpin),
+    ) -> End {
+        let settings = self.state.settings.clone();
+        let stall = settings.ws_stall_timeout;
+        let hello = protocol::hello(&Hello {
+            ledger_id: self.state.ledger.info().ledger_id,
+            head: self.state.ledger.head().offset,
+            user: &self.principal.name,
+            role: self.principal.role.as_str(),
+            token_expires_at: self.expires_at_text.clone(),
+        });
+        if send(sink, vec![hello], stall).await.is_err() {
+            return End::Gone;
+        }
+        let mut shutdown = self.state.shutdown.clone();
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + settings.ws_ping_interval,
+            settings.ws_ping_interval,
+        );
+        let mut recheck = tokio::time::interval_at(Instant::now() + USER_RECHECK, USER_RECHECK);
+        let mut last_seen = Instant::now();
+        loop {
+            let warn_at = self
+                .expires_at
+                .checked_sub(EXPIRY_WARNING)
+                .unwrap_or(self.expires_at);
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    return End::Close(CLOSE_GOING_AWAY, "server shutting down".into());
+                }
+                frame = stream.next() => {
+                    let Some(Ok(msg)) = frame else { return End::Gone };
+                    last_seen = Instant::now();
+                    if let Some(end) = self.on_frame(sink, msg).await {
+                        return end;
+                    }
+                }
+                Some(answer) = self.answers_rx.recv() => {
+                    if send(sink, vec![answer], stall).await.is_err() {
+                        return self.stalled();
+                    }
+                }
+                item = next_item(&mut self.sub_rx) => {
+                    match item {
+                        Some(Ok(SubItem::Events(events))) => {
+                            let texts = events.iter().map(|p| p.wire().to_string()).collect();
+                            if send(sink, texts, stall).await.is_err() {
+                                return self.stalled();
+                            }
+                        }
+                        Some(Ok(SubItem::Live { offset })) => {
+                            if send(sink, vec![protocol::live(offset)], stall).await.is_err() {
+                                return self.stalled();
+                            }
+                        }
+                        Some(Err(e)) => {
+                            self.stop_subscription();
+                            tracing::error!(error = %e, "subscription failed");
+                            let text = protocol::error(&None, "internal", &format!("subscription failed: {e}"));
+                            if send(sink, vec![text], stall).await.is_err() {
+                                return End::Gone;
+                            }
+                        }
+                        None => self.stop_subscription(),
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_seen.elapsed() > settings.ws_idle_timeout {
+                        tracing::info!("peer silent beyond the idle timeout; dropping");
+                        return End::Gone;
+                    }
+                    if send_msg(sink, Message::ping(Vec::new()), stall).await.is_err() {
+                        return self.stalled();
+                    }
+                }
+                _ = recheck.tick() => {
+                    if let Err(e) = self.state.auth.users.check_token_still_valid(&self.principal.claims) {
+                        return End::Close(CLOSE_UNAUTHORIZED, format!("token revoked: {e}"));
+                    }
+                }
+                _ = sleep_until(warn_at), if !self.warned => {
+                    self.warned = true;
+                    let text = protocol::token_expiring(&self.expires_at_text);
+                    if send(sink, vec![text], stall).await.is_err() {
+                        return self.stalled();
+                    }
+                }
+                _ = sleep_until(self.expires_at) => {
+                    return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
+                }
+            }
+        }
+    }
+
+    fn stalled(&self) -> End {
+        self.state.metrics.slow_consumer_closes.inc();
+        tracing::warn!("client stalled beyond the limit; closing with 4008");
+        End::Close(CLOSE_SLOW_CONSUMER, "slow consumer".into())
+    }
+
+    /// Handles one client frame; `Some(end)` ends the connection.
+    async fn on_frame(
+        &mut self,
+        sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
+        msg: Message,
+    ) -> Option<End> {
+        let stall = self.state.settings.ws_stall_timeout;
+        if msg.is_close() {
+            return Some(End::Gone);
+        }
+        if msg.is_ping() || msg.is_pong() {
+            return None;
+        }
+        if msg.as_bytes().len() > self.state.settings.ws_max_message {
+            return Some(End::Close(CLOSE_POLICY, "message too large".into()));
+        }
+        let Ok(text) = msg.to_str() else {
+            return self
+                .malformed(
+                    sink,
+                    &None,
+                    "binary frames are not supported; send JSON text",
+                )
+                .await;
+        };
+        let (req, parsed) = match protocol::parse_client_message(text) {
+            Ok(x) => x,
+            Err((req, bad)) => return self.malformed(sink, &req, &bad.0).await,
+        };
+        let reply = match parsed {
+            ClientMessage::Ping {} => Some(protocol::pong(&req)),
+            ClientMessage::Subscribe {
+                from,
+                ledger_id,
+                from_hash,
+                snapshot,
+            } => {
+                self.subscribe(&req, from, ledger_id, from_hash, snapshot)
+                    .await
+            }
+            ClientMessage::Unsubscribe {} => {
+                self.stop_subscription();
+                Some(protocol::ok_plain(&req, Map::new()))
+            }
+            ClientMessage::Refresh { token } => Some(self.refresh(&req, &token).await),
+            command => self.command(req, command),
+        };
+        if let Some(text) = reply {
+            if send(sink, vec![text], stall).await.is_err() {
+                return Some(self.stalled());
+            }
+        }
+        None
+    }
+
+    async fn malformed(
+        &mut self,
+        sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
+        req: &Req,
+        why: &str,
+    ) -> Option<End> {
+        let now = Instant::now();
+        while self
+            .malformed
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            self.malformed.pop_front();
+        }
+        self.malformed.push_back(now);
+        self.state.metrics.rejected("bad_request");
+        if self.malformed.len() > MALFORMED_PER_MINUTE {
+            return Some(End::Close(
+                CLOSE_POLICY,
+                "too many malformed messages".into(),
+            ));
+        }
+        let text = protocol::error(req, "bad_request", why);
+        if send(sink, vec![text], self.state.settings.ws_stall_timeout)
+            .await
+            .is_err()
+        {
+            return Some(self.stalled());
+        }
+        None
+    }
+
+    async fn subscribe(
+        &mut self,
+        req: &Req,
+        from: u64,
+        ledger_id: Option<uuid::Uuid>,
+        from_hash: Option<String>,
+        snapshot: bool,
+    ) -> Option<String> {
+        self.stop_subscription();
+        let ledger = self.state.ledger.clone();
+        let ours = ledger.info().ledger_id;
+        if let Some(theirs) = ledger_id {
+            if theirs != ours {
+                return Some(protocol::error(
+                    req,
+                    "ledger_mismatch",
+                    &format!("this is ledger {ours}, not {theirs}: drop local state and resubscribe with snapshot:true"),
+                ));
+            }
+        }
+        let (tx, rx) = mpsc::channel(SUB_BUFFER);
+        let (mut sub, first) = if snapshot {
+            let (offset, alarms, sub) = ledger.subscribe_with_snapshot();
+            (sub, Some(protocol::snapshot(offset, &alarms)))
+        } else {
+            let head = ledger.head().offset;
+            if from > head {
+                return Some(protocol::error(
+                    req,
+                    "offset_out_of_range",
+                    &format!("from {from} is beyond the head {head}"),
+                ));
+            }
+            if let Some(h) = from_hash {
+                let l = ledger.clone();
+                let stored = tokio::task::spawn_blocking(move || l.hash_at(from)).await;
+                match stored {
+                    Ok(Ok(Some(stored))) if stored.to_hex() == h.to_ascii_lowercase() => {}
+                    Ok(Ok(_)) => {
+                        return Some(protocol::error(
+                            req,
+                            "ledger_mismatch",
+                            &format!("the event at offset {from} has another hash here: the history diverged (restored backup?); drop local state and resubscribe with snapshot:true"),
+                        ))
+                    }
+                    _ => {
+                        return Some(protocol::error(req, "internal", "cannot read the log"));
+                    }
+                }
+            }
+            (ledger.subscribe(from), None)
+        };
+        let task = tokio::spawn(
+            async move {
+                loop {
+                    let item = match sub.next().await {
+                        Ok(Some(item)) => Ok(item),
+                        Ok(None) => break,
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let failed = item.is_err();
+                    if tx.send(item).await.is_err() || failed {
+                        break;
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        self.sub_rx = Some(rx);
+        self.sub_task = Some(task);
+        first
+    }
+
+    fn stop_subscription(&mut self) {
+        if let Some(t) = self.sub_task.take() {
+            t.abort();
+        }
+        self.sub_rx = None;
+    }
+
+    async fn refresh(&mut self, req: &Req, token: &str) -> String {
+        match check_token(&self.state, token) {
+            Ok(p) if p.name == self.principal.name => {
+                let (at, text) = expiry(p.claims.exp);
+                self.expires_at = at;
+                self.expires_at_text = text.clone();
+                self.warned = false;
+                self.principal = p;
+                let mut e = NewSecurityEntry::new(SecurityAction::TokenRefreshed)
+                    .actor(self.principal.name.clone())
+                    .target(self.principal.name.clone())
+                    .detail("via", "websocket");
+                if let Some(ip) = self.meta.ip {
+                    e = e.address(ip.to_string());
+                }
+                if let Some(ua) = &self.meta.ua {
+                    e = e.user_agent(ua.clone());
+                }
+                let st = self.state.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = st.auth.security.append(e) {
+                        tracing::error!(error = %e, "security log append failed");
+                    }
+                });
+                let mut extra = Map::new();
+                extra.insert("token_expires_at".into(), json!(text));
+                protocol::ok_plain(req, extra)
+            }
+            Ok(_) => protocol::error(req, "unauthorized", "the new token is for another user"),
+            Err(d) => protocol::error(
+                req,
+                "unauthorized",
+                &format!("refresh refused: {}", d.reason()),
+            ),
+        }
+    }
+
+    /// Starts a command; its answer arrives later through `answers_rx`.
+    fn command(&mut self, req: Req, msg: ClientMessage) -> Option<String> {
+        if !self.principal.role.can_command() {
+            self.state.metrics.rejected("forbidden");
+            return Some(protocol::error(
+                &req,
+                "forbidden",
+                "viewers cannot send commands",
+            ));
+        }
+        if !self.take_token() {
+            self.state.metrics.rejected("rate_limited");
+            return Some(protocol::error(
+                &req,
+                "rate_limited",
+                "too many commands on this connection; slow down",
+            ));
+        }
+        let cmd = match protocol::command_of(msg, &self.principal.name) {
+            Some(Ok(cmd)) => cmd,
+            Some(Err(bad)) => {
+                self.state.metrics.rejected("bad_request");
+                return Some(protocol::error(&req, "bad_request", &bad.0));
+            }
+            None => return Some(protocol::error(&req, "bad_request", "not a command")),
+        };
+        let ledger = self.state.ledger.clone();
+        let tx = self.answers_tx.clone();
+        tokio::spawn(
+            async move {
+                let text = match ledger.submit(cmd).await {
+                    Ok(o) => protocol::ok_value(&req, o.offset, o.alarm_id, o.already, o.duplicate)
+                        .to_string(),
+                    Err(e) => {
+                        if matches!(e, CommandError::Storage(_)) {
+                            tracing::error!(error = %e, "command failed on storage");
+                        }
+                        protocol::error(&req, e.code(), &e.to_string())
+                    }
+                };
+                let _ = tx.send(text).await;
+            }
+            .in_current_span(),
+        );
+        None
+    }
+
+    fn take_token(&mut self) -> bool {
+        let rate = f64::from(self.state.settings.ws_command_rate);
+        let now = Instant::now();
+        let (tokens, last) = self.bucket;
+        let refilled = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
+        if refilled >= 1.0 {
+            self.bucket = (refilled - 1.0, now);
+            true
+        } else {
+            self.bucket = (refilled, now);
+            false
+        }
+    }
+}
+
+/// The next subscription item, or pending forever when not subscribed.
+async fn next_item(
+    rx: &mut Option<mpsc::Receiver<Result<SubItem, String>>>,
+) -> Option<Result<SubItem, String>> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Feeds the texts and flushes once, all within the stall limit.
+async fn send(
+    sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
+    texts: Vec<String>,
+    stall: Duration,
+) -> Result<(), ()> {
+    let fut = async {
+        for t in texts {
+            sink.feed(Message::text(t)).await?;
+        }
+        sink.flush().await
+    };
+    match tokio::time::timeout(stall, fut).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+async fn send_msg(
+    sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
+    msg: Message,
+    stall: Duration,
+) -> Result<(), ()> {
+    match tokio::time::timeout(stall, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// The token's expiry as a tokio instant and as RFC 3339 text.
+fn expiry(exp: i64) -> (Instant, String) {
+    let now = chrono::Utc::now().timestamp_millis();
+    let left = (exp.saturating_mul(1000) - now).max(0) as u64;
+    (
+        Instant::now() + Duration::from_millis(left),
+        Timestamp(exp.saturating_mul(1000)).to_rfc3339(),
+    )
+}

@@ -1,0 +1,192 @@
+//! `Application`: build (validate → lock data dir → open log → rebuild projection → auth →
+//! writer → bind), `local_addr`, `run_until_stopped`.
+
+use crate::auth::{LoginThrottle, SecurityLog, TokenService, UserStore};
+use crate::config::ServeArgs;
+use crate::error::{Error, Result};
+use crate::http::{self, ApiSettings, AppState, AuthCtx};
+use crate::ledger::datadir::DataDir;
+use crate::ledger::{Ledger, LedgerOptions, Restore};
+use crate::metrics::Metrics;
+use crate::store::sled_log::{SledLog, SledOptions};
+use crate::store::EventLog;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub struct Application {
+    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    ledger: Arc<Ledger>,
+    shutdown_tx: watch::Sender<bool>,
+    shutdown_timeout: Duration,
+    /// Printed once by `serve` when the admin account was just created with a random password.
+    pub generated_admin_password: Option<String>,
+    /// Held until the process ends: the data directory's lock.
+    _dir: DataDir,
+}
+
+impl Application {
+    pub async fn build(args: &ServeArgs) -> Result<Application> {
+        let dir = DataDir::lock(&args.data.data)?;
+        let metrics = Arc::new(Metrics::new());
+        let opts = SledOptions {
+            cache_bytes: args.cache_mb * 1024 * 1024,
+        };
+        let ledger_dir = dir.ledger_dir();
+        let log = tokio::task::spawn_blocking(move || SledLog::open(&ledger_dir, &opts))
+            .await
+            .map_err(|e| Error::Other(e.to_string()))??;
+        let log = Arc::new(log);
+        let db = log.db().clone();
+        let ledger_opts = LedgerOptions {
+            queue_capacity: args.queue_capacity as usize,
+            max_batch: args.max_batch as usize,
+            snapshot_every: args.snapshot_every,
+            hub_capacity: 1_024,
+            snapshot_path: Some(dir.snapshot_path()),
+        };
+        let started = std::time::Instant::now();
+        let m = metrics.clone();
+        let dyn_log: Arc<dyn EventLog> = log.clone();
+        let (ledger, restore) =
+            tokio::task::spawn_blocking(move || Ledger::open(dyn_log, ledger_opts, m))
+                .await
+                .map_err(|e| Error::Other(e.to_string()))??;
+        let info = ledger.info();
+        match &restore {
+            Restore::Empty => tracing::info!(ledger_id = %info.ledger_id, "new or empty ledger"),
+            Restore::FullReplay { events, reason } => tracing::info!(
+                ledger_id = %info.ledger_id, events, reason = reason.as_deref().unwrap_or("no snapshot"),
+                elapsed_ms = started.elapsed().as_millis() as u64, "projection rebuilt from the log"
+            ),
+            Restore::Snapshot { offset, tail } => tracing::info!(
+                ledger_id = %info.ledger_id, snapshot_offset = offset, tail,
+                elapsed_ms = started.elapsed().as_millis() as u64, "projection restored from snapshot"
+            ),
+        }
+
+        let secret =
+            crate::auth::token::load_or_create_secret(dir.root(), args.jwt_secret.as_deref())
+                .map_err(|e| Error::Config(e.to_string()))?;
+        let ttl = chrono::Duration::from_std(args.token_ttl)
+            .map_err(|e| Error::Config(format!("ALARM_LEDGER_TOKEN_TTL: {e}")))?;
+        let tokens = TokenService::new(secret, ttl);
+        tokens
+            .self_test()
+            .map_err(|e| Error::Other(format!("token self-test failed: {e}")))?;
+        let users = UserStore::open(&db).map_err(|e| Error::Storage(e.to_string()))?;
+        let admin_pw = args.admin_password.clone();
+        let generated_admin_password = users
+            .bootstrap_admin(admin_pw.as_deref())
+            .map_err(|e| Error::Config(format!("ALARM_LEDGER_ADMIN_PASSWORD: {e}")))?;
+        let security =
+            SecurityLog::open(&db, info.ledger_id).map_err(|e| Error::Storage(e.to_string()))?;
+        log.sync()?;
+        let auth = Arc::new(AuthCtx {
+            users,
+            tokens,
+            throttle: LoginThrottle::new(args.login_max_failures, args.login_window, 100_000),
+            security,
+        });
+
+        ledger.start()?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", args.listen)))?;
+        let addr = listener.local_addr()?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let state = Arc::new(AppState {
+            ledger: ledger.clone(),
+            db,
+            auth,
+            settings: ApiSettings {
+                ws_ping_interval: args.ws_ping_interval,
+                ws_idle_timeout: args.ws_idle_timeout,
+                ws_max_message: args.ws_max_message as usize,
+                ws_stall_timeout: args.ws_stall_timeout,
+                ws_command_rate: args.ws_command_rate,
+                trusted_proxies: args.trusted_proxies.clone(),
+                data_dir: dir.root().to_path_buf(),
+            },
+            metrics,
+            shutdown: shutdown_rx,
+            accepting: AtomicBool::new(true),
+        });
+        Ok(Application {
+            addr,
+            listener,
+            state,
+            ledger,
+            shutdown_tx,
+            shutdown_timeout: args.shutdown_timeout,
+            generated_admin_password,
+            _dir: dir,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `signal` resolves, then shuts down gracefully: stop accepting, close every
+    /// WebSocket with 1001, let in-flight requests and queued appends finish, write a final
+    /// projection snapshot, flush. Bounded by the shutdown timeout.
+    pub async fn run_until_stopped(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let Application {
+            listener,
+            state,
+            ledger,
+            shutdown_tx,
+            shutdown_timeout,
+            _dir,
+            ..
+        } = self;
+        let routes = http::routes(state.clone());
+        let mut stop_rx = shutdown_tx.subscribe();
+        let graceful = async move {
+            let _ = stop_rx.wait_for(|v| *v).await;
+        };
+        let server = tokio::spawn(
+            warp::serve(routes)
+                .incoming(listener)
+                .graceful(graceful)
+                .run(),
+        );
+        signal.await;
+        tracing::info!("shutdown requested");
+        state.accepting.store(false, Ordering::Relaxed);
+        let _ = shutdown_tx.send(true);
+        let drain = async {
+            let _ = server.await;
+            let l = ledger.clone();
+            let _ = tokio::task::spawn_blocking(move || l.stop()).await;
+        };
+        if tokio::time::timeout(shutdown_timeout, drain).await.is_err() {
+            tracing::warn!(timeout = ?shutdown_timeout, "shutdown deadline passed; stopping the writer now");
+            let l = ledger.clone();
+            let _ = tokio::task::spawn_blocking(move || l.stop()).await;
+        }
+        if let Err(e) = ledger.log().sync() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::info!("stopped");
+        drop(_dir);
+        Ok(())
+    }
+}
