@@ -1,0 +1,6 @@
+//! API tests against a real server on 127.0.0.1:0 (one test binary: tests/api/).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod smoke;

@@ -1,0 +1,247 @@
+//! Test helpers shared by the integration test binaries: a real server on 127.0.0.1:0 with its
+//! own temporary data directory, real HTTP (reqwest) and WebSocket (tokio-tungstenite) clients.
+#![allow(dead_code)]
+
+use alarm_ledger::config::{Cli, Command};
+use alarm_ledger::startup::Application;
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
+pub const USER_PASSWORD: &str = "user-password-for-tests";
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    /// Keeps the temporary directory alive (None when the caller owns the directory).
+    pub tmp: Option<tempfile::TempDir>,
+    pub client: reqwest::Client,
+    pub admin_token: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A server on a fresh temporary data directory.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// A server on a fresh temporary data directory, with extra `serve` flags.
+pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().to_path_buf();
+    let mut app = spawn_app_in(&data, extra).await;
+    app.tmp = Some(tmp);
+    app
+}
+
+/// A server on an existing data directory (for restarts: `reopen`).
+pub async fn spawn_app_in(data: &Path, extra: &[&str]) -> TestApp {
+    let mut argv: Vec<String> = vec![
+        "alarm-ledger".into(),
+        "serve".into(),
+        "--data".into(),
+        data.display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--admin-password".into(),
+        ADMIN_PASSWORD.into(),
+        "--jwt-secret".into(),
+        "test-secret-test-secret-test-secret-0123".into(),
+    ];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    let cli = Cli::try_parse_from(argv).expect("test arguments parse");
+    let Command::Serve(args) = cli.command else {
+        panic!("not serve")
+    };
+    let app = Application::build(&args).await.expect("server builds");
+    let addr = app.local_addr();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        app.run_until_stopped(async move {
+            let _ = rx.await;
+        })
+        .await
+        .expect("server runs");
+    });
+    let client = reqwest::Client::new();
+    let mut t = TestApp {
+        addr,
+        data: data.to_path_buf(),
+        tmp: None,
+        client,
+        admin_token: String::new(),
+        stop: Some(tx),
+        task: Some(task),
+    };
+    t.admin_token = t.login("admin", ADMIN_PASSWORD).await;
+    t
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Logs in; panics unless 200.
+    pub async fn login(&self, user: &str, password: &str) -> String {
+        let r = self
+            .client
+            .post(self.url("/api/v1/login"))
+            .json(&json!({"username": user, "password": password}))
+            .send()
+            .await
+            .expect("login request");
+        assert_eq!(r.status(), 200, "login of {user}");
+        let v: Value = r.json().await.expect("login json");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    /// Creates a user with `USER_PASSWORD` and returns a token for it.
+    pub async fn user_token(&self, name: &str, role: &str) -> String {
+        let r = self
+            .client
+            .post(self.url("/api/v1/users"))
+            .bearer_auth(&self.admin_token)
+            .json(&json!({"username": name, "password": USER_PASSWORD, "role": role}))
+            .send()
+            .await
+            .expect("create user");
+        assert_eq!(r.status(), 200, "create user {name}");
+        self.login(name, USER_PASSWORD).await
+    }
+
+    pub async fn post(&self, token: &str, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("post");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("get");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get_text(&self, token: &str, path: &str) -> (u16, String) {
+        let r = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("get");
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    }
+
+    /// Creates an alarm over HTTP as admin; returns its id.
+    pub async fn create_alarm(&self, name: &str) -> String {
+        let (s, v) = self
+            .post(&self.admin_token, "/api/v1/alarms", json!({"name": name}))
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["alarm_id"].as_str().expect("alarm_id").to_string()
+    }
+
+    /// Opens a WebSocket with the token in the Authorization header and reads `hello`.
+    pub async fn ws(&self, token: &str) -> (Ws, Value) {
+        let mut ws = self.ws_raw(token).await;
+        let hello = recv_json(&mut ws).await.expect("hello");
+        assert_eq!(hello["type"], "hello", "{hello}");
+        (ws, hello)
+    }
+
+    /// Opens a WebSocket without reading anything.
+    pub async fn ws_raw(&self, token: &str) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{}/api/v1/ws", self.addr)
+            .into_client_request()
+            .expect("request");
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("ws connect");
+        ws
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+        }
+    }
+
+    /// Stops and starts a new server on the same data directory.
+    pub async fn reopen(mut self) -> TestApp {
+        self.stop().await;
+        let mut next = spawn_app_in(&self.data, &[]).await;
+        next.tmp = self.tmp.take();
+        next
+    }
+}
+
+/// Sends a JSON message.
+pub async fn send_json(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string()))
+        .await
+        .expect("ws send");
+}
+
+/// The next JSON text message (skipping pings/pongs), or None on close/timeout (10 s).
+pub async fn recv_json(ws: &mut Ws) -> Option<Value> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .ok()??
+            .ok()?;
+        match msg {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).ok(),
+            Message::Close(_) => return None,
+            _ => continue,
+        }
+    }
+}
+
+/// Reads until a close frame; returns its code (None if the stream ended without one).
+pub async fn recv_close(ws: &mut Ws) -> Option<u16> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .ok()??;
+        match msg {
+            Ok(Message::Close(Some(f))) => return Some(f.code.into()),
+            Ok(Message::Close(None)) => return None,
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
