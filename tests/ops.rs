@@ -1,0 +1,255 @@
+//! Operations: health, readiness, metrics format, configuration validation, graceful shutdown
+//! of the real binary, and the Containerfile staying in sync with the build.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_alarm-ledger");
+
+#[tokio::test]
+async fn healthz_readyz_and_metrics_parse() {
+    let app = spawn_app().await;
+    app.create_alarm("metrics").await;
+    let r = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["format_version"], 1);
+    let r = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "ready");
+    assert_eq!(v["projection_caught_up"], true);
+
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("metrics parse");
+    let names: Vec<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    for want in [
+        "alarm_ledger_events_appended_total",
+        "alarm_ledger_append_latency_seconds",
+        "alarm_ledger_group_commit_batch_size",
+        "alarm_ledger_flush_duration_seconds",
+        "alarm_ledger_head_offset",
+        "alarm_ledger_websocket_connections",
+        "alarm_ledger_http_requests_total",
+    ] {
+        assert!(names.contains(&want), "missing {want} in\n{text}");
+    }
+    let head = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "alarm_ledger_head_offset")
+        .unwrap();
+    assert!(
+        matches!(head.value, prometheus_parse::Value::Gauge(v) if v == 1.0),
+        "{head:?}"
+    );
+    // Every sample line is `name{labels} value`, and the document ends with # EOF.
+    assert!(text.trim_end().ends_with("# EOF"));
+}
+
+fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = Command::new(BIN);
+    c.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run binary")
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_variable_before_opening_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("never-created");
+    let data_s = data.display().to_string();
+    let cases: &[(&str, &str, &str)] = &[
+        ("ALARM_LEDGER_LISTEN", "localhost-8080", "IP:PORT"),
+        ("ALARM_LEDGER_TOKEN_TTL", "15x", "duration"),
+        ("ALARM_LEDGER_JWT_SECRET", "short", "32 bytes"),
+        ("ALARM_LEDGER_WS_MAX_MESSAGE", "12", "1024"),
+        ("ALARM_LEDGER_TRUSTED_PROXIES", "10.0.0.0/99", "CIDR"),
+        ("ALARM_LEDGER_QUEUE_CAPACITY", "zero", "zero"),
+    ];
+    for (var, value, expect) in cases {
+        let out = run_bin(&["serve", "--data", &data_s], &[(var, value)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {err}");
+        assert!(err.contains(var), "{var} not named: {err}");
+        assert!(err.contains(expect), "{var}: expected {expect:?} in {err}");
+        if var.ends_with("SECRET") {
+            assert!(!err.contains(value), "secret value echoed: {err}");
+        }
+        assert!(
+            !data.exists(),
+            "{var}: data directory was created before validation"
+        );
+    }
+    let out = run_bin(&["--version"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn unknown_variables_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let out = run_bin(&["verify", "--data", &data], &[("ALARM_LEDGER_LISTN", "x")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ALARM_LEDGER_LISTN"), "{err}");
+    assert!(err.contains("unknown"), "{err}");
+}
+
+/// Starts the real binary on port 0 and returns it with its address (read from the log).
+fn start_server(data: &str) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--data",
+            data,
+            "--listen",
+            "127.0.0.1:0",
+            "--shutdown-timeout",
+            "5s",
+        ])
+        .env("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && line.contains("listening") {
+                if let Some(i) = line.find("127.0.0.1:") {
+                    let addr: String = line[i..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                        .collect();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server address in log");
+    (child, addr)
+}
+
+#[tokio::test]
+async fn sigterm_closes_websockets_with_1001_snapshots_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let (mut child, addr) = start_server(&data);
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("http://{addr}/api/v1/login"))
+        .json(&serde_json::json!({"username": "admin", "password": ADMIN_PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    let token = r.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = client
+        .post(format!("http://{addr}/api/v1/alarms"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"name": "before shutdown"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/ws?access_token={token}"))
+            .await
+            .unwrap();
+    let hello = recv_json(&mut ws).await.unwrap();
+    assert_eq!(hello["type"], "hello");
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = recv_close(&mut ws).await;
+    assert_eq!(code, Some(1001));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "server did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        dir.path().join("projection.snapshot").exists(),
+        "no snapshot at shutdown"
+    );
+    let _ = ws.next().await;
+    let out = run_bin(&["verify", "--data", &data], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok 1 events, head 1 "));
+}
+
+#[test]
+fn containerfile_matches_the_build() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let cf = std::fs::read_to_string(format!("{root}/Containerfile")).unwrap();
+    let cargo = std::fs::read_to_string(format!("{root}/Cargo.toml")).unwrap();
+    assert!(cargo.contains("name = \"alarm-ledger\""));
+    assert!(BIN.ends_with("alarm-ledger"));
+    assert!(cf.contains("cargo build --release --locked --bin alarm-ledger"));
+    assert!(cf.contains("target/release/alarm-ledger /usr/local/bin/alarm-ledger"));
+    assert!(cf.contains("ENTRYPOINT [\"/usr/local/bin/alarm-ledger\"]"));
+    assert!(cf.contains("EXPOSE 8080"));
+    assert!(cf.contains("ALARM_LEDGER_LISTEN=0.0.0.0:8080"));
+    assert!(cf.contains("VOLUME /data"));
+    assert!(cf.contains("ALARM_LEDGER_DATA=/data"));
+    assert!(cf.contains("http://127.0.0.1:8080/healthz"));
+    assert!(cf.contains("USER ledger"));
+    // Every directory the build stage copies exists, and every env var it sets is a known one.
+    for dir in ["src", "benches"] {
+        assert!(
+            std::path::Path::new(&format!("{root}/{dir}")).is_dir(),
+            "{dir}"
+        );
+    }
+    let known = alarm_ledger::config::known_env_vars();
+    for word in cf.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("ALARM_LEDGER_") {
+            assert!(
+                known.iter().any(|k| k == word),
+                "Containerfile sets unknown {word}"
+            );
+        }
+    }
+    let fly = std::fs::read_to_string(format!("{root}/fly.toml")).unwrap();
+    assert!(fly.contains("internal_port = 8080"));
+    assert!(fly.contains("destination = \"/data\""));
+}
