@@ -5,6 +5,11 @@
 use crate::domain::Event;
 use bincode::config::standard;
 
+/// Largest record body decoded (records are a few hundred bytes; client text is capped).
+const RECORD_LIMIT: usize = 1 << 20;
+/// Largest other value decoded (projection snapshots are checksummed before decoding).
+const VALUE_LIMIT: usize = 1 << 30;
+
 /// The format of records written today.
 pub const FORMAT_VERSION: u8 = 1;
 
@@ -37,7 +42,11 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     match version {
         1 => {
-            let (event, used): (Event, usize) = bincode::serde::decode_from_slice(body, standard())
+            // The limit makes bincode refuse a corrupt length prefix instead of trying to
+            // allocate it (a flipped byte must be an error naming the offset, not an abort).
+            // It does not change the encoding.
+            let (event, used): (Event, usize) =
+                bincode::serde::decode_from_slice(body, standard().with_limit::<RECORD_LIMIT>())
                 .map_err(|e| CodecError::Decode(e.to_string()))?;
             if used != body.len() {
                 return Err(CodecError::Trailing(body.len() - used));
@@ -54,7 +63,7 @@ pub fn encode_value<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
 }
 
 pub fn decode_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (v, used) = bincode::serde::decode_from_slice(bytes, standard())
+    let (v, used) = bincode::serde::decode_from_slice(bytes, standard().with_limit::<VALUE_LIMIT>())
         .map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError::Trailing(bytes.len() - used));
