@@ -47,8 +47,8 @@ pub enum Command {
 
 #[derive(Debug, Args, Clone)]
 pub struct DataArg {
-    /// Data directory.
-    #[arg(long = "data", env = "ALARM_LEDGER_DATA", default_value = "./data")]
+    /// Data directory. Global, so `user add NAME --data DIR` and `user --data DIR add NAME` both work.
+    #[arg(long = "data", env = "ALARM_LEDGER_DATA", default_value = "./data", global = true)]
     pub data: PathBuf,
 }
 

@@ -9,7 +9,7 @@ pub enum Error {
     Storage(String),
     #[error("ledger is corrupt at offset {offset}: {reason}")]
     Corrupt { offset: u64, reason: String },
-    #[error("data directory {} is in use by another process (a running server?); stop it or use `alarm-ledger backup` against the server", path.display())]
+    #[error("data directory {} is locked: it is in use by another process (a running server?). Stop that process, or for a copy of a running server use its POST /api/v1/admin/backup", path.display())]
     Locked { path: PathBuf },
     #[error("{0}")]
     Io(#[from] std::io::Error),

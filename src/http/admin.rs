@@ -6,7 +6,7 @@
 use super::errors::ApiError;
 use super::session::{authenticate, bearer, check_token, Principal};
 use super::{json_ok, Request, State};
-use crate::auth::{NewSecurityEntry, Role, SecurityAction};
+use crate::auth::{password, NewSecurityEntry, Role, SecurityAction};
 use serde::Deserialize;
 use serde_json::json;
 use std::net::{IpAddr, Ipv4Addr};
@@ -199,6 +199,12 @@ pub async fn update_user(state: &State, req: &Request, name: &str) -> Result<Res
         ));
     }
     let role = body.role.as_deref().map(parse_role).transpose()?;
+    // A patch is applied whole or not at all: validate every field before changing anything.
+    // Only the last-admin rule can refuse a step after this, so role and disabled go first
+    // (once a role change has passed, a disable cannot trip the rule) and the password last.
+    if let Some(p) = &body.password {
+        password::validate_password(p)?;
+    }
     if state.auth.users.get(name)?.is_none() {
         return Err(ApiError::not_found(format!("no user {name:?}")));
     }
@@ -211,6 +217,19 @@ pub async fn update_user(state: &State, req: &Request, name: &str) -> Result<Res
                 .actor(p.name.clone())
                 .target(name)
                 .detail("role", role.as_str()),
+        )
+        .await;
+    }
+    if let Some(disabled) = body.disabled {
+        info = Some(state.auth.users.set_disabled(name, disabled)?);
+        let action = if disabled {
+            SecurityAction::UserDisabled
+        } else {
+            SecurityAction::UserEnabled
+        };
+        record(
+            state,
+            entry(state, req, action).actor(p.name.clone()).target(name),
         )
         .await;
     }
@@ -230,19 +249,6 @@ pub async fn update_user(state: &State, req: &Request, name: &str) -> Result<Res
         )
         .await;
     }
-    if let Some(disabled) = body.disabled {
-        info = Some(state.auth.users.set_disabled(name, disabled)?);
-        let action = if disabled {
-            SecurityAction::UserDisabled
-        } else {
-            SecurityAction::UserEnabled
-        };
-        record(
-            state,
-            entry(state, req, action).actor(p.name.clone()).target(name),
-        )
-        .await;
-    }
     let info = info.ok_or_else(|| ApiError::internal("no change applied"))?;
     Ok(json_ok(
         &serde_json::to_value(info).map_err(|e| ApiError::internal(e.to_string()))?,
@@ -250,7 +256,15 @@ pub async fn update_user(state: &State, req: &Request, name: &str) -> Result<Res
 }
 
 pub async fn security_log(state: &State, req: &Request) -> Result<Response, ApiError> {
-    admin(state, req)?;
+    let p = admin(state, req)?;
+    // Reading the audit trail is audited too; recorded first, so this read is in its answer.
+    record(
+        state,
+        entry(state, req, SecurityAction::HistoryRead)
+            .actor(p.name)
+            .target("security-log"),
+    )
+    .await;
     let st = state.clone();
     let body = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
         let mut out = String::new();

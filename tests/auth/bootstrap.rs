@@ -1,0 +1,145 @@
+//! First start of the real binary: the generated admin password (printed once), the generated
+//! JWT secret file (mode 0600), and secrets too short to start with.
+
+use crate::common::*;
+use crate::support::*;
+use alarm_ledger::auth::TokenService;
+use serde_json::{json, Value};
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+async fn login(server: &Server, password: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(server.url("/api/v1/login"))
+        .json(&json!({"username": "admin", "password": password}))
+        .send()
+        .await
+        .expect("login");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn first_start_generates_and_prints_the_admin_password_once_and_a_0600_secret() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("fresh");
+    let server = Server::start(&dir, &[], &[]).await;
+    let banner = server.stderr.lock().unwrap().clone();
+    let password = banner
+        .lines()
+        .find_map(|l| l.split("created user `admin` with password: ").nth(1))
+        .unwrap_or_else(|| panic!("no generated password in:\n{banner}"))
+        .trim()
+        .to_string();
+    assert!(
+        password.chars().count() >= 16 && password.chars().all(|c| c.is_ascii_alphanumeric()),
+        "{password}"
+    );
+    let (s, v) = login(&server, &password).await;
+    assert_eq!(s, 200, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    assert_eq!(v["user"], json!({"name": "admin", "role": "admin"}));
+
+    // The generated secret: mode 0600, at least 32 bytes, and the key tokens are signed with
+    // (as given: a gateway holding the file's content can verify them).
+    let path = dir.join("jwt_secret");
+    let meta = std::fs::metadata(&path).expect("jwt_secret generated");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let secret = std::fs::read(&path).unwrap();
+    assert!(secret.len() >= 32);
+    let claims = TokenService::new(secret.clone(), chrono::Duration::minutes(15))
+        .verify(&token, chrono::Utc::now())
+        .expect("the token verifies with the file's content");
+    assert_eq!(claims.sub, "admin");
+
+    let logs = server.stop().await;
+    assert_eq!(logs.matches(&password).count(), 1, "printed exactly once");
+    assert!(!logs.contains(&String::from_utf8_lossy(&secret).to_string()));
+
+    // A second start: no new password, the first one still works, the secret is reused (the
+    // token from the first run is still valid).
+    let server = Server::start(&dir, &[], &[]).await;
+    assert_eq!(login(&server, &password).await.0, 200);
+    let r = reqwest::Client::new()
+        .get(server.url("/api/v1/ledger"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(std::fs::read(&path).unwrap(), secret);
+    let logs = server.stop().await;
+    assert!(!logs.contains("First start"), "{logs}");
+    assert!(!logs.contains(&password));
+}
+
+#[tokio::test]
+async fn admin_password_from_the_environment_is_used_and_not_printed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("fresh");
+    let server = Server::start(
+        &dir,
+        &[],
+        &[
+            ("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD),
+            ("ALARM_LEDGER_JWT_SECRET", SECRET),
+        ],
+    )
+    .await;
+    assert_eq!(login(&server, ADMIN_PASSWORD).await.0, 200);
+    let logs = server.stop().await;
+    assert!(!logs.contains("First start"), "{logs}");
+    assert!(!logs.contains(ADMIN_PASSWORD) && !logs.contains(SECRET));
+    // With the secret from the environment, none is written to the directory.
+    assert!(!dir.join("jwt_secret").exists());
+}
+
+#[tokio::test]
+async fn secrets_and_admin_passwords_too_short_to_start_are_exit_code_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("never-created");
+    let short = "only-31-bytes-long-secret-xxxxx";
+    assert_eq!(short.len(), 31);
+    // (flags, environment, the variable the message must name, the value it must not echo)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: [Case; 3] = [
+        (
+            &[],
+            &[("ALARM_LEDGER_JWT_SECRET", short)],
+            "ALARM_LEDGER_JWT_SECRET",
+            short,
+        ),
+        (
+            &["--jwt-secret", short],
+            &[],
+            "ALARM_LEDGER_JWT_SECRET",
+            short,
+        ),
+        (
+            &[],
+            &[("ALARM_LEDGER_ADMIN_PASSWORD", "too-short")],
+            "ALARM_LEDGER_ADMIN_PASSWORD",
+            "too-short",
+        ),
+    ];
+    for (args, env, variable, value) in cases {
+        let mut cmd = bin();
+        cmd.arg("serve")
+            .arg("--data")
+            .arg(&dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .envs(env.iter().copied());
+        let r = run(cmd, Duration::from_secs(10)).await;
+        assert_eq!(r.code, Some(2), "{args:?} {env:?}: {}", r.stderr);
+        assert!(r.stderr.contains(variable), "{}", r.stderr);
+        assert!(
+            !r.stderr.contains(value),
+            "the value is not echoed: {}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+        // Refused before anything was opened or created.
+        assert!(!dir.exists());
+    }
+}

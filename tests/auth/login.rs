@@ -1,0 +1,91 @@
+//! `POST /api/v1/login`: bad credentials, unknown and disabled users, and what disabling does
+//! to a user's live WebSocket.
+
+use crate::common::*;
+use crate::support::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn bad_credentials_are_401_unauthorized_and_do_not_say_which_part_was_wrong() {
+    let app = spawn_app().await;
+    create_user(&app, "alice", USER_PASSWORD, "viewer").await;
+
+    let (s, retry, wrong_pw) = login_raw(&app, "alice", "not-alices-password", None).await;
+    assert_error(&(s, wrong_pw.clone()), 401, "unauthorized");
+    assert_eq!(retry, None);
+    let (s, _, unknown) = login_raw(&app, "nobody", USER_PASSWORD, None).await;
+    assert_error(&(s, unknown.clone()), 401, "unauthorized");
+    // Same answer for both: a guesser cannot learn which usernames exist.
+    assert_eq!(wrong_pw, unknown);
+    // A name that could never be valid, and an empty password, are the same 401.
+    let (s, _, v) = login_raw(&app, "../etc/passwd", USER_PASSWORD, None).await;
+    assert_error(&(s, v), 401, "unauthorized");
+    let (s, _, v) = login_raw(&app, "alice", "", None).await;
+    assert_error(&(s, v), 401, "unauthorized");
+    // A malformed body is the client's fault, not a credential failure.
+    let r = app
+        .client
+        .post(app.url("/api/v1/login"))
+        .body("{\"username\": 1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // The right password works, and the answer has the documented shape.
+    let r = app
+        .client
+        .post(app.url("/api/v1/login"))
+        .json(&json!({"username": "alice", "password": USER_PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["user"], json!({"name": "alice", "role": "viewer"}));
+    assert!(v["token"].as_str().unwrap().split('.').count() == 3, "{v}");
+    let exp = chrono::DateTime::parse_from_rfc3339(v["expires_at"].as_str().unwrap()).unwrap();
+    let ttl = exp.to_utc() - chrono::Utc::now();
+    assert!(
+        ttl > chrono::Duration::minutes(14) && ttl <= chrono::Duration::minutes(15),
+        "default lifetime is 15 min, got {ttl}"
+    );
+}
+
+#[tokio::test]
+async fn disabling_a_user_refuses_logins_and_closes_their_live_socket_with_4001() {
+    let app = spawn_app().await;
+    let token = app.user_token("dora", "operator").await;
+    let (mut ws, hello) = app.ws(&token).await;
+    assert_eq!(hello["user"], json!({"name": "dora", "role": "operator"}));
+    assert_alive(&mut ws, "before").await;
+    next_second().await;
+
+    let started = Instant::now();
+    let (s, v) = patch_user(&app, &app.admin_token, "dora", json!({"disabled": true})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["disabled"], true);
+    let (code, reason) = expect_close(&mut ws, Duration::from_secs(5)).await;
+    assert_eq!(code, 4001, "{reason}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The right password no longer logs in, and the old token is refused everywhere.
+    let (s, _, v) = login_raw(&app, "dora", USER_PASSWORD, None).await;
+    assert_error(&(s, v), 401, "unauthorized");
+    let got = app.get(&token, "/api/v1/alarms").await;
+    assert_error(&got, 401, "unauthorized");
+    let mut ws = app.ws_raw(&token).await;
+    assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await.0, 4001);
+
+    // Re-enabling lets her log in again, but does not revive the token from before.
+    let (s, _) = patch_user(&app, &app.admin_token, "dora", json!({"disabled": false})).await;
+    assert_eq!(s, 200);
+    let fresh = app.login("dora", USER_PASSWORD).await;
+    assert_eq!(app.get(&fresh, "/api/v1/alarms").await.0, 200);
+    assert_error(
+        &app.get(&token, "/api/v1/alarms").await,
+        401,
+        "unauthorized",
+    );
+}
