@@ -19,6 +19,7 @@ use crate::time::Timestamp;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Map};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -206,7 +207,14 @@ impl Connection {
                     return End::Close(CLOSE_GOING_AWAY, "server shutting down".into());
                 }
                 frame = stream.next() => {
-                    let Some(Ok(msg)) = frame else { return End::Gone };
+                    let msg = match frame {
+                        Some(Ok(msg)) => msg,
+                        // Beyond the transport's backstop: still a message over the size limit.
+                        Some(Err(e)) if is_too_large(&e) => {
+                            return End::Close(CLOSE_POLICY, "message too large".into());
+                        }
+                        _ => return End::Gone,
+                    };
                     last_seen = Instant::now();
                     if let Some(end) = self.on_frame(sink, msg).await {
                         return end;
@@ -507,9 +515,21 @@ impl Connection {
         };
         let ledger = self.state.ledger.clone();
         let tx = self.answers_tx.clone();
+        // Enter the write queue here, on the connection task, so that commands pipelined on one
+        // connection are applied in the order they were sent: `submit` queues the command on its
+        // first poll. A spawned task's first poll may come after a later command's (the runtime
+        // runs the most recently spawned task first), which reordered e.g. create → trigger.
+        let mut submit = Box::pin(async move { ledger.submit(cmd).await });
+        let first = submit
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
         tokio::spawn(
             async move {
-                let text = match ledger.submit(cmd).await {
+                let outcome = match first {
+                    std::task::Poll::Ready(outcome) => outcome,
+                    std::task::Poll::Pending => submit.await,
+                };
+                let text = match outcome {
                     Ok(o) => protocol::ok_value(&req, o.offset, o.alarm_id, o.already, o.duplicate)
                         .to_string(),
                     Err(e) => {
@@ -539,6 +559,13 @@ impl Connection {
             false
         }
     }
+}
+
+/// Whether a read error is the transport refusing a message or frame over its size limit
+/// (tungstenite's `Capacity` error, which warp wraps and this crate cannot name).
+fn is_too_large(e: &warp::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded") || text.contains("too long")
 }
 
 /// The next subscription item, or pending forever when not subscribed.

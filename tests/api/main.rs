@@ -3,4 +3,11 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod support;
+
+mod bad_input;
+mod commands;
+mod queries;
+mod schema;
 mod smoke;
+mod subscribe;

@@ -1,0 +1,478 @@
+//! Bad input over WebSocket and HTTP: every rejection has its code, and the server keeps serving
+//! other clients afterwards.
+
+use crate::common::*;
+use crate::support::*;
+use futures_util::SinkExt;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio::time::{sleep, timeout};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The test servers' JWT secret (tests/common/mod.rs).
+const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+async fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text.to_string()))
+        .await
+        .expect("ws send");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_ws_messages_get_bad_request_and_the_connection_stays() {
+    let app = spawn_app().await;
+    let id = app.create_alarm("target").await;
+    // (text, req echoed in the error)
+    let batches: Vec<Vec<(String, Value)>> = vec![
+        vec![
+            ("{".into(), Value::Null),                                // invalid JSON
+            ("not json at all".into(), Value::Null),                  // invalid JSON
+            ("[1, 2]".into(), Value::Null),                           // not an object
+            ("\"subscribe\"".into(), Value::Null),                    // not an object
+            ("42".into(), Value::Null),                               // not an object
+            (r#"{"type":"nope","req":"u"}"#.into(), json!("u")),      // unknown type
+            (r#"{"req":1}"#.into(), json!(1)),                        // missing type
+            (r#"{"type":5,"req":2}"#.into(), json!(2)),               // type of the wrong type
+            (r#"{"type":"ping","req":{"a":1}}"#.into(), Value::Null), // req of the wrong type
+            (r#"{"type":"ping","req":1.5}"#.into(), Value::Null),     // req not an integer
+        ],
+        vec![
+            (r#"{"type":"trigger","req":3}"#.into(), json!(3)), // missing alarm_id
+            (r#"{"type":"create","req":4}"#.into(), json!(4)),  // missing alarm
+            (r#"{"type":"create","req":5,"alarm":{}}"#.into(), json!(5)), // missing name
+            (r#"{"type":"refresh","req":6}"#.into(), json!(6)), // missing token
+            (
+                r#"{"type":"trigger","req":7,"alarm_id":5}"#.into(),
+                json!(7),
+            ), // wrong type
+            (
+                r#"{"type":"trigger","req":8,"alarm_id":"not-a-uuid"}"#.into(),
+                json!(8),
+            ),
+            (
+                r#"{"type":"subscribe","req":9,"from":"x"}"#.into(),
+                json!(9),
+            ),
+            (
+                r#"{"type":"subscribe","req":10,"from":-1}"#.into(),
+                json!(10),
+            ),
+            (
+                r#"{"type":"subscribe","req":11,"snapshot":"yes"}"#.into(),
+                json!(11),
+            ),
+            (
+                format!(r#"{{"type":"trigger","req":12,"alarm_id":"{id}","value":true}}"#),
+                json!(12),
+            ),
+        ],
+        vec![
+            (
+                r#"{"type":"create","req":13,"alarm":{"name":7}}"#.into(),
+                json!(13),
+            ),
+            (
+                r#"{"type":"create","req":14,"alarm":{"name":"x","tags":"a"}}"#.into(),
+                json!(14),
+            ),
+            (
+                format!(r#"{{"type":"update","req":15,"alarm_id":"{id}","changes":[]}}"#),
+                json!(15),
+            ),
+            (
+                format!(r#"{{"type":"ack","req":16,"alarm_id":"{id}","expected_version":"1"}}"#),
+                json!(16),
+            ),
+            (
+                format!(r#"{{"type":"ack","req":17,"alarm_id":"{id}","command_id":"nope"}}"#),
+                json!(17),
+            ),
+        ],
+    ];
+    for batch in batches {
+        let (mut ws, _) = app.ws(&app.admin_token).await;
+        for (text, req) in batch {
+            send_text(&mut ws, &text).await;
+            let v = next_json(&mut ws, STEP).await;
+            assert_eq!(v["type"], "error", "{text}: {v}");
+            assert_eq!(v["code"], "bad_request", "{text}: {v}");
+            assert_eq!(v["req"], req, "{text}: req echoed when readable: {v}");
+            assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        // The connection is still usable, and so is the server for others.
+        assert_eq!(
+            ask(&mut ws, json!({"type": "ping", "req": "still"})).await,
+            json!({"type": "pong", "req": "still"})
+        );
+        assert_serves(&app).await;
+    }
+
+    // Binary frames are refused with bad_request (no req to echo); the connection stays.
+    let (mut ws, _) = app.ws(&app.admin_token).await;
+    ws.send(Message::binary(br#"{"type":"ping","req":1}"#.to_vec()))
+        .await
+        .unwrap();
+    let v = next_json(&mut ws, STEP).await;
+    assert_eq!(
+        (v["type"].as_str(), v["code"].as_str()),
+        (Some("error"), Some("bad_request")),
+        "{v}"
+    );
+    assert!(v.get("req").is_none(), "{v}");
+    assert_eq!(
+        ask(&mut ws, json!({"type": "ping", "req": "b"})).await["type"],
+        "pong"
+    );
+
+    // Invalid values inside well-formed commands: bad_request with req.
+    let long = "n".repeat(201);
+    let many_tags: Vec<String> = (0..33).map(|i| format!("t{i}")).collect();
+    for (i, alarm) in [
+        json!({"name": ""}),
+        json!({"name": "   "}),
+        json!({"name": long}),
+        json!({"name": "x", "severity": "urgent"}),
+        json!({"name": "bell\u{7}"}),
+        json!({"name": "x", "tags": many_tags}),
+        json!({"name": "x", "tags": [""]}),
+        json!({"name": "x", "condition": "c".repeat(4097)}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let v = ask(&mut ws, json!({"type": "create", "req": i, "alarm": alarm})).await;
+        assert_error(&v, "bad_request", &json!(i));
+    }
+    let v = ask(
+        &mut ws,
+        json!({"type": "trigger", "req": "m", "alarm_id": id, "message": "m".repeat(4097)}),
+    )
+    .await;
+    assert_error(&v, "bad_request", &json!("m"));
+    // A refresh with a token that is not valid is refused; the connection keeps its own.
+    for (i, token) in ["garbage", ""].into_iter().enumerate() {
+        let v = ask(
+            &mut ws,
+            json!({"type": "refresh", "req": i, "token": token}),
+        )
+        .await;
+        assert_error(&v, "unauthorized", &json!(i));
+    }
+    assert_eq!(
+        ask(&mut ws, json!({"type": "ping", "req": "r"})).await["type"],
+        "pong"
+    );
+    assert_eq!(head(&app).await, 1, "nothing was appended");
+    assert_serves(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_ten_malformed_messages_a_minute_close_1008() {
+    let app = spawn_app().await;
+    let (mut ws, _) = app.ws(&app.admin_token).await;
+    for i in 0..10 {
+        send_text(&mut ws, &format!(r#"{{"type":"bogus","req":{i}}}"#)).await;
+        let v = next_json(&mut ws, STEP).await;
+        assert_error(&v, "bad_request", &json!(i));
+    }
+    // Valid messages in between do not reset the count.
+    assert_eq!(
+        ask(&mut ws, json!({"type": "ping", "req": "p"})).await["type"],
+        "pong"
+    );
+    send_text(&mut ws, "{oops").await;
+    let (code, texts) = read_to_close(&mut ws, STEP).await;
+    assert_eq!(code, Some(1008), "{texts:?}");
+    assert!(
+        texts.is_empty(),
+        "the 11th gets no error, only the close: {texts:?}"
+    );
+    assert_serves(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_closes_1008() {
+    let app = spawn_app_with(&["--ws-max-message", "1024"]).await;
+    let (mut ws, _) = app.ws(&app.admin_token).await;
+    // Just under the limit is fine.
+    let pad = "p".repeat(1024 - r#"{"type":"ping","req":1,"pad":""}"#.len());
+    let msg = format!(r#"{{"type":"ping","req":1,"pad":"{pad}"}}"#);
+    assert_eq!(msg.len(), 1024);
+    send_text(&mut ws, &msg).await;
+    assert_eq!(
+        next_json(&mut ws, STEP).await,
+        json!({"type": "pong", "req": 1})
+    );
+    // One byte over: closed with 1008.
+    let msg = format!(r#"{{"type":"ping","req":2,"pad":"{pad}x"}}"#);
+    send_text(&mut ws, &msg).await;
+    let (code, texts) = read_to_close(&mut ws, STEP).await;
+    assert_eq!(code, Some(1008), "{texts:?}");
+    assert!(texts.is_empty(), "{texts:?}");
+    // A binary frame over the limit too.
+    let (mut ws, _) = app.ws(&app.admin_token).await;
+    ws.send(Message::binary(vec![b'x'; 4000])).await.unwrap();
+    let (code, _) = read_to_close(&mut ws, STEP).await;
+    assert_eq!(code, Some(1008));
+    assert_serves(&app).await;
+}
+
+/// A message far over the limit (beyond the transport's own backstop of 4 × the limit or
+/// 1 MiB) is still "a message over the size limit": 1008, not a close without a code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_message_beyond_the_transport_limit_closes_1008() {
+    let app = spawn_app().await; // default limit: 64 KiB; transport backstop 1 MiB
+    for size in [300_000, 1_500_000] {
+        let (mut ws, _) = app.ws(&app.admin_token).await;
+        let msg = format!(r#"{{"type":"ping","req":2,"pad":"{}"}}"#, "p".repeat(size));
+        // The server may close while the frame is still being written.
+        let _ = timeout(STEP, ws.send(Message::text(msg)))
+            .await
+            .expect("send in time");
+        let (code, texts) = read_to_close(&mut ws, STEP).await;
+        assert_eq!(code, Some(1008), "{size} bytes: {texts:?}");
+    }
+    assert_serves(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_flood_is_rate_limited_per_connection() {
+    let app = spawn_app_with(&["--ws-command-rate", "5"]).await;
+    let id = app.create_alarm("flood").await;
+    let (mut ws, _) = app.ws(&app.admin_token).await;
+    const N: usize = 40;
+    for i in 0..N {
+        send_json(
+            &mut ws,
+            json!({"type": "trigger", "req": i, "alarm_id": id}),
+        )
+        .await;
+    }
+    let mut ok = 0;
+    let mut limited = Vec::new();
+    for _ in 0..N {
+        let v = next_json(&mut ws, STEP).await;
+        match v["type"].as_str() {
+            Some("ok") => ok += 1,
+            Some("error") => {
+                assert_eq!(v["code"], "rate_limited", "{v}");
+                limited.push(v["req"].as_u64().expect("req echoed"));
+            }
+            _ => panic!("{v}"),
+        }
+    }
+    assert!(
+        (5..N).contains(&ok),
+        "burst of 5 (plus a refill) goes through: {ok} ok"
+    );
+    assert_eq!(ok + limited.len(), N);
+    assert!(limited.len() >= N - 10, "{} limited", limited.len());
+    // Not a command: ping is never limited; the connection stays open.
+    assert_eq!(
+        ask(&mut ws, json!({"type": "ping", "req": "p"})).await["type"],
+        "pong"
+    );
+    // Another connection has its own budget.
+    let (mut other, _) = app.ws(&app.admin_token).await;
+    let v = ask(
+        &mut other,
+        json!({"type": "rearm", "req": "o", "alarm_id": id}),
+    )
+    .await;
+    assert_error(&v, "not_acknowledged", &json!("o"));
+    // After a pause, the flooder may command again.
+    sleep(Duration::from_millis(400)).await;
+    let v = ask(
+        &mut ws,
+        json!({"type": "ack", "req": "later", "alarm_id": id}),
+    )
+    .await;
+    assert_eq!(v["type"], "ok", "{v}");
+    assert_eq!(head(&app).await, 3, "create, one trigger, one ack");
+    assert_serves(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_http_bodies_and_queries_are_400() {
+    let app = spawn_app().await;
+    let id = app.create_alarm("http").await;
+    let tok = app.admin_token.clone();
+    let raw = |method: &str, path: &str, body: &str| {
+        let url = app.url(path);
+        let rb = match method {
+            "POST" => app.client.post(url),
+            "PATCH" => app.client.patch(url),
+            "DELETE" => app.client.delete(url),
+            _ => app.client.get(url),
+        };
+        rb.bearer_auth(&tok)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let alarms = "/api/v1/alarms".to_string();
+    let trig = format!("/api/v1/alarms/{id}/trigger");
+    let ack = format!("/api/v1/alarms/{id}/ack");
+    let one = format!("/api/v1/alarms/{id}");
+    let cases: Vec<(&str, &String, &str)> = vec![
+        ("POST", &alarms, "{"),
+        ("POST", &alarms, "[]"),
+        ("POST", &alarms, "\"alarm\""),
+        ("POST", &alarms, "{}"),
+        ("POST", &alarms, r#"{"name": 5}"#),
+        ("POST", &alarms, r#"{"name": ""}"#),
+        ("POST", &alarms, r#"{"name": "x", "severity": "urgent"}"#),
+        ("POST", &alarms, r#"{"name": "x", "tags": [1]}"#),
+        ("POST", &alarms, r#"{"name": "x", "id": "nope"}"#),
+        ("POST", &trig, r#"{"value": true}"#),
+        ("POST", &trig, r#"{"value": {"a": 1}}"#),
+        ("POST", &trig, r#"{"expected_version": "1"}"#),
+        ("POST", &trig, r#"{"command_id": 5}"#),
+        ("POST", &ack, "not json"),
+        ("POST", &ack, "[1]"),
+        ("PATCH", &one, "{}"),
+        ("PATCH", &one, r#"{"tags": "x"}"#),
+        ("PATCH", &one, r#"{"name": "  "}"#),
+        ("DELETE", &one, "{,}"),
+    ];
+    for (m, path, body) in cases {
+        let r = timeout(STEP, raw(m, path, body))
+            .await
+            .expect("in time")
+            .expect("http");
+        let s = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(s, 400, "{m} {path} {body}: {v}");
+        assert_eq!(v["error"]["code"], "bad_request", "{m} {path} {body}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+    }
+    // Bad query parameters.
+    for path in [
+        "/api/v1/alarms?as_of=yesterday",
+        "/api/v1/alarms?state=sleeping",
+        "/api/v1/events?from=abc",
+        "/api/v1/events?limit=-1",
+        "/api/v1/events?since=today",
+        "/api/v1/events?alarm_id=x",
+    ] {
+        let (s, v) = app.get(&tok, path).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{path}: {v}"
+        );
+    }
+    // A body over 1 MiB is refused (413) with the same error shape.
+    let big = format!(r#"{{"name": "{}"}}"#, "x".repeat(1024 * 1024 + 10));
+    let r = timeout(STEP, raw("POST", &alarms, &big))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    // Missing or invalid bearer on HTTP: 401 with the error shape.
+    let r = app
+        .client
+        .get(app.url("/api/v1/alarms"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "unauthorized");
+    let (s, v) = app.get("garbage", "/api/v1/alarms").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    assert_eq!(head(&app).await, 1, "nothing was appended");
+    assert_serves(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_without_a_valid_token_is_closed_4001_not_refused() {
+    use alarm_ledger::auth::{Role, TokenService};
+    let app = spawn_app().await;
+    let expired = TokenService::new(SECRET.as_bytes().to_vec(), chrono::Duration::minutes(1))
+        .issue(
+            "admin",
+            Role::Admin,
+            chrono::Utc::now() - chrono::Duration::hours(2),
+        )
+        .unwrap()
+        .token;
+    let foreign = TokenService::new(
+        b"another-secret-another-secret-0123456".to_vec(),
+        chrono::Duration::minutes(15),
+    )
+    .issue("admin", Role::Admin, chrono::Utc::now())
+    .unwrap()
+    .token;
+    let cases: Vec<(Option<&str>, String, &str)> = vec![
+        (None, String::new(), "unauthorized"),
+        (Some("garbage"), String::new(), "unauthorized"),
+        (None, "?access_token=garbage".into(), "unauthorized"),
+        (Some(foreign.as_str()), String::new(), "unauthorized"),
+        (Some(expired.as_str()), String::new(), "token expired"),
+        (None, format!("?access_token={expired}"), "token expired"),
+    ];
+    for (bearer, query, reason) in cases {
+        // ws_connect asserts the upgrade itself succeeded (101).
+        let mut ws = ws_connect(&app, bearer, &query).await;
+        let msg = timeout(STEP, futures_util::StreamExt::next(&mut ws))
+            .await
+            .expect("close in time");
+        match msg {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 4001, "{bearer:?} {query}");
+                assert_eq!(f.reason.as_str(), reason);
+            }
+            other => panic!("{bearer:?} {query}: expected a 4001 close, got {other:?}"),
+        }
+    }
+    // The query-string token works when valid.
+    let mut ws = ws_connect(&app, None, &format!("?access_token={}", app.admin_token)).await;
+    let hello = next_json(&mut ws, STEP).await;
+    assert_eq!(hello["type"], "hello", "{hello}");
+    assert_eq!(hello["user"]["name"], "admin");
+    assert_serves(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_users_live_socket_is_closed_4001() {
+    let app = spawn_app().await;
+    let tok = app.user_token("leaver", "operator").await;
+    let (mut ws, _) = app.ws(&tok).await;
+    assert_eq!(
+        ask(&mut ws, json!({"type": "ping", "req": 1})).await["type"],
+        "pong"
+    );
+    let r = app
+        .client
+        .patch(app.url("/api/v1/users/leaver"))
+        .bearer_auth(&app.admin_token)
+        .json(&json!({"disabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The live socket notices within the periodic re-check (2 s).
+    let (code, texts) = read_to_close(&mut ws, Duration::from_secs(6)).await;
+    assert_eq!(code, Some(4001), "{texts:?}");
+    // A new socket with the same token: accepted, then closed with 4001.
+    let mut again = ws_connect(&app, Some(&tok), "").await;
+    let (code, _) = read_to_close(&mut again, STEP).await;
+    assert_eq!(code, Some(4001));
+    let (s, v) = app.get(&tok, "/api/v1/alarms").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    assert_serves(&app).await;
+}

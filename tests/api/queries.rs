@@ -1,0 +1,339 @@
+//! Read routes: state as of an offset or a time, per-alarm history, the NDJSON event export and
+//! its filters.
+
+use crate::common::*;
+use crate::support::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::time::sleep;
+
+/// Canonical JSON as PRODUCT.md describes it (sorted keys, no whitespace), written here
+/// independently of the server's code.
+fn canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::to_string(k).unwrap());
+                out.push(':');
+                canonical(&m[k.as_str()], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(x, out);
+            }
+            out.push(']');
+        }
+        s => out.push_str(&serde_json::to_string(s).unwrap()),
+    }
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(p);
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn offsets(lines: &[Value]) -> Vec<u64> {
+    lines
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_of_history_and_event_export() {
+    let app = spawn_app().await;
+    let tok = app.admin_token.clone();
+    let op = app.user_token("op", "operator").await;
+    let ledger = app.get(&tok, "/api/v1/ledger").await.1;
+    let ledger_id = ledger["ledger_id"].as_str().unwrap().to_string();
+    assert_eq!(ledger["head"], 0);
+
+    // A history with distinct millisecond times; after each step, the current state is recorded
+    // (offset → GET /alarms, and the deleted ones) to compare with as_of later.
+    let mut states: BTreeMap<u64, (Value, Value)> = BTreeMap::new();
+    let (_, empty) = app.get(&tok, "/api/v1/alarms").await;
+    assert_eq!(empty, json!({"offset": 0, "alarms": []}));
+    states.insert(0, (json!([]), json!([])));
+    let a = app.create_alarm("A").await;
+    let mut b = String::new();
+    let steps: Vec<(&str, String, &str, Value)> = vec![
+        (
+            "POST",
+            "A/trigger".into(),
+            "op",
+            json!({"value": "10", "message": "up"}),
+        ),
+        (
+            "POST",
+            String::new(),
+            "op",
+            json!({"name": "B", "severity": "critical"}),
+        ),
+        ("POST", "A/ack".into(), "admin", json!({"comment": "seen"})),
+        ("PATCH", "B".into(), "op", json!({"instrument": "MSFT"})),
+        ("POST", "A/rearm".into(), "op", json!({})),
+        ("DELETE", "B".into(), "admin", json!({})),
+        ("POST", "A/trigger".into(), "admin", json!({"value": 12})),
+    ];
+    let record = |_: ()| async {
+        let (_, cur) = app.get(&tok, "/api/v1/alarms").await;
+        let (_, del) = app.get(&tok, "/api/v1/alarms?state=deleted").await;
+        assert_eq!(cur["offset"], del["offset"]);
+        (
+            cur["offset"].as_u64().unwrap(),
+            (cur["alarms"].clone(), del["alarms"].clone()),
+        )
+    };
+    let (o, s) = record(()).await;
+    states.insert(o, s);
+    for (method, target, who, body) in steps {
+        sleep(Duration::from_millis(15)).await;
+        let token = if who == "op" { &op } else { &tok };
+        let path = if target.is_empty() {
+            "/api/v1/alarms".to_string()
+        } else {
+            let target = target.replacen('A', &a, 1).replacen('B', &b, 1);
+            format!("/api/v1/alarms/{target}")
+        };
+        let url = app.url(&path);
+        let rb = match method {
+            "POST" => app.client.post(url),
+            "PATCH" => app.client.patch(url),
+            _ => app.client.delete(url),
+        };
+        let r = rb.bearer_auth(token).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{method} {path}");
+        let v: Value = r.json().await.unwrap();
+        if target.is_empty() {
+            b = v["alarm_id"].as_str().unwrap().to_string();
+        }
+        let (o, s) = record(()).await;
+        assert_eq!(Some(o), v["offset"].as_u64());
+        states.insert(o, s);
+    }
+    let head = 8;
+    assert_eq!(states.len(), head as usize + 1);
+
+    // as_of = offset reconstructs each past state (the listing and the deleted ones).
+    for (o, (cur, del)) in &states {
+        let (s, v) = app.get(&tok, &format!("/api/v1/alarms?as_of={o}")).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["offset"].as_u64(), Some(*o));
+        assert_eq!(&v["alarms"], cur, "as_of={o}");
+        let (_, v) = app
+            .get(&tok, &format!("/api/v1/alarms?as_of={o}&state=deleted"))
+            .await;
+        assert_eq!(&v["alarms"], del, "as_of={o}&state=deleted");
+    }
+    // Beyond the head: the head.
+    let (_, v) = app.get(&tok, "/api/v1/alarms?as_of=1000").await;
+    assert_eq!(
+        (v["offset"].as_u64(), &v["alarms"]),
+        (Some(head), &states[&head].0)
+    );
+
+    // The export: NDJSON, every line with ledger_id and hash; the chain recomputes.
+    let r = app
+        .client
+        .get(app.url("/api/v1/events"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/x-ndjson");
+    let text = r.text().await.unwrap();
+    assert!(text.ends_with('\n'));
+    let all: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(offsets(&all), (1..=head).collect::<Vec<_>>());
+    let mut prev = unhex(&sha256_hex(&[ledger_id.as_bytes()]));
+    for e in &all {
+        assert_eq!(e["ledger_id"], json!(ledger_id), "{e}");
+        let hash = e["hash"].as_str().unwrap();
+        let mut body = e.clone();
+        body.as_object_mut().unwrap().remove("hash");
+        let mut c = String::new();
+        canonical(&body, &mut c);
+        assert_eq!(
+            sha256_hex(&[&prev, c.as_bytes()]),
+            hash,
+            "chain at {}",
+            e["offset"]
+        );
+        prev = unhex(hash);
+    }
+    assert_eq!(
+        app.get(&tok, "/api/v1/ledger").await.1["head_hash"],
+        all.last().unwrap()["hash"]
+    );
+
+    // as_of = an RFC 3339 time: the state after every event with at ≤ it.
+    for e in &all {
+        let o = e["offset"].as_u64().unwrap();
+        let at = e["at"].as_str().unwrap();
+        let (s, v) = app.get(&tok, &format!("/api/v1/alarms?as_of={at}")).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["offset"].as_u64(), Some(o), "as_of={at}");
+        assert_eq!(v["alarms"], states[&o].0, "as_of={at}");
+    }
+    // Any offset works when percent-encoded (`+` in a query string reads as a space).
+    let at4 = chrono::DateTime::parse_from_rfc3339(all[3]["at"].as_str().unwrap()).unwrap();
+    let east = at4
+        .with_timezone(&chrono::FixedOffset::east_opt(2 * 3600).unwrap())
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, false);
+    assert!(east.ends_with("+02:00"), "{east}");
+    let (s, v) = app
+        .get(
+            &tok,
+            &format!("/api/v1/alarms?as_of={}", east.replace('+', "%2B")),
+        )
+        .await;
+    assert_eq!(
+        (s, v["offset"].as_u64()),
+        (200, Some(4)),
+        "as_of={east}: {v}"
+    );
+    let (_, v) = app
+        .get(&tok, "/api/v1/alarms?as_of=2000-01-01T00:00:00.000Z")
+        .await;
+    assert_eq!(v, json!({"offset": 0, "alarms": []}));
+    let (_, v) = app
+        .get(&tok, "/api/v1/alarms?as_of=2999-01-01T00:00:00Z")
+        .await;
+    assert_eq!(v["offset"].as_u64(), Some(head));
+
+    // History: oldest first, only that alarm's events, as exported.
+    let (s, h) = app.get(&op, &format!("/api/v1/alarms/{a}/history")).await;
+    assert_eq!(s, 200);
+    let history = h["events"].as_array().unwrap();
+    let kinds: Vec<&str> = history
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "alarm_created",
+            "alarm_triggered",
+            "alarm_acknowledged",
+            "alarm_rearmed",
+            "alarm_triggered"
+        ]
+    );
+    assert_eq!(offsets(history), vec![1, 2, 4, 6, 8]);
+    for e in history {
+        let o = e["offset"].as_u64().unwrap() as usize;
+        assert_eq!(e, &all[o - 1], "history = export lines");
+    }
+    let (_, h) = app.get(&op, &format!("/api/v1/alarms/{b}/history")).await;
+    assert_eq!(
+        offsets(h["events"].as_array().unwrap()),
+        vec![3, 5, 7],
+        "a deleted alarm's history stays"
+    );
+
+    // Export filters.
+    let q = |query: String| {
+        let app = &app;
+        async move {
+            let (s, lines) = events(app, &query).await;
+            assert_eq!(s, 200, "{query}: {lines:?}");
+            offsets(&lines)
+        }
+    };
+    assert_eq!(q("?from=3".into()).await, vec![3, 4, 5, 6, 7, 8]);
+    assert_eq!(q("?limit=2".into()).await, vec![1, 2]);
+    assert_eq!(q("?from=3&limit=2".into()).await, vec![3, 4]);
+    assert_eq!(q("?from=0".into()).await, (1..=head).collect::<Vec<_>>());
+    assert_eq!(q("?from=2&to=4".into()).await, vec![2, 3, 4]);
+    assert_eq!(q("?to=3".into()).await, vec![1, 2, 3]);
+    assert_eq!(q("?limit=0".into()).await, Vec::<u64>::new());
+    assert_eq!(q(format!("?alarm_id={a}")).await, vec![1, 2, 4, 6, 8]);
+    assert_eq!(q(format!("?alarm_id={b}&limit=2")).await, vec![3, 5]);
+    assert_eq!(q(format!("?alarm_id={a}&from=3")).await, vec![4, 6, 8]);
+    assert_eq!(q("?actor=op".into()).await, vec![2, 3, 5, 6]);
+    assert_eq!(q("?actor=admin".into()).await, vec![1, 4, 7, 8]);
+    assert_eq!(q("?actor=nobody".into()).await, Vec::<u64>::new());
+    assert_eq!(q(format!("?actor=op&alarm_id={a}")).await, vec![2, 6]);
+    let at = |o: usize| all[o - 1]["at"].as_str().unwrap().to_string();
+    assert_eq!(
+        q(format!("?since={}", at(3))).await,
+        vec![3, 4, 5, 6, 7, 8],
+        "since is inclusive"
+    );
+    assert_eq!(
+        q(format!("?until={}", at(3))).await,
+        vec![1, 2, 3],
+        "until is inclusive"
+    );
+    assert_eq!(
+        q(format!("?since={}&until={}", at(2), at(5))).await,
+        vec![2, 3, 4, 5]
+    );
+    assert_eq!(
+        q(format!("?since={}&until={}&actor=op&limit=2", at(2), at(6))).await,
+        vec![2, 3]
+    );
+    // from = head + 1 is the empty tail; beyond that is out of range (416).
+    assert_eq!(q(format!("?from={}", head + 1)).await, Vec::<u64>::new());
+    let (s, v) = app
+        .get(&tok, &format!("/api/v1/events?from={}", head + 2))
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (416, Some("offset_out_of_range")),
+        "{v}"
+    );
+    // A viewer may export too.
+    let viewer = app.user_token("auditor", "viewer").await;
+    let (s, text) = app.get_text(&viewer, "/api/v1/events?limit=1").await;
+    assert_eq!((s, text.lines().count()), (200, 1));
+}
+
+/// The export streams a log larger than one chunk completely and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_export_streams_a_large_log_in_order() {
+    let app = spawn_app_with(&["--ws-command-rate", "100000"]).await;
+    let n = 400;
+    let written = blast(&app, &app.admin_token, "bulk", n, 64).await;
+    assert_eq!(written.len(), n);
+    let (s, lines) = events(&app, "").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        offsets(&lines),
+        (1..=n as u64).collect::<Vec<_>>(),
+        "~2.6 MB over many chunks"
+    );
+    let (_, lines) = events(&app, "?from=350&limit=20").await;
+    assert_eq!(offsets(&lines), (350..370).collect::<Vec<_>>());
+}

@@ -1,0 +1,618 @@
+//! Subscriptions over a real WebSocket: gapless replay → live hand-over under concurrent writes,
+//! resume with `ledger_id` / `from_hash`, slow consumers (4008 and the lag → disk fallback),
+//! snapshots, subscribe errors, and pings.
+
+use crate::common::*;
+use crate::support::*;
+use futures_util::future::join_all;
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::{sleep, timeout, Instant};
+
+const READERS: usize = 8;
+const WRITERS: usize = 4;
+const PER_WRITER: usize = 50;
+
+/// Where a reader resumes: (ledger_id, from_hash).
+type Resume = Option<(String, String)>;
+
+/// One subscriber: connects once the head has reached `start_at` (so that it subscribes while
+/// the writers are busy; at the latest when they are done), subscribes from `check.from` (with
+/// `resume`), reads until the head published on `target` and proves nothing else follows; then
+/// drops the socket without a close handshake (a vanished client).
+async fn reader(
+    app: &TestApp,
+    token: &str,
+    mut check: StreamCheck,
+    resume: Resume,
+    start_at: u64,
+    target: watch::Receiver<Option<u64>>,
+) -> StreamCheck {
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    while target.borrow().is_none() && head(app).await < start_at {
+        assert!(Instant::now() < wait_until, "{}: no progress", check.name);
+        sleep(Duration::from_millis(10)).await;
+    }
+    let (mut ws, hello) = timeout(STEP, app.ws(token)).await.expect("hello in time");
+    let mut sub = json!({"type": "subscribe", "from": check.from});
+    if let Some((ledger_id, hash)) = resume {
+        assert_eq!(hello["ledger_id"], json!(ledger_id));
+        sub["ledger_id"] = json!(ledger_id);
+        sub["from_hash"] = json!(hash);
+    }
+    send_json(&mut ws, sub).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let head = loop {
+        if let Some(h) = *target.borrow() {
+            break h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: writers never finished",
+            check.name
+        );
+        match next_frame(&mut ws, Duration::from_millis(100)).await {
+            Got::Json(v) => assert!(check.feed(&v), "{}: unexpected {v}", check.name),
+            Got::Ping | Got::TimedOut => {}
+            other => panic!("{}: {other:?}", check.name),
+        }
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    read_stream_to(&mut ws, &mut check, head, left).await;
+    drop(ws);
+    check
+}
+
+/// Runs the writers (half over WebSocket, half over HTTP), then publishes the head.
+async fn writers(app: &TestApp, phase: &str, target: watch::Sender<Option<u64>>) -> Vec<u64> {
+    let token = app.admin_token.clone();
+    let all = join_all((0..WRITERS).map(|w| {
+        let tag = format!("{phase}w{w}");
+        let token = token.clone();
+        async move { write_events(app, &token, w % 2 == 0, &tag, PER_WRITER).await }
+    }))
+    .await;
+    let h = head(app).await;
+    target.send(Some(h)).expect("readers listen");
+    all.into_iter().flatten().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_subscribers_get_every_event_once_and_resume() {
+    let started = std::time::Instant::now();
+    let app = spawn_app().await;
+    let viewer = app.user_token("watcher", "viewer").await;
+    let seed = write_events(&app, &app.admin_token, false, "seed", 40).await;
+    assert_eq!(seed, (1..=40).collect::<Vec<u64>>());
+    let seed_head = 40;
+    let ledger_id = app.get(&app.admin_token, "/api/v1/ledger").await.1["ledger_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut rng = Rng::seeded();
+
+    // Phase 1: readers subscribe from random offsets while four writers append.
+    let (tx, rx) = watch::channel(None);
+    let readers1 = join_all((0..READERS).map(|i| {
+        let from = match i {
+            0 => 0,
+            1 => seed_head,
+            _ => rng.below(seed_head + 1),
+        };
+        let start_at = seed_head + rng.below(150);
+        reader(
+            &app,
+            &viewer,
+            StreamCheck::new(format!("p1r{i}"), from),
+            None,
+            start_at,
+            rx.clone(),
+        )
+    }));
+    let (checks, written) = tokio::join!(readers1, writers(&app, "p1", tx));
+    let head1 = head(&app).await;
+    assert_eq!(head1, seed_head + (WRITERS * PER_WRITER) as u64);
+    let distinct: BTreeSet<u64> = written.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        written.len(),
+        "an offset was answered twice"
+    );
+    assert_eq!(
+        distinct,
+        (seed_head + 1..=head1).collect(),
+        "writers' offsets are gapless"
+    );
+    let hashes = all_hashes(&app).await;
+    for c in &checks {
+        c.assert_complete(head1, &hashes);
+    }
+
+    // Phase 2: every client dropped; each resumes from what it saw (half of them from an
+    // earlier point, as a client that persisted less would) while writes continue.
+    let (tx, rx) = watch::channel(None);
+    let readers2 = join_all(checks.iter().enumerate().map(|(i, c)| {
+        let (from, hash) = if i % 2 == 0 {
+            (c.last, c.last_hash.clone().unwrap())
+        } else {
+            let k = rng.below(c.seen.len() as u64) as usize;
+            c.seen[k].clone()
+        };
+        let start_at = head1 + rng.below(150);
+        reader(
+            &app,
+            &viewer,
+            StreamCheck::new(format!("p2r{i}"), from),
+            Some((ledger_id.clone(), hash)),
+            start_at,
+            rx.clone(),
+        )
+    }));
+    let (checks, _) = tokio::join!(readers2, writers(&app, "p2", tx));
+    let head2 = head(&app).await;
+    assert_eq!(head2, head1 + (WRITERS * PER_WRITER) as u64);
+    let hashes = all_hashes(&app).await;
+    for c in &checks {
+        c.assert_complete(head2, &hashes);
+    }
+    println!("concurrent subscribers: {:?}", started.elapsed());
+}
+
+/// Waits (bounded) until the `slow_consumer_closes` counter is at least 1; false on timeout.
+async fn stall_detected(app: &TestApp, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if metric(app, "alarm_ledger_slow_consumer_closes_total").await >= 1.0 {
+            return true;
+        }
+        sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_reader_does_not_stall_writers_or_others_and_resumes_after_4008() {
+    let started = std::time::Instant::now();
+    let app = spawn_app_with(&["--ws-stall-timeout", "1s", "--ws-command-rate", "100000"]).await;
+    let token = app.admin_token.clone();
+    let ledger_id = app.get(&token, "/api/v1/ledger").await.1["ledger_id"].clone();
+
+    // The slow client subscribes, sees `live`, then stops reading.
+    let (mut slow, _) = app.ws(&token).await;
+    send_json(&mut slow, json!({"type": "subscribe", "from": 0})).await;
+    let mut slow_check = StreamCheck::new("slow", 0);
+    assert!(slow_check.feed(&next_json(&mut slow, STEP).await));
+    assert_eq!(slow_check.lives, vec![0]);
+
+    let (mut fast, _) = app.ws(&token).await;
+    send_json(&mut fast, json!({"type": "subscribe", "from": 0})).await;
+    let mut fast_check = StreamCheck::new("fast", 0);
+
+    const N: usize = 3_000; // ~20 MB of events: more than the socket buffers hold
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let writes = async {
+        let t = Instant::now();
+        let parts = join_all((0..2).map(|w| {
+            let (app, token) = (&app, &token);
+            async move { blast(app, token, &format!("w{w}"), N / 2, 32).await }
+        }))
+        .await;
+        let h = head(&app).await;
+        assert_eq!(h, N as u64);
+        (parts, t.elapsed())
+    };
+    let fast_reader = async {
+        // The fast reader completes while the slow one reads nothing.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while fast_check.last < N as u64 || fast_check.lives.is_empty() {
+            match next_frame(
+                &mut fast,
+                deadline.saturating_duration_since(Instant::now()),
+            )
+            .await
+            {
+                Got::Json(v) => assert!(fast_check.feed(&v), "{v}"),
+                Got::Ping => {}
+                other => panic!("fast reader at {}: {other:?}", fast_check.last),
+            }
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    // Meanwhile: as soon as the server gives up on the slow client, it drains its socket (so
+    // the close frame can reach it).
+    let slow_watch = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let stalled = loop {
+            if stall_detected(&app, Duration::from_millis(200)).await {
+                break true;
+            }
+            if done.load(std::sync::atomic::Ordering::SeqCst) {
+                // Everything written; give a send that is blocked right now time to hit the limit.
+                break stall_detected(&app, Duration::from_secs(3)).await;
+            }
+            assert!(Instant::now() < deadline, "neither stall nor completion");
+        };
+        (stalled, head(&app).await)
+    };
+    let ((parts, write_time), (), (stalled, head_at_stall)) =
+        tokio::join!(writes, fast_reader, slow_watch);
+    println!(
+        "writes took {write_time:?}; slow consumer closed: {stalled} (head then {head_at_stall})"
+    );
+    let written: BTreeSet<u64> = parts.into_iter().flatten().collect();
+    assert_eq!(written, (1..=N as u64).collect());
+    let hashes = all_hashes(&app).await;
+    fast_check.assert_complete(N as u64, &hashes);
+    read_stream_to(&mut fast, &mut fast_check, N as u64, STEP).await;
+
+    if stalled {
+        // Everything before the close is contiguous; then 4008; then resume from the last offset.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let code = loop {
+            match next_frame(
+                &mut slow,
+                deadline.saturating_duration_since(Instant::now()),
+            )
+            .await
+            {
+                Got::Json(v) => assert!(slow_check.feed(&v), "{v}"),
+                Got::Ping => {}
+                Got::Close(code) => break code,
+                other => panic!(
+                    "slow reader at {}: expected a 4008 close, got {other:?}",
+                    slow_check.last
+                ),
+            }
+        };
+        assert_eq!(code, Some(4008));
+        println!("slow reader closed with 4008 at offset {}", slow_check.last);
+        // While it was stuck, the writers went on far beyond what it had received.
+        assert!(
+            slow_check.last < head_at_stall,
+            "{} vs {head_at_stall}",
+            slow_check.last
+        );
+        let (mut again, _) = app.ws(&token).await;
+        let mut sub = json!({"type": "subscribe", "from": slow_check.last, "ledger_id": ledger_id});
+        if let Some(h) = &slow_check.last_hash {
+            sub["from_hash"] = json!(h);
+        }
+        send_json(&mut again, sub).await;
+        let mut rest = StreamCheck::new("slow-resumed", slow_check.last);
+        read_stream_to(&mut again, &mut rest, N as u64, Duration::from_secs(60)).await;
+        rest.assert_complete(N as u64, &hashes);
+    } else {
+        // The buffers absorbed everything: the slow client is complete once it reads.
+        read_stream_to(
+            &mut slow,
+            &mut slow_check,
+            N as u64,
+            Duration::from_secs(60),
+        )
+        .await;
+        slow_check.assert_complete(N as u64, &hashes);
+    }
+    println!("stalled reader test: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_reader_falls_back_to_disk_and_gets_every_event_once() {
+    let started = std::time::Instant::now();
+    // One event per group commit, so the burst is far more batches than the hub's ring (1024).
+    let app = spawn_app_with(&["--max-batch", "1", "--ws-command-rate", "100000"]).await;
+    let token = app.admin_token.clone();
+    const N: usize = 3_500;
+    let (mut ws, _) = app.ws(&token).await;
+    send_json(&mut ws, json!({"type": "subscribe", "from": 0})).await;
+    let mut check = StreamCheck::new("lagging", 0);
+    assert!(check.feed(&next_json(&mut ws, STEP).await));
+    assert_eq!(check.lives, vec![0], "live at once on an empty ledger");
+
+    let burst_done = std::sync::atomic::AtomicBool::new(false);
+    let all_done = std::sync::atomic::AtomicBool::new(false);
+    let writes = async {
+        let o = blast(&app, &token, "burst", N, 64).await;
+        burst_done.store(true, std::sync::atomic::Ordering::SeqCst);
+        o
+    };
+    let read = async {
+        // Slowly (~120 events/s) but steadily while the burst runs, then at full speed.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut n = 0u64;
+        while check.last < N as u64 {
+            match next_frame(&mut ws, deadline.saturating_duration_since(Instant::now())).await {
+                Got::Json(v) => assert!(check.feed(&v), "{v}"),
+                Got::Ping => {}
+                other => panic!("lagging reader at {}: {other:?}", check.last),
+            }
+            n += 1;
+            if n % 5 == 0 && !burst_done.load(std::sync::atomic::Ordering::SeqCst) {
+                sleep(Duration::from_millis(40)).await;
+            }
+        }
+        all_done.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let sample = async {
+        // The subscription is live from the start; seeing it in replay mode later means it
+        // lagged behind the broadcast and went back to the log.
+        let mut max_replay = 0.0f64;
+        while !all_done.load(std::sync::atomic::Ordering::SeqCst) {
+            let r = metric(&app, "alarm_ledger_subscribers{mode=\"replay\"}").await;
+            max_replay = max_replay.max(r);
+            sleep(Duration::from_millis(20)).await;
+        }
+        max_replay
+    };
+    let (offsets, (), max_replay) = tokio::join!(writes, read, sample);
+    let offsets: BTreeSet<u64> = offsets.into_iter().collect();
+    assert_eq!(offsets, (1..=N as u64).collect());
+    let hashes = all_hashes(&app).await;
+    read_stream_to(&mut ws, &mut check, N as u64, STEP).await;
+    check.assert_complete(N as u64, &hashes);
+    assert!(
+        max_replay >= 1.0,
+        "the reader never fell back to the log: the test did not exercise the lag path"
+    );
+    assert_eq!(
+        metric(&app, "alarm_ledger_slow_consumer_closes_total").await,
+        0.0
+    );
+    println!("lagging reader test: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_then_events_and_subscribe_errors_keep_the_connection() {
+    let app = spawn_app().await;
+    let tok = app.admin_token.clone();
+    let a = app.create_alarm("a").await;
+    let b = app.create_alarm("b").await;
+    let gone = app.create_alarm("gone").await;
+    let (s, _) = app
+        .post(
+            &tok,
+            &format!("/api/v1/alarms/{a}/trigger"),
+            json!({"value": "1"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let r = app
+        .client
+        .delete(app.url(&format!("/api/v1/alarms/{gone}")))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (ledger_id, head5) = {
+        let (_, v) = app.get(&tok, "/api/v1/ledger").await;
+        (
+            v["ledger_id"].as_str().unwrap().to_string(),
+            v["head"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(head5, 5);
+    let hashes = all_hashes(&app).await;
+
+    // snapshot:true (with a `from` that it ignores): the state at the head, then live, then events.
+    let (mut ws, _) = app.ws(&tok).await;
+    send_json(
+        &mut ws,
+        json!({"type": "subscribe", "snapshot": true, "from": 2, "req": "s"}),
+    )
+    .await;
+    let snap = next_json(&mut ws, STEP).await;
+    assert_eq!(snap["type"], "snapshot", "{snap}");
+    assert_eq!(snap["offset"], 5);
+    let (_, current) = app.get(&tok, "/api/v1/alarms").await;
+    assert_eq!(
+        snap["alarms"], current["alarms"],
+        "the snapshot is the current state"
+    );
+    let ids: Vec<&str> = snap["alarms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![a.as_str(), b.as_str()],
+        "deleted alarms are left out"
+    );
+    let mut check = StreamCheck::new("snap", 5);
+    read_stream_to(&mut ws, &mut check, 5, STEP).await;
+    let (s, ok) = app
+        .post(&tok, &format!("/api/v1/alarms/{b}/trigger"), json!({}))
+        .await;
+    assert_eq!((s, ok["offset"].as_u64()), (200, Some(6)));
+    let e = next_json(&mut ws, STEP).await;
+    assert!(check.feed(&e));
+    assert_eq!(
+        (
+            e["offset"].as_u64(),
+            e["kind"].as_str(),
+            e["alarm_id"].as_str()
+        ),
+        (Some(6), Some("alarm_triggered"), Some(b.as_str()))
+    );
+    assert!(
+        e.get("ledger_id").is_none(),
+        "the event message may leave ledger_id out"
+    );
+
+    // Errors, each with its req, each leaving the connection usable.
+    let cases = [
+        (
+            json!({"type": "subscribe", "from": 1, "ledger_id": "00000000-0000-4000-8000-000000000000", "req": "l"}),
+            "ledger_mismatch",
+        ),
+        (
+            json!({"type": "subscribe", "from": 3, "ledger_id": ledger_id, "from_hash": "0".repeat(64), "req": 7}),
+            "ledger_mismatch",
+        ),
+        (
+            json!({"type": "subscribe", "from": 3, "from_hash": hashes[&4], "req": "h"}),
+            "ledger_mismatch",
+        ),
+        (
+            json!({"type": "subscribe", "from": 3, "from_hash": "not hex", "req": "x"}),
+            "ledger_mismatch",
+        ),
+        (
+            json!({"type": "subscribe", "from": 7, "req": "o"}),
+            "offset_out_of_range",
+        ),
+        (
+            json!({"type": "subscribe", "from": 1000, "ledger_id": ledger_id, "req": 9}),
+            "offset_out_of_range",
+        ),
+    ];
+    for (msg, code) in cases {
+        let req = msg["req"].clone();
+        let v = ask(&mut ws, msg).await;
+        assert_error(&v, code, &req);
+        let pong = ask(&mut ws, json!({"type": "ping", "req": "after"})).await;
+        assert_eq!(pong["type"], "pong");
+    }
+    // The same connection still subscribes: the right hash resumes exactly after `from`.
+    send_json(&mut ws, json!({"type": "subscribe", "from": 3, "ledger_id": ledger_id, "from_hash": hashes[&3], "req": "ok"})).await;
+    let mut check = StreamCheck::new("resumed", 3);
+    read_stream_to(&mut ws, &mut check, 6, STEP).await;
+    let hashes = all_hashes(&app).await;
+    check.assert_complete(6, &hashes);
+    // from = head is fine: nothing to replay, live at once.
+    send_json(
+        &mut ws,
+        json!({"type": "subscribe", "from": 6, "ledger_id": ledger_id, "from_hash": hashes[&6]}),
+    )
+    .await;
+    let mut check = StreamCheck::new("at-head", 6);
+    read_stream_to(&mut ws, &mut check, 6, STEP).await;
+    assert_eq!(check.lives, vec![6]);
+    // A second subscribe replaces the first: from 4 again replays 5 and 6, once.
+    send_json(&mut ws, json!({"type": "subscribe", "from": 4})).await;
+    let mut check = StreamCheck::new("replaced", 4);
+    read_stream_to(&mut ws, &mut check, 6, STEP).await;
+    check.assert_complete(6, &hashes);
+    // unsubscribe: ok with req, then no more events.
+    let v = ask(&mut ws, json!({"type": "unsubscribe", "req": "u"})).await;
+    assert_eq!(v, json!({"type": "ok", "req": "u"}));
+    let (s, _) = app
+        .post(&tok, &format!("/api/v1/alarms/{b}/ack"), json!({}))
+        .await;
+    assert_eq!(s, 200);
+    let v = ask(&mut ws, json!({"type": "ping", "req": "quiet"})).await;
+    assert_eq!(
+        v,
+        json!({"type": "pong", "req": "quiet"}),
+        "no event after unsubscribe"
+    );
+
+    // A snapshot taken while writes race with it: the state at its offset (as reconstructed by
+    // as_of), then every later event exactly once.
+    let (mut racer, _) = app.ws(&tok).await;
+    let writes = write_events(&app, &tok, true, "race", 60);
+    let snap_side = async {
+        sleep(Duration::from_millis(30)).await;
+        send_json(&mut racer, json!({"type": "subscribe", "snapshot": true})).await;
+        let snap = next_json(&mut racer, STEP).await;
+        assert_eq!(snap["type"], "snapshot", "{snap}");
+        snap
+    };
+    let (_, snap) = tokio::join!(writes, snap_side);
+    let at = snap["offset"].as_u64().unwrap();
+    let (_, past) = app.get(&tok, &format!("/api/v1/alarms?as_of={at}")).await;
+    assert_eq!(past["offset"].as_u64(), Some(at));
+    assert_eq!(
+        snap["alarms"], past["alarms"],
+        "snapshot at {at} = state as of {at}"
+    );
+    let end = head(&app).await;
+    let mut check = StreamCheck::new("racing-snapshot", at);
+    read_stream_to(&mut racer, &mut check, end, STEP).await;
+    check.assert_complete(end, &all_hashes(&app).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_pings_and_answers_ping_with_pong() {
+    let app = spawn_app_with(&["--ws-ping-interval", "1s"]).await;
+    let (mut ws, _) = app.ws(&app.admin_token).await;
+    let t = Instant::now();
+    match next_frame(&mut ws, Duration::from_secs(5)).await {
+        Got::Ping => {}
+        other => panic!("expected a server ping within 5 s, got {other:?}"),
+    }
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "first ping after ~1 s, not at once ({waited:?})"
+    );
+    for req in [json!(5), json!("five")] {
+        let v = ask(&mut ws, json!({"type": "ping", "req": req})).await;
+        assert_eq!(v, json!({"type": "pong", "req": req}));
+    }
+    let v = ask(
+        &mut ws,
+        json!({"type": "ping", "req": 6, "extra": "ignored"}),
+    )
+    .await;
+    assert_eq!(v, json!({"type": "pong", "req": 6}));
+    // Without req the pong has none.
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut ws, STEP).await, json!({"type": "pong"}));
+    // Pings keep coming on an idle connection (the client's automatic pongs keep it alive).
+    let mut pings = 0;
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while pings < 2 {
+        match next_frame(&mut ws, deadline.saturating_duration_since(Instant::now())).await {
+            Got::Ping => pings += 1,
+            other => panic!("expected pings, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peer_is_dropped_after_the_idle_timeout() {
+    let app = spawn_app_with(&["--ws-ping-interval", "1s", "--ws-idle-timeout", "2s"]).await;
+    let gauge = "alarm_ledger_websocket_connections ";
+    // A client that answers pings (it reads, so tungstenite replies) stays.
+    let (mut alive, _) = app.ws(&app.admin_token).await;
+    // A client that never reads never answers a ping: a dead peer.
+    let (_dead, _) = app.ws(&app.admin_token).await;
+    assert_eq!(metric(&app, gauge).await, 2.0);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut pings = 0;
+    while metric(&app, gauge).await > 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the silent peer was never dropped"
+        );
+        if let Got::Ping = next_frame(&mut alive, Duration::from_millis(200)).await {
+            pings += 1;
+        }
+    }
+    assert!(pings >= 1);
+    // The reading client is still served.
+    let v = ask(&mut alive, json!({"type": "ping", "req": "still"})).await;
+    assert_eq!(v, json!({"type": "pong", "req": "still"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_subscribers_with_1001() {
+    let mut app = spawn_app().await;
+    app.create_alarm("x").await;
+    let (mut ws, _) = app.ws(&app.admin_token).await;
+    send_json(&mut ws, json!({"type": "subscribe", "from": 0})).await;
+    let mut check = StreamCheck::new("shutdown", 0);
+    read_stream_to(&mut ws, &mut check, 1, STEP).await;
+    let stop = async {
+        timeout(Duration::from_secs(20), app.stop())
+            .await
+            .expect("server stops in time");
+    };
+    let ((), (code, texts)) = tokio::join!(stop, read_to_close(&mut ws, STEP));
+    assert_eq!(code, Some(1001), "{texts:?}");
+    assert!(texts.is_empty(), "{texts:?}");
+}
