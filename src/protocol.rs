@@ -54,7 +54,9 @@ pub struct Changes {
     pub tags: Option<Vec<String>>,
 }
 
-/// A trigger `value`: a string, or a number kept as its exact text (no floats in events).
+/// A trigger `value`: a string (the exact text, e.g. `"201.35"`), or an integer, stored as its
+/// decimal text. A non-integer JSON number is refused: parsing it would go through a float and
+/// could change its digits (`95.40` → `95.4`), and events hold no floats.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum ValueText {
@@ -63,10 +65,13 @@ pub enum ValueText {
 }
 
 impl ValueText {
-    fn into_string(self) -> String {
+    fn into_string(self) -> Result<String, BadRequest> {
         match self {
-            ValueText::Text(s) => s,
-            ValueText::Number(n) => n.to_string(),
+            ValueText::Text(s) => Ok(s),
+            ValueText::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+            ValueText::Number(_) => Err(BadRequest(
+                "`value` must be a string holding the exact text (e.g. \"201.35\"); non-integer numbers are not accepted".into(),
+            )),
         }
     }
 }
@@ -323,7 +328,11 @@ pub fn trigger_kind(
     message: Option<String>,
 ) -> Result<CommandKind, BadRequest> {
     Ok(CommandKind::Trigger {
-        value: text("value", value.map(ValueText::into_string), limits::NAME_MAX)?,
+        value: text(
+            "value",
+            value.map(ValueText::into_string).transpose()?,
+            limits::NAME_MAX,
+        )?,
         message: text("message", message, limits::TEXT_MAX)?,
     })
 }
@@ -442,7 +451,7 @@ mod tests {
     #[test]
     fn parses_commands_and_reports_bad_input() {
         let (req, m) = parse_client_message(
-            r#"{"type":"trigger","req":7,"alarm_id":"0196a0a0-0000-7000-8000-000000000001","value":201.5}"#,
+            r#"{"type":"trigger","req":7,"alarm_id":"0196a0a0-0000-7000-8000-000000000001","value":201}"#,
         )
         .unwrap();
         assert_eq!(req, Some(json!(7)));
@@ -450,10 +459,16 @@ mod tests {
         assert_eq!(
             cmd.kind,
             CommandKind::Trigger {
-                value: Some("201.5".into()),
+                value: Some("201".into()),
                 message: None
             }
         );
+        let (_, m) = parse_client_message(
+            r#"{"type":"trigger","alarm_id":"0196a0a0-0000-7000-8000-000000000001","value":95.40}"#,
+        )
+        .unwrap();
+        let err = command_of(m, "alice").unwrap().unwrap_err();
+        assert!(err.0.contains("exact text"), "{}", err.0);
         let (req, e) = parse_client_message(r#"{"type":"nope","req":"a"}"#).unwrap_err();
         assert_eq!(req, Some(json!("a")));
         assert!(e.0.contains("unknown variant"), "{}", e.0);

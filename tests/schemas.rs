@@ -578,7 +578,7 @@ fn valid_client_messages() -> Vec<Value> {
         json!({"type": "create", "alarm": {"name": "x".repeat(200), "tags": vec!["t"; 32]}}),
         json!({"type": "trigger", "alarm_id": id}),
         json!({"type": "trigger", "alarm_id": id, "value": "95.42", "message": "crossed", "command_id": cmd, "expected_version": 3, "req": "t"}),
-        json!({"type": "trigger", "alarm_id": id, "value": 95.42}),
+        json!({"type": "trigger", "alarm_id": id, "value": 9542}),
         json!({"type": "trigger", "alarm_id": id.to_uppercase(), "value": -3}),
         json!({"type": "ack", "alarm_id": id}),
         json!({"type": "ack", "alarm_id": id, "comment": "on it", "command_id": cmd, "expected_version": 4}),

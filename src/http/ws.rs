@@ -221,21 +221,21 @@ impl Connection {
                     }
                 }
                 Some(answer) = self.answers_rx.recv() => {
-                    if send(sink, vec![answer], stall).await.is_err() {
-                        return self.stalled();
+                    if let Err(fail) = send(sink, vec![answer], stall).await {
+                        return self.ended(fail);
                     }
                 }
                 item = next_item(&mut self.sub_rx) => {
                     match item {
                         Some(Ok(SubItem::Events(events))) => {
                             let texts = events.iter().map(|p| p.wire().to_string()).collect();
-                            if send(sink, texts, stall).await.is_err() {
-                                return self.stalled();
+                            if let Err(fail) = send(sink, texts, stall).await {
+                                return self.ended(fail);
                             }
                         }
                         Some(Ok(SubItem::Live { offset })) => {
-                            if send(sink, vec![protocol::live(offset)], stall).await.is_err() {
-                                return self.stalled();
+                            if let Err(fail) = send(sink, vec![protocol::live(offset)], stall).await {
+                                return self.ended(fail);
                             }
                         }
                         Some(Err(e)) => {
@@ -254,8 +254,8 @@ impl Connection {
                         tracing::info!("peer silent beyond the idle timeout; dropping");
                         return End::Gone;
                     }
-                    if send_msg(sink, Message::ping(Vec::new()), stall).await.is_err() {
-                        return self.stalled();
+                    if let Err(fail) = send_msg(sink, Message::ping(Vec::new()), stall).await {
+                        return self.ended(fail);
                     }
                 }
                 _ = recheck.tick() => {
@@ -266,14 +266,21 @@ impl Connection {
                 _ = sleep_until(warn_at), if !self.warned => {
                     self.warned = true;
                     let text = protocol::token_expiring(&self.expires_at_text);
-                    if send(sink, vec![text], stall).await.is_err() {
-                        return self.stalled();
+                    if let Err(fail) = send(sink, vec![text], stall).await {
+                        return self.ended(fail);
                     }
                 }
                 _ = sleep_until(self.expires_at) => {
                     return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
                 }
             }
+        }
+    }
+
+    fn ended(&self, fail: SendFail) -> End {
+        match fail {
+            SendFail::Gone => End::Gone,
+            SendFail::Stalled => self.stalled(),
         }
     }
 
@@ -331,8 +338,8 @@ impl Connection {
             command => self.command(req, command),
         };
         if let Some(text) = reply {
-            if send(sink, vec![text], stall).await.is_err() {
-                return Some(self.stalled());
+            if let Err(fail) = send(sink, vec![text], stall).await {
+                return Some(self.ended(fail));
             }
         }
         None
@@ -361,11 +368,8 @@ impl Connection {
             ));
         }
         let text = protocol::error(req, "bad_request", why);
-        if send(sink, vec![text], self.state.settings.ws_stall_timeout)
-            .await
-            .is_err()
-        {
-            return Some(self.stalled());
+        if let Err(fail) = send(sink, vec![text], self.state.settings.ws_stall_timeout).await {
+            return Some(self.ended(fail));
         }
         None
     }
@@ -381,7 +385,9 @@ impl Connection {
         self.stop_subscription();
         let ledger = self.state.ledger.clone();
         let ours = ledger.info().ledger_id;
-        if let Some(theirs) = ledger_id {
+        // A snapshot replaces whatever the client held, so its old ledger_id does not matter:
+        // that is exactly how a client recovers from `ledger_mismatch`.
+        if let Some(theirs) = ledger_id.filter(|_| !snapshot) {
             if theirs != ours {
                 return Some(protocol::error(
                     req,
@@ -578,33 +584,43 @@ async fn next_item(
     }
 }
 
+/// Why a write to the client failed.
+enum SendFail {
+    /// The connection broke.
+    Gone,
+    /// The client did not take the data within the stall limit.
+    Stalled,
+}
+
+fn timed(r: Result<Result<(), warp::Error>, tokio::time::error::Elapsed>) -> Result<(), SendFail> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(SendFail::Gone),
+        Err(_) => Err(SendFail::Stalled),
+    }
+}
+
 /// Feeds the texts and flushes once, all within the stall limit.
 async fn send(
     sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
     texts: Vec<String>,
     stall: Duration,
-) -> Result<(), ()> {
+) -> Result<(), SendFail> {
     let fut = async {
         for t in texts {
             sink.feed(Message::text(t)).await?;
         }
         sink.flush().await
     };
-    match tokio::time::timeout(stall, fut).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
-    }
+    timed(tokio::time::timeout(stall, fut).await)
 }
 
 async fn send_msg(
     sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
     msg: Message,
     stall: Duration,
-) -> Result<(), ()> {
-    match tokio::time::timeout(stall, sink.send(msg)).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
-    }
+) -> Result<(), SendFail> {
+    timed(tokio::time::timeout(stall, sink.send(msg)).await)
 }
 
 /// The token's expiry as a tokio instant and as RFC 3339 text.

@@ -353,7 +353,7 @@ async fn state_machine_roles_and_versions_over_ws_and_http() {
     // trigger; trigger again → already with the trigger's offset
     let t = ask(
         &mut ws,
-        json!({"type": "trigger", "req": 2, "alarm_id": id, "value": 201.5, "message": "crossed"}),
+        json!({"type": "trigger", "req": 2, "alarm_id": id, "value": "201.5", "message": "crossed"}),
     )
     .await;
     assert_eq!(t["type"], "ok", "{t}");

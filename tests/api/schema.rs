@@ -106,7 +106,7 @@ async fn real_output_matches_the_schemas() {
     }
     let (a, b, c) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
     for msg in [
-        json!({"type": "trigger", "req": "t1", "alarm_id": a, "value": 201.5, "message": "crossed"}),
+        json!({"type": "trigger", "req": "t1", "alarm_id": a, "value": "201.5", "message": "crossed"}),
         json!({"type": "trigger", "req": "t2", "alarm_id": b}),
         json!({"type": "trigger", "req": "t3", "alarm_id": b, "value": "again"}), // already
         json!({"type": "ack", "req": "a1", "alarm_id": a, "comment": "on it", "expected_version": 2}),
