@@ -14,7 +14,8 @@ use std::time::Instant;
 use warp::reply::Response;
 use warp::Reply;
 
-fn entry(state: &State, req: &Request, action: SecurityAction) -> NewSecurityEntry {
+/// A security-log entry with the request's client address and user agent.
+pub(super) fn entry(state: &State, req: &Request, action: SecurityAction) -> NewSecurityEntry {
     let mut e = NewSecurityEntry::new(action);
     if let Some(ip) = req.client_ip(state) {
         e = e.address(ip.to_string());
@@ -26,7 +27,7 @@ fn entry(state: &State, req: &Request, action: SecurityAction) -> NewSecurityEnt
 }
 
 /// Appends to the security log and makes it durable (same fdatasync as the event log).
-async fn record(state: &State, e: NewSecurityEntry) {
+pub(super) async fn record(state: &State, e: NewSecurityEntry) {
     let st = state.clone();
     let r = tokio::task::spawn_blocking(move || {
         st.auth.security.append(e).map_err(|e| e.to_string())?;

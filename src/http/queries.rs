@@ -3,7 +3,7 @@
 use super::errors::ApiError;
 use super::session::{authenticate, Principal};
 use super::{json_ok, Request, State};
-use crate::auth::{NewSecurityEntry, SecurityAction};
+use crate::auth::SecurityAction;
 use crate::domain::AlarmState;
 use crate::export::{self, EventFilter};
 use crate::projection::StateFilter;
@@ -95,28 +95,24 @@ pub async fn alarm(state: &State, req: &Request, id: &str) -> Result<Response, A
     }
 }
 
-fn audit(
+/// Records who read the audit trail, with which filters (security log, durable).
+async fn audit(
     state: &State,
     req: &Request,
     p: &Principal,
     action: SecurityAction,
+    target: &str,
     details: serde_json::Value,
 ) {
-    let mut entry = NewSecurityEntry::new(action).actor(p.name.clone());
-    if let Some(ip) = req.client_ip(state) {
-        entry = entry.address(ip.to_string());
-    }
-    if let Some(ua) = req.user_agent() {
-        entry = entry.user_agent(ua);
-    }
+    let mut e = super::admin::entry(state, req, action)
+        .actor(p.name.clone())
+        .target(target);
     if let serde_json::Value::Object(m) = details {
         for (k, v) in m {
-            entry = entry.detail(k, v);
+            e = e.detail(k, v);
         }
     }
-    if let Err(e) = state.auth.security.append(entry) {
-        tracing::error!(error = %e, "security log append failed");
-    }
+    super::admin::record(state, e).await;
 }
 
 pub async fn history(state: &State, req: &Request, id: &str) -> Result<Response, ApiError> {
@@ -134,8 +130,10 @@ pub async fn history(state: &State, req: &Request, id: &str) -> Result<Response,
         req,
         &p,
         SecurityAction::HistoryRead,
+        &format!("alarm:{id}"),
         json!({"alarm_id": id.to_string()}),
-    );
+    )
+    .await;
     let ledger_id = state.ledger.info().ledger_id;
     let events: Vec<_> = events
         .iter()
@@ -195,8 +193,10 @@ pub async fn events(state: &State, req: &Request) -> Result<Response, ApiError> 
         req,
         &p,
         SecurityAction::AuditExport,
+        "events",
         filter.to_json(),
-    );
+    )
+    .await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     let ledger = state.ledger.clone();
     tokio::task::spawn_blocking(move || {
