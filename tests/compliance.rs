@@ -1,0 +1,1344 @@
+//! Compliance and operations, through the real binary: the audit export (NDJSON, CSV, filters,
+//! state as of a point), `verify` and the independent `scripts/verify_chain.py`, online and
+//! offline backups, offline commands on a held directory, restores seen by clients, retention,
+//! and storage failures (disk full, read-only filesystem) while the server runs.
+//!
+//! Servers run as child processes (`alarm-ledger serve`), stopped with SIGTERM or SIGKILL, so the
+//! CLI sees exactly what an operator's copy of the data directory holds.
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_alarm-ledger");
+const ADMIN_PASSWORD: &str = "compliance-admin-password";
+const USER_PASSWORD: &str = "compliance-user-password";
+const SECRET: &str = "compliance-secret-compliance-secret-01234";
+const CSV_HEADER: &str = "offset,id,at,actor,kind,alarm_id,command_id,data,ledger_id,hash";
+
+// ------------------------------------------------------------------ a server child process
+
+struct Server {
+    child: Option<Child>,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    client: reqwest::Client,
+    token: String,
+}
+
+impl Server {
+    async fn start(data: &Path) -> Server {
+        Self::start_with(data, &[]).await
+    }
+
+    async fn start_with(data: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["--log-format", "json", "serve", "--data"])
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("ALARM_LEDGER_JWT_SECRET", SECRET)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the server binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["message"] == "alarm-ledger listening" {
+                        if let Some(a) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
+                            let _ = tx.send(a);
+                        }
+                    }
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr =
+            match tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+                .await
+                .unwrap()
+            {
+                Ok(a) => a,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("server did not start:\n{}", log.lock().unwrap().join("\n"));
+                }
+            };
+        let mut s = Server {
+            child: Some(child),
+            addr,
+            log,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+            token: String::new(),
+        };
+        s.token = s.login("admin", ADMIN_PASSWORD).await;
+        s
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    async fn login(&self, user: &str, password: &str) -> String {
+        let (s, v) = self
+            .req(
+                "POST",
+                "",
+                "/api/v1/login",
+                Some(json!({"username": user, "password": password})),
+            )
+            .await;
+        assert_eq!(s, 200, "login {user}: {v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    async fn req(
+        &self,
+        method: &str,
+        token: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut r = self.client.request(m, self.url(path));
+        if !token.is_empty() {
+            r = r.bearer_auth(token);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.req("POST", &self.token, path, Some(body)).await
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.req("GET", &self.token, path, None).await
+    }
+
+    async fn ok(&self, token: &str, method: &str, path: &str, body: Value) -> Value {
+        let (s, v) = self.req(method, token, path, Some(body)).await;
+        assert_eq!(s, 200, "{method} {path}: {v}");
+        v
+    }
+
+    async fn ledger(&self) -> Value {
+        let (s, v) = self.get("/api/v1/ledger").await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    async fn events_text(&self, query: &str) -> String {
+        let r = self
+            .client
+            .get(self.url(&format!("/api/v1/events{query}")))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    }
+
+    async fn ws(&self) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{}/api/v1/ws", self.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.token).parse().unwrap(),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws");
+        let hello = recv(&mut ws).await.expect("hello");
+        assert_eq!(hello["type"], "hello");
+        ws
+    }
+
+    /// SIGTERM and wait: a graceful stop (final snapshot, flush, lock released).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let st = c.wait().unwrap();
+            assert!(st.success(), "graceful stop: {st}\n{}", self.log_text());
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn recv(ws: &mut Ws) -> Option<Value> {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .ok()??
+            .ok()?;
+        if let Message::Text(t) = m {
+            return serde_json::from_str(t.as_str()).ok();
+        }
+    }
+}
+
+async fn ws_subscribe(ws: &mut Ws, msg: Value) -> Value {
+    ws.send(Message::text(msg.to_string())).await.unwrap();
+    recv(ws).await.expect("an answer")
+}
+
+// ------------------------------------------------------------------ the CLI
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("the CLI runs")
+}
+
+fn cli_ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn d(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn offsets(text: &str) -> Vec<u64> {
+    lines(text)
+        .iter()
+        .map(|v| v["offset"].as_u64().unwrap())
+        .collect()
+}
+
+/// `ok <n> events, head <offset> <hash>` → (n, offset, hash).
+fn parse_ok(s: &str) -> (u64, u64, String) {
+    let w: Vec<&str> = s.split_whitespace().collect();
+    assert_eq!(w.len(), 6, "{s}");
+    assert_eq!((w[0], w[2], w[3]), ("ok", "events,", "head"), "{s}");
+    (
+        w[1].parse().unwrap(),
+        w[4].parse().unwrap(),
+        w[5].to_string(),
+    )
+}
+
+/// RFC 4180: fields separated by commas, quoted fields may hold commas, quotes (doubled) and
+/// newlines.
+fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let mut row = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            (true, '"') => quoted = false,
+            (true, c) => field.push(c),
+            (false, '"') if field.is_empty() => quoted = true,
+            (false, ',') => row.push(std::mem::take(&mut field)),
+            (false, '\n') => {
+                row.push(std::mem::take(&mut field));
+                rows.push(std::mem::take(&mut row));
+            }
+            (false, '\r') => {}
+            (false, c) => field.push(c),
+        }
+    }
+    assert!(
+        field.is_empty() && row.is_empty(),
+        "CSV ends with a newline"
+    );
+    rows
+}
+
+fn event_key(offset: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'e';
+    k[1..].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+/// Flips one bit of the first occurrence of `needle` inside the record at `offset`, through
+/// sled directly (the server must be stopped).
+fn tamper(data: &Path, offset: u64, needle: &[u8]) {
+    let db = sled::Config::new()
+        .path(data.join("ledger"))
+        .open()
+        .expect("sled opens");
+    let tree = db.open_tree("ledger").unwrap();
+    let mut v = tree
+        .get(event_key(offset))
+        .unwrap()
+        .expect("record")
+        .to_vec();
+    let at = v
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("string in record");
+    v[at] ^= 0x01;
+    tree.insert(event_key(offset), v).unwrap();
+    db.flush().unwrap();
+}
+
+fn python_verify(export: &Path) -> Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/verify_chain.py");
+    assert!(script.exists(), "scripts/verify_chain.py is missing");
+    Command::new("python3")
+        .arg(script)
+        .arg(export)
+        .output()
+        .expect("python3 runs")
+}
+
+// ------------------------------------------------------------------ a known ledger
+
+/// What `known_ledger` wrote.
+struct Known {
+    ledger_id: String,
+    head_hash: String,
+    alarm_a: String,
+    alarm_b: String,
+    cid_a: Uuid,
+    /// `GET /api/v1/events` of the running server.
+    api_export: String,
+}
+
+/// Eight events by two users over two alarms, 20 ms apart (distinct `at`), then a graceful stop.
+///
+/// | offset | actor | alarm | kind |
+/// |---|---|---|---|
+/// | 1 | admin | A | created (command_id) |
+/// | 2 | alice | B | created (name with a comma and quotes) |
+/// | 3 | alice | A | triggered value 201 |
+/// | 4 | admin | A | acknowledged "seen, ok" |
+/// | 5 | alice | B | triggered |
+/// | 6 | admin | A | rearmed |
+/// | 7 | alice | B | updated (severity) |
+/// | 8 | admin | B | deleted |
+async fn known_ledger(data: &Path) -> Known {
+    let mut s = Server::start(data).await;
+    s.ok(
+        &s.token,
+        "POST",
+        "/api/v1/users",
+        json!({"username": "alice", "password": USER_PASSWORD, "role": "operator"}),
+    )
+    .await;
+    let alice = s.login("alice", USER_PASSWORD).await;
+    let admin = s.token.clone();
+    let cid_a = Uuid::new_v4();
+    let pause = || tokio::time::sleep(Duration::from_millis(20));
+    let a = s
+        .ok(
+            &admin,
+            "POST",
+            "/api/v1/alarms",
+            json!({"name": "A > 1", "instrument": "AAPL", "condition": "PX_LAST > 1",
+                   "severity": "high", "tags": ["eq"], "command_id": cid_a}),
+        )
+        .await["alarm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    pause().await;
+    let b = s
+        .ok(
+            &alice,
+            "POST",
+            "/api/v1/alarms",
+            json!({"name": "B, \"quoted\"", "instrument": "MSFT"}),
+        )
+        .await["alarm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    pause().await;
+    let steps: Vec<(&str, &str, String, Value)> = vec![
+        (
+            alice.as_str(),
+            "POST",
+            format!("/api/v1/alarms/{a}/trigger"),
+            json!({"value": "201"}),
+        ),
+        (
+            &admin,
+            "POST",
+            format!("/api/v1/alarms/{a}/ack"),
+            json!({"comment": "seen, ok"}),
+        ),
+        (
+            &alice,
+            "POST",
+            format!("/api/v1/alarms/{b}/trigger"),
+            json!({}),
+        ),
+        (
+            &admin,
+            "POST",
+            format!("/api/v1/alarms/{a}/rearm"),
+            json!({}),
+        ),
+        (
+            &alice,
+            "PATCH",
+            format!("/api/v1/alarms/{b}"),
+            json!({"severity": "critical"}),
+        ),
+        (&admin, "DELETE", format!("/api/v1/alarms/{b}"), json!({})),
+    ];
+    for (i, (token, method, path, body)) in steps.into_iter().enumerate() {
+        let v = s.ok(token, method, &path, body).await;
+        assert_eq!(v["offset"], i as u64 + 3, "{v}");
+        pause().await;
+    }
+    let l = s.ledger().await;
+    assert_eq!(l["head"], 8);
+    let api_export = s.events_text("").await;
+    s.stop();
+    Known {
+        ledger_id: l["ledger_id"].as_str().unwrap().to_string(),
+        head_hash: l["head_hash"].as_str().unwrap().to_string(),
+        alarm_a: a,
+        alarm_b: b,
+        cid_a,
+        api_export,
+    }
+}
+
+// ------------------------------------------------------------------ export
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_export_has_exact_contents_in_every_form() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let k = known_ledger(&data).await;
+    let dir = d(&data);
+
+    // NDJSON: every event, in order, each line self-describing, identical to the API's export.
+    let all = cli_ok(&["export", "--data", dir]);
+    assert_eq!(all, k.api_export, "CLI export = GET /api/v1/events");
+    let ev = lines(&all);
+    assert_eq!(ev.len(), 8);
+    let (ka, kb) = (k.alarm_a.as_str(), k.alarm_b.as_str());
+    let expect: [(&str, &str, &str, Value); 8] = [
+        (
+            "admin",
+            ka,
+            "alarm_created",
+            json!({"name": "A > 1", "instrument": "AAPL", "condition": "PX_LAST > 1",
+                   "severity": "high", "tags": ["eq"], "owner": "admin"}),
+        ),
+        (
+            "alice",
+            kb,
+            "alarm_created",
+            json!({"name": "B, \"quoted\"", "instrument": "MSFT", "condition": "",
+                   "severity": "medium", "tags": [], "owner": "alice"}),
+        ),
+        ("alice", ka, "alarm_triggered", json!({"value": "201"})),
+        (
+            "admin",
+            ka,
+            "alarm_acknowledged",
+            json!({"comment": "seen, ok"}),
+        ),
+        ("alice", kb, "alarm_triggered", json!({})),
+        ("admin", ka, "alarm_rearmed", json!({})),
+        (
+            "alice",
+            kb,
+            "alarm_updated",
+            json!({"severity": "critical"}),
+        ),
+        ("admin", kb, "alarm_deleted", json!({})),
+    ];
+    for (i, (e, (actor, alarm, kind, data))) in ev.iter().zip(expect.iter()).enumerate() {
+        assert_eq!(e["offset"], i as u64 + 1);
+        assert_eq!(e["actor"], *actor, "{e}");
+        assert_eq!(e["alarm_id"], *alarm, "{e}");
+        assert_eq!(e["kind"], *kind, "{e}");
+        assert_eq!(e["data"], *data, "{e}");
+        assert_eq!(e["ledger_id"], k.ledger_id, "ledger_id on every line");
+        assert_eq!(e["hash"].as_str().unwrap().len(), 64);
+        let mut keys: Vec<&str> = e.as_object().unwrap().keys().map(|s| s.as_str()).collect();
+        keys.sort_unstable();
+        let mut want = vec![
+            "actor",
+            "alarm_id",
+            "at",
+            "data",
+            "hash",
+            "id",
+            "kind",
+            "ledger_id",
+            "offset",
+        ];
+        if i == 0 {
+            want.push("command_id");
+            want.sort_unstable();
+        }
+        assert_eq!(keys, want, "{e}");
+    }
+    assert_eq!(ev[0]["command_id"], k.cid_a.to_string());
+    assert_eq!(ev[7]["hash"], k.head_hash);
+    let at: Vec<&str> = ev.iter().map(|e| e["at"].as_str().unwrap()).collect();
+    assert!(
+        at.windows(2).all(|w| w[0] < w[1]),
+        "distinct, increasing: {at:?}"
+    );
+
+    // CSV: the exact header, one row per event with the same fields (RFC 4180 quoting).
+    let csv = cli_ok(&["export", "--data", dir, "--format", "csv"]);
+    assert!(csv.starts_with(&format!("{CSV_HEADER}\n")), "{csv}");
+    let rows = parse_csv(&csv);
+    assert_eq!(rows.len(), 9);
+    for (row, e) in rows[1..].iter().zip(&ev) {
+        assert_eq!(row.len(), 10, "{row:?}");
+        assert_eq!(row[0], e["offset"].to_string());
+        assert_eq!(row[1], e["id"].as_str().unwrap());
+        assert_eq!(row[2], e["at"].as_str().unwrap());
+        assert_eq!(row[3], e["actor"].as_str().unwrap());
+        assert_eq!(row[4], e["kind"].as_str().unwrap());
+        assert_eq!(row[5], e["alarm_id"].as_str().unwrap());
+        assert_eq!(row[6], e["command_id"].as_str().unwrap_or(""));
+        assert_eq!(serde_json::from_str::<Value>(&row[7]).unwrap(), e["data"]);
+        assert_eq!(row[8], k.ledger_id);
+        assert_eq!(row[9], e["hash"].as_str().unwrap());
+    }
+    assert!(
+        csv.contains(r#""{""comment"":""seen, ok""}""#),
+        "quoted: {csv}"
+    );
+
+    // Filters (offsets inclusive on both ends; times inclusive).
+    let f = |args: &[&str]| {
+        let mut a = vec!["export", "--data", dir];
+        a.extend_from_slice(args);
+        offsets(&cli_ok(&a))
+    };
+    assert_eq!(f(&["--from", "3", "--to", "5"]), [3, 4, 5]);
+    assert_eq!(f(&["--from", "7"]), [7, 8]);
+    assert_eq!(f(&["--to", "2"]), [1, 2]);
+    assert_eq!(f(&["--from", "9"]), Vec::<u64>::new());
+    assert_eq!(f(&["--since", at[2], "--until", at[4]]), [3, 4, 5]);
+    assert_eq!(f(&["--since", at[6]]), [7, 8]);
+    assert_eq!(f(&["--until", at[0]]), [1]);
+    assert_eq!(f(&["--alarm", &k.alarm_a]), [1, 3, 4, 6]);
+    assert_eq!(f(&["--alarm", &k.alarm_b, "--from", "5"]), [5, 7, 8]);
+    assert_eq!(f(&["--actor", "alice"]), [2, 3, 5, 7]);
+    assert_eq!(f(&["--alarm", &k.alarm_a, "--actor", "admin"]), [1, 4, 6]);
+    assert_eq!(f(&["--actor", "nobody"]), Vec::<u64>::new());
+    let filtered = cli_ok(&[
+        "export", "--data", dir, "--alarm", &k.alarm_b, "--format", "csv",
+    ]);
+    assert_eq!(
+        parse_csv(&filtered)[1..]
+            .iter()
+            .map(|r| r[0].as_str())
+            .collect::<Vec<_>>(),
+        ["2", "5", "7", "8"]
+    );
+
+    // --out: the same bytes in a file, nothing on stdout.
+    let out_file = tmp.path().join("audit.ndjson");
+    let stdout = cli_ok(&["export", "--data", dir, "--out", d(&out_file)]);
+    assert_eq!(stdout, "");
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), all);
+
+    // --state: every alarm (deleted included) as of the head, an offset, or a time.
+    let state = |as_of: Option<&str>| -> Value {
+        let mut a = vec!["export", "--data", dir, "--state"];
+        if let Some(v) = as_of {
+            a.extend_from_slice(&["--as-of", v]);
+        }
+        let text = cli_ok(&a);
+        assert_eq!(text.lines().count(), 1, "one JSON document");
+        serde_json::from_str(&text).unwrap()
+    };
+    let summary = |v: &Value| -> Vec<(String, String, u64)> {
+        let mut s: Vec<_> = v["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["id"].as_str().unwrap().to_string(),
+                    a["state"].as_str().unwrap().to_string(),
+                    a["version"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        s.sort();
+        s
+    };
+    let sorted = |mut v: Vec<(String, String, u64)>| {
+        v.sort();
+        v
+    };
+    let (a, b) = (k.alarm_a.clone(), k.alarm_b.clone());
+    let head = state(None);
+    assert_eq!(head["ledger_id"], k.ledger_id);
+    assert_eq!(head["offset"], 8);
+    assert_eq!(
+        summary(&head),
+        sorted(vec![
+            (a.clone(), "armed".into(), 4),
+            (b.clone(), "deleted".into(), 4)
+        ])
+    );
+    let a_now = head["alarms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == a)
+        .unwrap();
+    assert_eq!(a_now["last_trigger_value"], "201");
+    assert_eq!(a_now["last_acked_by"], "admin");
+    assert_eq!(a_now["last_ack_comment"], "seen, ok");
+    let s3 = state(Some("3"));
+    assert_eq!(s3["offset"], 3);
+    assert_eq!(
+        summary(&s3),
+        sorted(vec![
+            (a.clone(), "triggered".into(), 2),
+            (b.clone(), "armed".into(), 1)
+        ])
+    );
+    let s4 = state(Some(at[3]));
+    assert_eq!(
+        s4["offset"], 4,
+        "as of a time: the last event at or before it"
+    );
+    assert_eq!(
+        summary(&s4),
+        sorted(vec![
+            (a.clone(), "acknowledged".into(), 3),
+            (b.clone(), "armed".into(), 1)
+        ])
+    );
+    let s0 = state(Some("2000-01-01T00:00:00Z"));
+    assert_eq!(
+        (s0["offset"].as_u64(), s0["alarms"].clone()),
+        (Some(0), json!([]))
+    );
+    assert_eq!(state(Some("99"))["offset"], 8, "beyond the head: the head");
+
+    // A bad --as-of is a usage error (exit 2) that says what is expected.
+    let bad = cli(&["export", "--data", dir, "--state", "--as-of", "yesterday"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(msg.contains("--as-of") && msg.contains("RFC 3339"), "{msg}");
+}
+
+// ------------------------------------------------------------------ verify and the chain
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_and_the_python_script_agree_and_name_a_tampered_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let k = known_ledger(&data).await;
+    let dir = d(&data);
+
+    let out = cli(&["verify", "--data", dir]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout, format!("ok 8 events, head 8 {}\n", k.head_hash));
+
+    let export = tmp.path().join("export.ndjson");
+    cli_ok(&["export", "--data", dir, "--out", d(&export)]);
+    let py = python_verify(&export);
+    let py_out = String::from_utf8_lossy(&py.stdout).to_string();
+    assert!(
+        py.status.success(),
+        "{py_out}{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    assert_eq!(
+        parse_ok(&py_out),
+        parse_ok(&stdout),
+        "python and verify agree"
+    );
+
+    // One byte of one record flipped (inside the ack comment): verify fails naming offset 4.
+    tamper(&data, 4, b"seen, ok");
+    let out = cli(&["verify", "--data", dir]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "verify must fail: {err}");
+    assert!(err.contains("corrupt at offset 4"), "{err}");
+    assert!(out.stdout.is_empty());
+
+    // The export of the tampered directory still carries the stored hash: the independent
+    // script finds the same offset.
+    let tampered = tmp.path().join("tampered.ndjson");
+    cli_ok(&["export", "--data", dir, "--out", d(&tampered)]);
+    let text = std::fs::read_to_string(&tampered).unwrap();
+    assert!(
+        text.contains("reen, ok"),
+        "the flipped byte is visible in the export"
+    );
+    let py = python_verify(&tampered);
+    let py_out = String::from_utf8_lossy(&py.stdout);
+    assert_eq!(py.status.code(), Some(1));
+    assert!(py_out.starts_with("FAIL offset 4"), "{py_out}");
+}
+
+// ------------------------------------------------------------------ backups
+
+fn backup_json(v: &Value) -> (PathBuf, u64, String) {
+    (
+        PathBuf::from(v["path"].as_str().unwrap()),
+        v["head"].as_u64().unwrap(),
+        v["head_hash"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn online_backup_while_appends_continue_is_a_complete_ledger() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = Arc::new(Server::start(&data).await);
+    let info = s.ledger().await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (s, stop) = (s.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (st, v) = s
+                    .post("/api/v1/alarms", json!({"name": format!("w{n}")}))
+                    .await;
+                assert_eq!(st, 200, "{v}");
+                n += 1;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (st, v) = s.post("/api/v1/admin/backup", json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    let (path, head, hash) = backup_json(&v);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    let now = s.ledger().await["head"].as_u64().unwrap();
+    eprintln!("backup at head {head} while appending; {written} appended, head now {now}");
+    assert!(
+        head > 0 && now > head,
+        "appends went on during and after the backup"
+    );
+    assert!(path.starts_with(data.join("backups")));
+
+    // The copy verifies on its own (the source server is still running).
+    let out = cli_ok(&["verify", "--data", d(&path)]);
+    assert_eq!(out, format!("ok {head} events, head {head} {hash}\n"));
+
+    // Its events are exactly the source's first `head` events.
+    let source = s.events_text(&format!("?to={head}")).await;
+    let copy = cli_ok(&["export", "--data", d(&path)]);
+    assert_eq!(copy, source);
+
+    // A server started on the copy is the same ledger at the backup's head.
+    let b = Server::start(&path).await;
+    let bl = b.ledger().await;
+    assert_eq!(bl["ledger_id"], info["ledger_id"]);
+    assert_eq!(bl["created_at"], info["created_at"]);
+    assert_eq!(bl["head"], head);
+    assert_eq!(bl["head_hash"], hash);
+    // The security log recorded the backup, with who did it.
+    let (st, sec) = s.req("GET", &s.token, "/api/v1/security-log", None).await;
+    assert_eq!(st, 200);
+    let sec = sec
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| sec.to_string());
+    assert!(sec.contains("backup"), "{sec}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_backup_of_a_stopped_server_is_a_complete_ledger() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let k = known_ledger(&data).await;
+    let dest = tmp.path().join("copy");
+    let out = cli_ok(&["backup", "--data", d(&data), "--to", d(&dest)]);
+    assert_eq!(
+        out,
+        format!(
+            "backup of 8 events written to {}, head 8 {}\n",
+            dest.display(),
+            k.head_hash
+        )
+    );
+    assert_eq!(
+        cli_ok(&["verify", "--data", d(&dest)]),
+        format!("ok 8 events, head 8 {}\n", k.head_hash)
+    );
+    assert_eq!(
+        cli_ok(&["export", "--data", d(&dest)]),
+        cli_ok(&["export", "--data", d(&data)])
+    );
+    let b = Server::start(&dest).await;
+    let l = b.ledger().await;
+    assert_eq!(l["ledger_id"], k.ledger_id);
+    assert_eq!(l["head"], 8);
+    assert_eq!(l["head_hash"], k.head_hash);
+    // Users came along: alice can log in to the copy.
+    b.login("alice", USER_PASSWORD).await;
+
+    // A destination that is not empty is refused, and left alone.
+    let again = cli(&["backup", "--data", d(&data), "--to", d(&dest)]);
+    assert!(!again.status.success());
+    let msg = String::from_utf8_lossy(&again.stderr);
+    assert!(msg.contains("not empty"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_commands_on_a_held_directory_fail_fast_and_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = Server::start(&data).await;
+    s.post("/api/v1/alarms", json!({"name": "x"})).await;
+    let dest = tmp.path().join("copy");
+    let dir = d(&data);
+    for args in [
+        vec!["verify", "--data", dir],
+        vec!["export", "--data", dir],
+        vec!["export", "--data", dir, "--state"],
+        vec!["backup", "--data", dir, "--to", d(&dest)],
+        vec!["user", "--data", dir, "list"],
+        vec!["serve", "--data", dir, "--listen", "127.0.0.1:0"],
+    ] {
+        let t = Instant::now();
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("ALARM_LEDGER_JWT_SECRET", SECRET)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("is in use by another process"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{args:?} took {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(!dest.exists(), "a refused backup leaves nothing behind");
+    // The server was not disturbed.
+    assert_eq!(s.ledger().await["head"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_older_backup_tells_clients_to_resync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut s = Server::start(&data).await;
+    for i in 0..5 {
+        s.post("/api/v1/alarms", json!({"name": format!("a{i}")}))
+            .await;
+    }
+    let (_, v) = s.post("/api/v1/admin/backup", json!({})).await;
+    let (backup, h1, _) = backup_json(&v);
+    assert_eq!(h1, 5);
+    for i in 0..4 {
+        s.post("/api/v1/alarms", json!({"name": format!("b{i}")}))
+            .await;
+    }
+    let seen = lines(&s.events_text("").await);
+    let h2 = seen.len() as u64;
+    assert_eq!(h2, 9);
+    let ledger_id = seen[0]["ledger_id"].as_str().unwrap().to_string();
+    s.stop();
+
+    // The operator restores the older copy; the server appends one new event there.
+    let restored_dir = tmp.path().join("restored");
+    std::fs::rename(&backup, &restored_dir).unwrap();
+    let r = Server::start(&restored_dir).await;
+    assert_eq!(r.ledger().await["head"], 5);
+    r.post("/api/v1/alarms", json!({"name": "after restore"}))
+        .await;
+
+    let mut ws = r.ws().await;
+    // A client that saw offset 9 of this ledger: its offset does not exist here.
+    let e = ws_subscribe(
+        &mut ws,
+        json!({"type": "subscribe", "from": h2, "ledger_id": ledger_id, "req": 1}),
+    )
+    .await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("offset_out_of_range")),
+        "{e}"
+    );
+    // A client that saw offset 6 (hash from the old history): same offset, another event.
+    let e = ws_subscribe(
+        &mut ws,
+        json!({"type": "subscribe", "from": 6, "ledger_id": ledger_id,
+               "from_hash": seen[5]["hash"], "req": 2}),
+    )
+    .await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("ledger_mismatch")),
+        "{e}"
+    );
+    // A client of another ledger.
+    let e = ws_subscribe(
+        &mut ws,
+        json!({"type": "subscribe", "from": 1, "ledger_id": Uuid::new_v4(), "req": 3}),
+    )
+    .await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("ledger_mismatch")),
+        "{e}"
+    );
+    // A client that saw offset 5 (common history): resumes normally.
+    let e = ws_subscribe(
+        &mut ws,
+        json!({"type": "subscribe", "from": 5, "ledger_id": ledger_id,
+               "from_hash": seen[4]["hash"], "req": 4}),
+    )
+    .await;
+    assert_eq!(e["type"], "event", "{e}");
+    assert_eq!(e["offset"], 6);
+    assert_eq!(
+        recv(&mut ws).await.unwrap(),
+        json!({"type": "live", "offset": 6})
+    );
+
+    // HTTP readers get the same answer for an offset beyond the head.
+    let (st, v) = r.get("/api/v1/events?from=9").await;
+    assert_eq!(st, 416, "{v}");
+    assert_eq!(v["error"]["code"], "offset_out_of_range");
+}
+
+// ------------------------------------------------------------------ retention
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_removes_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let s = Server::start(&data).await;
+    let id = s.post("/api/v1/alarms", json!({"name": "gone"})).await.1["alarm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.post(&format!("/api/v1/alarms/{id}/trigger"), json!({}))
+        .await;
+    let (st, v) = s
+        .req("DELETE", &s.token, &format!("/api/v1/alarms/{id}"), None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["offset"], 3, "a delete appends a tombstone");
+    let (_, h) = s.get(&format!("/api/v1/alarms/{id}/history")).await;
+    let kinds: Vec<&str> = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["alarm_created", "alarm_triggered", "alarm_deleted"]);
+    let (_, cur) = s.get("/api/v1/alarms").await;
+    assert_eq!(cur["alarms"], json!([]), "left out of current state");
+    let (_, del) = s.get("/api/v1/alarms?state=deleted").await;
+    assert_eq!(del["alarms"][0]["id"], id);
+    // A second delete is refused and appends nothing.
+    let (st, v) = s
+        .req("DELETE", &s.token, &format!("/api/v1/alarms/{id}"), None)
+        .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (409, Some("alarm_deleted"))
+    );
+    // No route removes events.
+    for (m, p) in [
+        ("DELETE", "/api/v1/events"),
+        ("DELETE", "/api/v1/events/1"),
+        ("POST", "/api/v1/events/delete"),
+        ("DELETE", &format!("/api/v1/alarms/{id}/history")),
+        ("POST", "/api/v1/admin/compact"),
+        ("POST", "/api/v1/admin/truncate"),
+        ("DELETE", "/api/v1/ledger"),
+    ] {
+        let (st, _) = s.req(m, &s.token, p, None).await;
+        assert_eq!(st, 404, "{m} {p}");
+    }
+    assert_eq!(lines(&s.events_text("").await).len(), 3);
+    assert_eq!(s.ledger().await["head"], 3);
+    // And no subcommand does.
+    let help = cli_ok(&["--help"]);
+    let cmds: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        cmds,
+        ["serve", "user", "export", "verify", "backup", "help"]
+    );
+}
+
+// ------------------------------------------------------------------ storage failures
+
+/// A small tmpfs mounted for one test (needs root and CAP_SYS_ADMIN); unmounted on drop.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, size: &str) -> Result<Mount, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(Mount(at.to_path_buf()))
+    }
+
+    /// A fresh ext4 filesystem in an image file, on a loop device, mounted with
+    /// `errors=remount-ro` (as many servers mount their data disks).
+    fn ext4_loop(img: &Path, at: &Path, size: u64) -> Result<Mount, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        std::fs::File::create(img)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| e.to_string())?;
+        let run = |cmd: &mut Command| -> Result<(), String> {
+            let out = cmd.output().map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+        };
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(img))?;
+        Self::mount_image(img, at)?;
+        Ok(Mount(at.to_path_buf()))
+    }
+
+    fn mount_image(img: &Path, at: &Path) -> Result<(), String> {
+        let out = Command::new("mount")
+            .args(["-o", "loop,errors=remount-ro"])
+            .arg(img)
+            .arg(at)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Makes ext4 report an error, which with `errors=remount-ro` turns the filesystem
+    /// read-only at once, open files and all — what the kernel does on a failing disk.
+    fn force_read_only(&self) {
+        let out = Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let name = Path::new(&dev)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        std::fs::write(
+            format!("/sys/fs/ext4/{name}/trigger_fs_error"),
+            "alarm-ledger test: simulated disk error",
+        )
+        .unwrap();
+        let out = Command::new("findmnt")
+            .args(["-n", "-o", "OPTIONS"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        let opts = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            opts.trim()
+                .split(',')
+                .any(|o| o == "ro" || o == "emergency_ro"),
+            "read-only now: {opts}"
+        );
+    }
+
+    fn unmount(&self) {
+        let st = Command::new("umount").arg(&self.0).status().unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the filesystem of `dir` to the last byte.
+fn fill_up(dir: &Path) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("filler")).unwrap();
+    let chunk = vec![0xa5u8; 64 * 1024];
+    let mut n = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k as u64,
+        }
+    }
+    // Small writes pick up the last partial pages.
+    while let Ok(k) = f.write(&chunk[..512]) {
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+    }
+    let _ = f.sync_all();
+    n
+}
+
+/// Appends until one fails; returns (acknowledged command ids and offsets, the failure).
+async fn append_until_failure(s: &Server, tag: &str, max: usize) -> (Vec<(Uuid, u64)>, Value) {
+    let mut acked = Vec::new();
+    for i in 0..max {
+        let cid = Uuid::new_v4();
+        let (st, v) = s
+            .post(
+                "/api/v1/alarms",
+                json!({"name": format!("{tag}{i}"), "command_id": cid, "condition": "x".repeat(2000)}),
+            )
+            .await;
+        if st != 200 {
+            return (acked, json!({"status": st, "body": v}));
+        }
+        acked.push((cid, v["offset"].as_u64().unwrap()));
+    }
+    (acked, Value::Null)
+}
+
+/// What a running server that cannot write still does: answers reads, says it is not ready.
+async fn still_serves_reads(s: &Server, head: u64) {
+    let (st, v) = s.get("/api/v1/alarms").await;
+    assert_eq!(st, 200, "reads keep working: {v}");
+    assert_eq!(v["offset"], head);
+    let (st, _) = s.req("GET", "", "/healthz", None).await;
+    assert_eq!(st, 200);
+    let (st, r) = s.req("GET", "", "/readyz", None).await;
+    assert_eq!(st, 503, "not ready while storage fails: {r}");
+    let ev = lines(&s.events_text("").await);
+    assert_eq!(ev.len() as u64, head, "the log reads back");
+}
+
+fn assert_failure_is_clear(failure: &Value) {
+    assert_eq!(failure["status"], 500, "{failure}");
+    assert_eq!(failure["body"]["error"]["code"], "internal", "{failure}");
+    let msg = failure["body"]["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("storage") || msg.contains("not applied"),
+        "the message says what failed: {msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_appends_clearly_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    let _m = match Mount::tmpfs(&mnt, "24m") {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot mount a small tmpfs here ({why}); disk full not exercised");
+            return;
+        }
+    };
+    let data = mnt.join("data");
+    let mut s = Server::start(&data).await;
+    let (mut acked, f) = append_until_failure(&s, "before", 20).await;
+    assert_eq!(f, Value::Null, "appends work while there is space");
+    let filled = fill_up(&mnt);
+    let (more, failure) = append_until_failure(&s, "full", 2_000).await;
+    eprintln!(
+        "disk full: filler {filled} bytes; {} more appends acknowledged before the first failure: {failure}",
+        more.len()
+    );
+    acked.extend(more);
+    assert_ne!(failure, Value::Null, "a full disk must fail appends");
+    assert_failure_is_clear(&failure);
+    let head = s.ledger().await["head"].as_u64().unwrap();
+    assert_eq!(
+        head,
+        acked.len() as u64,
+        "nothing unacknowledged is visible"
+    );
+    still_serves_reads(&s, head).await;
+    // Space comes back. The running server does not write again (sled keeps its first I/O
+    // error for the life of the process); what matters is that it says so clearly and that a
+    // restart recovers everything.
+    std::fs::remove_file(mnt.join("filler")).unwrap();
+    let (st, v) = s
+        .post("/api/v1/alarms", json!({"name": "after space"}))
+        .await;
+    eprintln!("after freeing space, an append answers {st}: {v}");
+    if st == 200 {
+        acked.push((Uuid::nil(), v["offset"].as_u64().unwrap()));
+    } else {
+        assert_failure_is_clear(&json!({"status": st, "body": v}));
+    }
+    s.kill9();
+    let mut s = Server::start(&data).await;
+    let ev = lines(&s.events_text("").await);
+    for (cid, off) in &acked {
+        let e = &ev[*off as usize - 1];
+        if !cid.is_nil() {
+            assert_eq!(
+                e["command_id"],
+                cid.to_string(),
+                "acknowledged offset {off}"
+            );
+        }
+    }
+    let (st, _) = s
+        .post("/api/v1/alarms", json!({"name": "after restart"}))
+        .await;
+    assert_eq!(st, 200, "a restart with space writes again");
+    s.stop();
+    let out = cli_ok(&["verify", "--data", d(&data)]);
+    assert_eq!(parse_ok(&out).1, ev.len() as u64 + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filesystem_gone_read_only_fails_appends_clearly_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    let mnt = tmp.path().join("mnt");
+    let m = match Mount::ext4_loop(&img, &mnt, 64 << 20) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED: cannot mount an ext4 loop device here ({why}); read-only not exercised"
+            );
+            return;
+        }
+    };
+    let data = mnt.join("data");
+    let mut s = Server::start(&data).await;
+    let (mut acked, f) = append_until_failure(&s, "rw", 10).await;
+    assert_eq!(f, Value::Null);
+    m.force_read_only();
+    let (more, failure) = append_until_failure(&s, "ro", 50).await;
+    eprintln!(
+        "read-only: {} appends acknowledged before the first failure: {failure}",
+        more.len()
+    );
+    acked.extend(more);
+    assert_ne!(
+        failure,
+        Value::Null,
+        "a read-only filesystem must fail appends"
+    );
+    assert_failure_is_clear(&failure);
+    let head = s.ledger().await["head"].as_u64().unwrap();
+    assert_eq!(head, acked.len() as u64);
+    still_serves_reads(&s, head).await;
+    s.kill9();
+
+    // Starting on a read-only directory fails at once, saying why.
+    let t = Instant::now();
+    let out = Command::new(BIN)
+        .args(["serve", "--data", d(&data), "--listen", "127.0.0.1:0"])
+        .env("ALARM_LEDGER_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    // The disk is repaired (remounted read-write): everything acknowledged is there.
+    m.unmount();
+    Mount::mount_image(&img, &mnt).unwrap();
+    let mut s = Server::start(&data).await;
+    let ev = lines(&s.events_text("").await);
+    assert_eq!(ev.len() as u64, head);
+    for (cid, off) in &acked {
+        assert_eq!(ev[*off as usize - 1]["command_id"], cid.to_string());
+    }
+    s.stop();
+    let out = cli_ok(&["verify", "--data", d(&data)]);
+    assert_eq!(parse_ok(&out).1, head);
+}

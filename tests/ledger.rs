@@ -1,0 +1,696 @@
+//! The ledger core on real sled directories: restarts, projection snapshots, corruption, the
+//! data directory lock, time and offsets under concurrency, group commit and back-pressure.
+//!
+//! Corruption is made the way it would happen on disk: the sled tree is opened directly and one
+//! record's value is rewritten (one byte flipped inside a string, the version byte changed) or
+//! removed. `Ledger::open` must then refuse to start, naming the offset; it never skips a record.
+
+use alarm_ledger::domain::{AlarmSpec, Command, CommandKind, Event, EventData, Severity};
+use alarm_ledger::error::Error;
+use alarm_ledger::ledger::datadir::DataDir;
+use alarm_ledger::ledger::snapshot::{self, SNAPSHOT_FORMAT};
+use alarm_ledger::ledger::{CommandError, Ledger, LedgerOptions, Outcome, Restore};
+use alarm_ledger::metrics::Metrics;
+use alarm_ledger::projection::Projection;
+use alarm_ledger::store::{chain, EventLog, Head, SledLog};
+use alarm_ledger::time::Timestamp;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+// ------------------------------------------------------------------ helpers
+
+fn opts(snapshot: Option<PathBuf>) -> LedgerOptions {
+    LedgerOptions {
+        queue_capacity: 1_024,
+        max_batch: 256,
+        snapshot_every: 0,
+        hub_capacity: 64,
+        snapshot_path: snapshot,
+    }
+}
+
+fn ledger_dir(root: &Path) -> PathBuf {
+    root.join("ledger")
+}
+
+fn snap_path(root: &Path) -> PathBuf {
+    root.join("projection.snapshot")
+}
+
+fn try_open(root: &Path, o: LedgerOptions) -> alarm_ledger::error::Result<(Arc<Ledger>, Restore)> {
+    let log = SledLog::open(&ledger_dir(root), &Default::default())?;
+    Ledger::open(Arc::new(log), o, Arc::new(Metrics::new()))
+}
+
+fn open(root: &Path, snapshot: bool) -> (Arc<Ledger>, Restore) {
+    let s = snapshot.then(|| snap_path(root));
+    try_open(root, opts(s)).expect("ledger opens")
+}
+
+fn create(id: Uuid, actor: &str, name: &str) -> Command {
+    Command {
+        alarm_id: id,
+        kind: CommandKind::Create(AlarmSpec {
+            name: name.into(),
+            instrument: "AAPL".into(),
+            condition: "PX_LAST > 200".into(),
+            severity: Severity::High,
+            tags: vec!["eq".into()],
+            owner: actor.into(),
+        }),
+        actor: actor.into(),
+        command_id: Some(Uuid::new_v4()),
+        expected_version: None,
+    }
+}
+
+fn act(id: Uuid, actor: &str, kind: CommandKind) -> Command {
+    Command {
+        alarm_id: id,
+        kind,
+        actor: actor.into(),
+        command_id: Some(Uuid::new_v4()),
+        expected_version: None,
+    }
+}
+
+fn trigger(id: Uuid, actor: &str) -> Command {
+    act(
+        id,
+        actor,
+        CommandKind::Trigger {
+            value: Some("201.5".into()),
+            message: Some("crossed".into()),
+        },
+    )
+}
+
+fn ack(id: Uuid, actor: &str) -> Command {
+    act(
+        id,
+        actor,
+        CommandKind::Ack {
+            comment: Some("seen".into()),
+        },
+    )
+}
+
+fn rearm(id: Uuid, actor: &str) -> Command {
+    act(id, actor, CommandKind::Rearm)
+}
+
+/// The command of step `i` of one alarm's endless create → (trigger → ack → rearm)* cycle.
+fn cycle(id: Uuid, actor: &str, i: usize) -> Command {
+    match i {
+        0 => create(id, actor, "cycle"),
+        i => match (i - 1) % 3 {
+            0 => trigger(id, actor),
+            1 => ack(id, actor),
+            _ => rearm(id, actor),
+        },
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Appends `n` events over a few alarms (every step appends), one command at a time.
+fn fill(ledger: &Arc<Ledger>, rt: &tokio::runtime::Runtime, n: usize, actor: &str) -> Vec<u64> {
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let mut offsets = Vec::new();
+    for i in 0..n {
+        let id = ids[i % ids.len()];
+        let cmd = cycle(id, actor, i / ids.len());
+        let o = rt.block_on(ledger.submit(cmd)).expect("command succeeds");
+        assert!(!o.already && !o.duplicate);
+        offsets.push(o.offset);
+    }
+    offsets
+}
+
+/// A ledger with `n` events, stopped (final snapshot written), and what it looked like.
+fn build(root: &Path, n: usize, actor: &str) -> (Head, Projection) {
+    let rt = rt();
+    let (ledger, _) = open(root, true);
+    ledger.start().expect("writer");
+    fill(&ledger, &rt, n, actor);
+    ledger.stop();
+    let head = ledger.head();
+    let projection = ledger.read_model().projection.clone();
+    (head, projection)
+}
+
+fn event_key(offset: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'e';
+    k[1..].copy_from_slice(&offset.to_be_bytes());
+    k
+}
+
+/// Opens the ledger's sled tree directly (no ledger code) and edits one record.
+fn edit_record(root: &Path, offset: u64, f: impl FnOnce(Option<Vec<u8>>) -> Option<Vec<u8>>) {
+    let db = sled::Config::new()
+        .path(ledger_dir(root))
+        .open()
+        .expect("sled opens directly");
+    let tree = db.open_tree("ledger").expect("tree");
+    let key = event_key(offset);
+    let old = tree.get(key).expect("get").map(|v| v.to_vec());
+    match f(old) {
+        Some(v) => tree.insert(key, v).expect("insert"),
+        None => tree.remove(key).expect("remove"),
+    };
+    db.flush().expect("flush");
+}
+
+/// Flips one bit of the first byte of `needle` inside the record at `offset`.
+fn flip_in_string(root: &Path, offset: u64, needle: &[u8]) {
+    edit_record(root, offset, |v| {
+        let mut v = v.expect("record exists");
+        let at = v
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("the string is in the record");
+        v[at] ^= 0x01;
+        Some(v)
+    });
+}
+
+fn corrupt_at(r: alarm_ledger::error::Result<(Arc<Ledger>, Restore)>) -> (u64, String) {
+    match r {
+        Err(Error::Corrupt { offset, reason }) => (offset, reason),
+        Err(e) => panic!("expected Error::Corrupt, got {e}"),
+        Ok((_, restore)) => panic!("expected Error::Corrupt, the ledger opened ({restore:?})"),
+    }
+}
+
+// ------------------------------------------------------------------ restarts and snapshots
+
+#[test]
+fn reopen_keeps_head_hash_and_projection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (head, projection) = build(tmp.path(), 30, "alice");
+    assert_eq!(head.offset, 30);
+    assert_ne!(head.hash, chain::genesis(Uuid::nil()));
+
+    // The final snapshot is used: nothing to replay.
+    let (l, restore) = open(tmp.path(), true);
+    assert_eq!(
+        restore,
+        Restore::Snapshot {
+            offset: 30,
+            tail: 0
+        }
+    );
+    assert_eq!(l.head(), head);
+    assert_eq!(l.read_model().projection, projection);
+    let id = l.info().ledger_id;
+    drop(l);
+
+    // Without the snapshot: the same from the log alone.
+    let (l, restore) = open(tmp.path(), false);
+    assert_eq!(
+        restore,
+        Restore::FullReplay {
+            events: 30,
+            reason: None
+        }
+    );
+    assert_eq!(l.head(), head);
+    assert_eq!(l.read_model().projection, projection);
+    assert_eq!(l.info().ledger_id, id, "ledger_id is fixed at creation");
+
+    // And the writer continues right after the head.
+    let rt = rt();
+    l.start().unwrap();
+    let alarm = Uuid::now_v7();
+    let o = rt.block_on(l.submit(create(alarm, "bob", "next"))).unwrap();
+    assert_eq!(o.offset, 31);
+    let e = l.log().event_at(31).unwrap().unwrap();
+    assert_eq!(
+        e.hash,
+        chain::event_hash(&head.hash, &e, id),
+        "the chain continues from the stored head"
+    );
+    l.stop();
+}
+
+#[test]
+fn an_older_snapshot_is_used_with_the_log_tail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let rt = rt();
+    let (ledger, _) = open(root, true);
+    ledger.start().unwrap();
+    fill(&ledger, &rt, 12, "alice");
+    ledger.write_snapshot().unwrap();
+    let older = std::fs::read(snap_path(root)).unwrap();
+    fill(&ledger, &rt, 9, "bob");
+    ledger.stop();
+    let (head, projection) = (ledger.head(), ledger.read_model().projection.clone());
+    drop(ledger);
+    std::fs::write(snap_path(root), older).unwrap();
+
+    let (l, restore) = open(root, true);
+    assert_eq!(
+        restore,
+        Restore::Snapshot {
+            offset: 12,
+            tail: 9
+        }
+    );
+    assert_eq!(l.head(), head);
+    assert_eq!(l.read_model().projection, projection);
+}
+
+#[test]
+fn untrusted_snapshots_are_discarded_and_the_projection_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (head, projection) = build(root, 20, "alice");
+    let good = std::fs::read(snap_path(root)).unwrap();
+    let decoded = snapshot::decode(&good).unwrap();
+    assert_eq!(decoded.offset, 20);
+
+    // A snapshot of another ledger (same shape, different ledger_id and history).
+    let other = tempfile::tempdir().unwrap();
+    build(other.path(), 20, "alice");
+    let foreign = std::fs::read(snap_path(other.path())).unwrap();
+
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    cases.push(("one byte flipped", flipped, "checksum mismatch"));
+    let mut version = good.clone();
+    version[6] = SNAPSHOT_FORMAT + 1;
+    cases.push(("format version", version, "snapshot format"));
+    cases.push(("truncated", good[..good.len() - 10].to_vec(), ""));
+    cases.push((
+        "not a snapshot",
+        b"hello, world".repeat(8),
+        "not a projection",
+    ));
+    cases.push(("another ledger", foreign, "snapshot is of ledger"));
+    // Well-formed, right ledger, but its hash disagrees with the log (a diverged history):
+    // re-encoded, so the checksum is valid and only the log can tell.
+    let mut forged = decoded.clone();
+    forged.head_hash.0[0] ^= 0xff;
+    forged.alarms.clear();
+    cases.push((
+        "hash disagrees",
+        snapshot::encode(&forged).unwrap(),
+        "disagrees with the log",
+    ));
+    let mut beyond = decoded.clone();
+    beyond.offset = 25;
+    cases.push((
+        "beyond the head",
+        snapshot::encode(&beyond).unwrap(),
+        "beyond the log head",
+    ));
+
+    for (what, bytes, why) in cases {
+        std::fs::write(snap_path(root), &bytes).unwrap();
+        let (l, restore) = open(root, true);
+        match &restore {
+            Restore::FullReplay {
+                events: 20,
+                reason: Some(r),
+            } => assert!(r.contains(why), "{what}: reason {r:?} should say {why:?}"),
+            other => panic!("{what}: expected a full replay with a reason, got {other:?}"),
+        }
+        assert_eq!(l.head(), head, "{what}");
+        assert_eq!(l.read_model().projection, projection, "{what}");
+    }
+}
+
+// ------------------------------------------------------------------ corruption
+
+#[test]
+fn a_flipped_byte_in_a_record_fails_open_naming_its_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    build(root, 10, "tamper-target");
+    flip_in_string(root, 6, b"tamper-target");
+
+    // From the log alone: the chain breaks exactly there.
+    let (offset, reason) = corrupt_at(try_open(root, opts(None)));
+    assert_eq!(offset, 6, "{reason}");
+    assert!(reason.contains("hash mismatch"), "{reason}");
+
+    // With the final snapshot (offset 10), startup replays only the tail; `verify` reads
+    // everything and names the same offset.
+    let log = SledLog::open(&ledger_dir(root), &Default::default()).unwrap();
+    match alarm_ledger::verify::verify_log(&log, None) {
+        Err(Error::Corrupt { offset: 6, reason }) => assert!(reason.contains("hash mismatch")),
+        other => panic!("verify should name offset 6: {other:?}"),
+    }
+    drop(log);
+
+    // With a snapshot older than the tampered record, the replayed tail includes it.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let root2 = tmp2.path();
+    let rt = rt();
+    let (ledger, _) = open(root2, true);
+    ledger.start().unwrap();
+    fill(&ledger, &rt, 4, "tamper-target");
+    ledger.write_snapshot().unwrap();
+    let older = std::fs::read(snap_path(root2)).unwrap();
+    fill(&ledger, &rt, 6, "tamper-target");
+    ledger.stop();
+    drop(ledger);
+    std::fs::write(snap_path(root2), older).unwrap();
+    flip_in_string(root2, 7, b"tamper-target");
+    let (offset, reason) = corrupt_at(try_open(root2, opts(Some(snap_path(root2)))));
+    assert_eq!(offset, 7, "{reason}");
+}
+
+#[test]
+fn a_flipped_byte_in_the_head_record_fails_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    build(root, 5, "tamper-target");
+    flip_in_string(root, 5, b"tamper-target");
+    let (offset, reason) = corrupt_at(try_open(root, opts(None)));
+    assert_eq!(offset, 5, "{reason}");
+}
+
+#[test]
+fn a_deleted_record_is_a_gap_naming_its_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    build(root, 10, "alice");
+    edit_record(root, 4, |v| {
+        assert!(v.is_some());
+        None
+    });
+    let (offset, reason) = corrupt_at(try_open(root, opts(None)));
+    assert_eq!(offset, 4, "{reason}");
+    assert!(reason.contains("gap"), "{reason}");
+    let log = SledLog::open(&ledger_dir(root), &Default::default()).unwrap();
+    match alarm_ledger::verify::verify_log(&log, None) {
+        Err(Error::Corrupt { offset: 4, reason }) => assert!(reason.contains("gap"), "{reason}"),
+        other => panic!("verify should name offset 4: {other:?}"),
+    }
+}
+
+#[test]
+fn a_record_with_an_unknown_version_byte_fails_naming_its_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    build(root, 8, "alice");
+    edit_record(root, 3, |v| {
+        let mut v = v.unwrap();
+        assert_eq!(v[0], 1, "records written today carry format version 1");
+        v[0] = 9;
+        Some(v)
+    });
+    let (offset, reason) = corrupt_at(try_open(root, opts(None)));
+    assert_eq!(offset, 3, "{reason}");
+    assert!(
+        reason.contains("unknown record format version 9"),
+        "{reason}"
+    );
+
+    // A truncated record: also named, never skipped.
+    edit_record(root, 3, |v| {
+        let mut v = v.unwrap();
+        v[0] = 1;
+        v.truncate(v.len() / 2);
+        Some(v)
+    });
+    let (offset, reason) = corrupt_at(try_open(root, opts(None)));
+    assert_eq!(offset, 3, "{reason}");
+}
+
+// ------------------------------------------------------------------ the data directory lock
+
+#[test]
+fn a_second_open_of_one_data_directory_fails_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = DataDir::lock(tmp.path()).expect("first lock");
+    let t = Instant::now();
+    match DataDir::lock(tmp.path()) {
+        Err(Error::Locked { path }) => assert_eq!(path, tmp.path()),
+        Err(e) => panic!("expected Error::Locked, got {e}"),
+        Ok(_) => panic!("a second lock of one data directory succeeded"),
+    }
+    assert!(t.elapsed() < Duration::from_millis(500), "fails at once");
+    let msg = DataDir::lock(tmp.path()).err().unwrap().to_string();
+    assert!(msg.contains("in use by another process"), "{msg}");
+    drop(first);
+    DataDir::lock(tmp.path()).expect("free again once the holder is gone");
+}
+
+// ------------------------------------------------------------------ time and offsets
+
+#[test]
+fn at_never_decreases_even_after_a_future_stamped_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let rt = rt();
+    {
+        let (l, _) = open(root, false);
+        l.start().unwrap();
+        fill(&l, &rt, 50, "alice");
+        l.stop();
+        let events = l.log().read_from(1, usize::MAX).unwrap();
+        assert!(events.windows(2).all(|w| w[0].at <= w[1].at));
+    }
+    // A head written by a machine whose clock was an hour ahead (then corrected): appended
+    // directly to the log with a valid chain link, as that machine's writer would have.
+    let future = Timestamp(Timestamp::now().0 + 3_600_000);
+    {
+        let log = SledLog::open(&ledger_dir(root), &Default::default()).unwrap();
+        let head = log.head().unwrap();
+        let mut e = Event {
+            offset: head.offset + 1,
+            id: Uuid::now_v7(),
+            at: future,
+            actor: "clock-ahead".into(),
+            alarm_id: Uuid::now_v7(),
+            command_id: None,
+            data: EventData::Created(AlarmSpec {
+                name: "future".into(),
+                instrument: String::new(),
+                condition: String::new(),
+                severity: Severity::Low,
+                tags: vec![],
+                owner: "clock-ahead".into(),
+            }),
+            hash: Default::default(),
+        };
+        e.hash = chain::event_hash(&head.hash, &e, log.info().ledger_id);
+        log.append_batch(&[e]).unwrap();
+    }
+    let (l, _) = open(root, false);
+    assert_eq!(l.head().at, future);
+    l.start().unwrap();
+    fill(&l, &rt, 5, "bob");
+    l.stop();
+    let events = l.log().read_from(1, usize::MAX).unwrap();
+    assert_eq!(events.len(), 56);
+    assert!(
+        events.windows(2).all(|w| w[0].at <= w[1].at),
+        "at never decreases"
+    );
+    assert!(events[51..].iter().all(|e| e.at == future));
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not in:\n{text}"))
+}
+
+#[test]
+fn offsets_are_gapless_under_16_concurrent_submitters_and_commits_are_grouped() {
+    const SUBMITTERS: usize = 16;
+    const EACH: usize = 40;
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (ledger, _) = open(tmp.path(), true);
+    ledger.start().unwrap();
+    let answers: Vec<Vec<(Uuid, Outcome)>> = rt.block_on(async {
+        let tasks: Vec<_> = (0..SUBMITTERS)
+            .map(|n| {
+                let l = ledger.clone();
+                tokio::spawn(async move {
+                    let id = Uuid::now_v7();
+                    let mut out = Vec::new();
+                    for i in 0..EACH {
+                        let cmd = cycle(id, &format!("user{n}"), i);
+                        let cid = cmd.command_id.unwrap();
+                        out.push((cid, l.submit(cmd).await.expect("command succeeds")));
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.push(t.await.unwrap());
+        }
+        all
+    });
+    let total = (SUBMITTERS * EACH) as u64;
+    let mut offsets: Vec<u64> = answers.iter().flatten().map(|(_, o)| o.offset).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (1..=total).collect::<Vec<_>>(), "gapless from 1");
+    for per in &answers {
+        assert!(
+            per.windows(2).all(|w| w[0].1.offset < w[1].1.offset),
+            "one submitter's commands land in its order"
+        );
+    }
+    let events = ledger.log().read_from(1, usize::MAX).unwrap();
+    assert_eq!(events.len() as u64, total);
+    for (cid, o) in answers.iter().flatten() {
+        assert_eq!(events[o.offset as usize - 1].command_id, Some(*cid));
+    }
+    let m = ledger.metrics.render();
+    let sum = metric(&m, "alarm_ledger_group_commit_batch_size_sum");
+    let count = metric(&m, "alarm_ledger_group_commit_batch_size_count");
+    assert_eq!(sum as u64, total);
+    let mean = sum / count;
+    eprintln!("{total} events in {count} group commits: mean batch {mean:.2}");
+    assert!(mean > 1.0, "concurrent appends share flushes (mean {mean})");
+    ledger.stop();
+    assert_eq!(ledger.head().offset, total);
+}
+
+#[test]
+fn a_full_write_queue_answers_overloaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let mut o = opts(None);
+    o.queue_capacity = 1;
+    let (ledger, _) = try_open(tmp.path(), o).unwrap();
+    ledger.start().unwrap();
+    let results: Vec<Result<Outcome, CommandError>> = rt.block_on(async {
+        let tasks: Vec<_> = (0..400)
+            .map(|i| {
+                let l = ledger.clone();
+                tokio::spawn(async move {
+                    l.submit(create(Uuid::now_v7(), "alice", &format!("a{i}")))
+                        .await
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let overloaded = results
+        .iter()
+        .filter(|r| matches!(r, Err(CommandError::Overloaded)))
+        .count();
+    let mut ok: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|o| o.offset))
+        .collect();
+    assert_eq!(overloaded + ok.len(), 400, "only overloaded or ok");
+    assert!(
+        overloaded > 0,
+        "a queue of 1 under 400 concurrent submits overflows"
+    );
+    assert_eq!(
+        CommandError::Overloaded.code(),
+        "overloaded",
+        "the protocol code"
+    );
+    ok.sort_unstable();
+    assert_eq!(ok, (1..=ok.len() as u64).collect::<Vec<_>>());
+    // Nothing refused was appended, and the writer is not stuck.
+    assert_eq!(ledger.head().offset, ok.len() as u64);
+    let next = rt
+        .block_on(ledger.submit(create(Uuid::now_v7(), "alice", "after")))
+        .unwrap();
+    assert_eq!(next.offset, ok.len() as u64 + 1);
+    eprintln!("{} ok, {overloaded} overloaded", ok.len());
+    ledger.stop();
+    let ids: HashSet<Uuid> = ledger
+        .log()
+        .read_from(1, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.alarm_id)
+        .collect();
+    assert_eq!(ids.len(), ok.len() + 1);
+}
+
+#[test]
+fn a_second_open_of_one_log_fails_at_once_too() {
+    // Below the data directory lock, sled's own lock: a tool that opened `ledger/` directly
+    // gets the same clear error, not a hang.
+    let tmp = tempfile::tempdir().unwrap();
+    let first = SledLog::open(&ledger_dir(tmp.path()), &Default::default()).unwrap();
+    let t = Instant::now();
+    match SledLog::open(&ledger_dir(tmp.path()), &Default::default()) {
+        Err(Error::Locked { path }) => assert_eq!(path, ledger_dir(tmp.path())),
+        Err(e) => panic!("expected Error::Locked, got {e}"),
+        Ok(_) => panic!("two sled opens of one log"),
+    }
+    assert!(t.elapsed() < Duration::from_millis(500));
+    drop(first);
+}
+
+// ------------------------------------------------------------------ known gaps (ignored)
+//
+// These pass only once the gap is closed; run them with `cargo test --test ledger -- --ignored`.
+
+#[test]
+#[ignore = "known gap: with a valid snapshot, Ledger::open verifies only the log tail after it"]
+fn startup_from_a_snapshot_still_detects_a_tampered_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    build(root, 10, "tamper-target"); // graceful stop: snapshot at the head, as in production
+    flip_in_string(root, 6, b"tamper-target");
+    let (offset, _) = corrupt_at(try_open(root, opts(Some(snap_path(root)))));
+    assert_eq!(offset, 6);
+}
+
+#[test]
+#[ignore = "known gap: with a valid snapshot, Ledger::open does not see a deleted record below it"]
+fn startup_from_a_snapshot_still_detects_a_gap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    build(root, 10, "alice");
+    edit_record(root, 4, |_| None);
+    let (offset, _) = corrupt_at(try_open(root, opts(Some(snap_path(root)))));
+    assert_eq!(offset, 4);
+}
+
+#[test]
+#[ignore = "open question: a command_id first answered `already` is not remembered"]
+fn a_command_id_answered_already_never_appends_later() {
+    // PRODUCT.md: "a repeat of a command_id returns the original outcome and appends nothing".
+    // Today only command_ids that appended are remembered: a trigger answered `already` and
+    // retried (same command_id) after an ack and a rearm starts a new firing.
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (l, _) = open(tmp.path(), false);
+    l.start().unwrap();
+    let id = Uuid::now_v7();
+    rt.block_on(l.submit(create(id, "a", "x"))).unwrap();
+    rt.block_on(l.submit(trigger(id, "a"))).unwrap();
+    let late = trigger(id, "b");
+    let first = rt.block_on(l.submit(late.clone())).unwrap();
+    assert!(first.already);
+    rt.block_on(l.submit(ack(id, "a"))).unwrap();
+    rt.block_on(l.submit(rearm(id, "a"))).unwrap();
+    let retry = rt.block_on(l.submit(late)).unwrap();
+    l.stop();
+    assert_eq!(l.head().offset, 4, "the retry appended {retry:?}");
+}
