@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::ledger::check_link;
 use crate::ledger::datadir::DataDir;
 use crate::store::sled_log::{SledLog, SledOptions};
-use crate::store::{chain, EventLog};
+use crate::store::{chain, EventLog, OutcomeKind};
 use std::path::{Path, PathBuf};
 
 /// Events per durable chunk in the destination.
@@ -64,6 +64,16 @@ pub fn backup(
         }
         out.append_batch(&events)?;
     }
+    // Outcomes of commands that appended nothing (the appended ones came with their events).
+    // Only those decided up to the copied head: later ones may refer to later events.
+    let mut outcomes = Vec::new();
+    for item in log.command_index() {
+        let (cid, o) = item?;
+        if o.kind != OutcomeKind::Appended && o.offset <= head {
+            outcomes.push((cid, o));
+        }
+    }
+    out.append_with_outcomes(&[], &outcomes)?;
     copy_tree(db, out.db(), crate::auth::users::USERS_TREE, None)?;
     copy_tree(
         db,

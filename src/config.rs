@@ -48,7 +48,12 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct DataArg {
     /// Data directory. Global, so `user add NAME --data DIR` and `user --data DIR add NAME` both work.
-    #[arg(long = "data", env = "ALARM_LEDGER_DATA", default_value = "./data", global = true)]
+    #[arg(
+        long = "data",
+        env = "ALARM_LEDGER_DATA",
+        default_value = "./data",
+        global = true
+    )]
     pub data: PathBuf,
 }
 

@@ -7,7 +7,7 @@ use crate::domain::Hash;
 use crate::error::{Error, Result};
 use crate::ledger::{check_link, snapshot};
 use crate::projection::Projection;
-use crate::store::{chain, EventLog};
+use crate::store::{chain, EventLog, OutcomeKind};
 use std::collections::HashMap;
 use std::path::Path;
 use uuid::Uuid;
@@ -122,24 +122,45 @@ pub fn verify_log(log: &dyn EventLog, snapshot_path: Option<&Path>) -> Result<Ve
             reason: format!("alarm index has {alarm_entries} entries for {head} events"),
         });
     }
-    let mut command_entries = 0usize;
+    // Every command_id in the log is indexed as `Appended` at its event; other entries
+    // (`Already`, `Rejected`) remember commands that appended nothing and must not point past
+    // the head or at another alarm's event.
+    let mut appended_entries = 0usize;
     for item in log.command_index() {
         let (cid, outcome) = item?;
-        if commands.get(&cid) != Some(&outcome.offset)
-            || alarm_of.get((outcome.offset.max(1) - 1) as usize) != Some(&outcome.alarm_id)
-        {
-            return Err(Error::Corrupt {
-                offset: outcome.offset,
-                reason: format!("command index entry {cid} does not match the log"),
-            });
+        let bad = |what: &str| Error::Corrupt {
+            offset: outcome.offset,
+            reason: format!("command index entry {cid} {what}"),
+        };
+        let alarm_at = |off: u64| off.checked_sub(1).and_then(|i| alarm_of.get(i as usize));
+        match outcome.kind {
+            OutcomeKind::Appended => {
+                if commands.get(&cid) != Some(&outcome.offset)
+                    || alarm_at(outcome.offset) != Some(&outcome.alarm_id)
+                {
+                    return Err(bad("does not match the log"));
+                }
+                appended_entries += 1;
+            }
+            OutcomeKind::Already => {
+                if commands.contains_key(&cid)
+                    || alarm_at(outcome.offset) != Some(&outcome.alarm_id)
+                {
+                    return Err(bad("(already) does not match the log"));
+                }
+            }
+            OutcomeKind::Rejected { .. } => {
+                if commands.contains_key(&cid) {
+                    return Err(bad("(rejected) has an event in the log"));
+                }
+            }
         }
-        command_entries += 1;
     }
-    if command_entries != commands.len() {
+    if appended_entries != commands.len() {
         return Err(Error::Corrupt {
             offset: 0,
             reason: format!(
-                "command index has {command_entries} entries for {} commands in the log",
+                "command index has {appended_entries} entries for {} commands in the log",
                 commands.len()
             ),
         });

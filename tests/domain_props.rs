@@ -7,8 +7,8 @@
 //!    event moves the alarm's version by exactly one.
 //! 2. The same sequences go through a real `Ledger` (sled in a temporary directory, the single
 //!    writer, group commit; commands queued in small bursts so that one batch can hold several):
-//!    every answer matches the table, a repeated `command_id` that once appended answers
-//!    `duplicate` with the original offset and never appends again, and the projection the
+//!    every answer matches the table, a repeated `command_id` gets its first outcome again
+//!    (`duplicate` with the original offset, or the same rejection) and never appends, and the projection the
 //!    writer built event by event equals the one rebuilt by reopening the log — from the final
 //!    snapshot, from an older snapshot plus the tail, and from the log alone.
 
@@ -219,6 +219,8 @@ struct Model {
     head: u64,
     /// command_id → (offset, alarm) of the event it appended.
     commands: HashMap<Uuid, (u64, Uuid)>,
+    /// command_id → the answer a repeat gets, for commands that appended nothing.
+    remembered: HashMap<Uuid, Answer>,
 }
 
 /// What a command should answer, in the ledger's terms.
@@ -237,6 +239,9 @@ impl Model {
         if let Some(cid) = cmd.command_id {
             if let Some(&(offset, alarm_id)) = self.commands.get(&cid) {
                 return (Answer::Duplicate { offset, alarm_id }, None);
+            }
+            if let Some(answer) = self.remembered.get(&cid) {
+                return (answer.clone(), None);
             }
         }
         let current = self.alarms.get(&cmd.alarm_id);
@@ -276,6 +281,21 @@ impl Model {
                 cmd.expected_version
             ),
         }
+    }
+
+    /// Remembers the outcome of a command with an id that appended nothing: a repeat gets the
+    /// same outcome for the life of the ledger (`already` → `duplicate` with that offset).
+    fn remember(&mut self, cmd: &Command, answer: &Answer) {
+        let Some(cid) = cmd.command_id else { return };
+        let repeat = match answer {
+            Answer::Already { offset } => Answer::Duplicate {
+                offset: *offset,
+                alarm_id: cmd.alarm_id,
+            },
+            Answer::Rejected(code) => Answer::Rejected(code),
+            Answer::Appended { .. } | Answer::Duplicate { .. } => return,
+        };
+        self.remembered.entry(cid).or_insert(repeat);
     }
 
     /// Applies the event `predict` asked for and checks the state the table promised.
@@ -581,7 +601,7 @@ proptest! {
                     model.apply_checked(&cmd, &event);
                     projection.apply(&event);
                 }
-                (_, None) => {}
+                (answer, None) => model.remember(&cmd, &answer),
                 other => panic!("{other:?}"),
             }
             prop_assert_eq!(projection.offset(), model.head);
@@ -614,6 +634,7 @@ fn answer_of(r: Result<Outcome, CommandError>) -> Answer {
         Ok(o) if o.already => Answer::Already { offset: o.offset },
         Ok(o) => Answer::Appended { offset: o.offset },
         Err(CommandError::Rejected(r)) => Answer::Rejected(r.code()),
+        Err(e @ CommandError::Repeated { .. }) => Answer::Rejected(e.code()),
         Err(e) => panic!("unexpected failure: {e}"),
     }
 }
@@ -718,6 +739,8 @@ fn ledger_case(r: &Run) {
                 assert_eq!(stored.actor, cmd.actor);
                 assert_eq!(stored.data, data);
                 model.apply_checked(cmd, &stored);
+            } else {
+                model.remember(cmd, &want);
             }
         }
         assert_eq!(ledger.head().offset, model.head, "head follows the appends");

@@ -102,6 +102,18 @@ impl Rejection {
     }
 }
 
+/// The `&'static` form of a stored rejection code (see `Rejection::code`).
+pub fn static_code(code: &str) -> &'static str {
+    match code {
+        "not_found" => "not_found",
+        "version_conflict" => "version_conflict",
+        "not_triggered" => "not_triggered",
+        "not_acknowledged" => "not_acknowledged",
+        "alarm_deleted" => "alarm_deleted",
+        _ => "bad_request",
+    }
+}
+
 /// The state machine. `current` is the alarm as of the last event the writer accepted.
 pub fn decide(current: Option<&Alarm>, cmd: &Command) -> Result<Decision, Rejection> {
     let alarm = match (current, &cmd.kind) {

@@ -9,13 +9,21 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
 
-pub async fn healthz(_state: &State) -> Result<Response, ApiError> {
-    Ok(warp::reply::json(&json!({
-        "status": "ok",
+/// Alive. 503 only when storage failed and did not recover: sled keeps an I/O error for the
+/// life of the process, so a restart is the cure and a liveness probe should trigger it.
+pub async fn healthz(state: &State) -> Result<Response, ApiError> {
+    let degraded = state.ledger.is_degraded();
+    let body = json!({
+        "status": if degraded { "storage_failed" } else { "ok" },
         "version": env!("CARGO_PKG_VERSION"),
         "format_version": FORMAT_VERSION,
-    }))
-    .into_response())
+    });
+    let status = if degraded {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    Ok(warp::reply::with_status(warp::reply::json(&body), status).into_response())
 }
 
 pub async fn readyz(state: &State) -> Result<Response, ApiError> {
@@ -28,7 +36,14 @@ pub async fn readyz(state: &State) -> Result<Response, ApiError> {
     let disk_writable = tokio::task::spawn_blocking(move || probe_writable(&dir))
         .await
         .unwrap_or(false);
-    let ready = accepting && caught_up && storage_ok && disk_writable;
+    let integrity_failure = state.ledger.integrity_failure();
+    let integrity = match (&integrity_failure, state.ledger.is_verified()) {
+        (Some(_), _) => "failed",
+        (None, true) => "verified",
+        (None, false) => "checking",
+    };
+    let ready =
+        accepting && caught_up && storage_ok && disk_writable && integrity_failure.is_none();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "ledger_open": true,
@@ -37,6 +52,8 @@ pub async fn readyz(state: &State) -> Result<Response, ApiError> {
         "head": head,
         "storage_ok": storage_ok,
         "disk_writable": disk_writable,
+        "integrity": integrity,
+        "integrity_error": integrity_failure,
     });
     let status = if ready {
         StatusCode::OK

@@ -19,7 +19,6 @@ use crate::time::Timestamp;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Map};
 use std::collections::VecDeque;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -522,18 +521,13 @@ impl Connection {
         let ledger = self.state.ledger.clone();
         let tx = self.answers_tx.clone();
         // Enter the write queue here, on the connection task, so that commands pipelined on one
-        // connection are applied in the order they were sent: `submit` queues the command on its
-        // first poll. A spawned task's first poll may come after a later command's (the runtime
-        // runs the most recently spawned task first), which reordered e.g. create → trigger.
-        let mut submit = Box::pin(async move { ledger.submit(cmd).await });
-        let first = submit
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        // connection are decided in the order they were sent; only the wait is spawned.
+        let queued = ledger.enqueue(cmd);
         tokio::spawn(
             async move {
-                let outcome = match first {
-                    std::task::Poll::Ready(outcome) => outcome,
-                    std::task::Poll::Pending => submit.await,
+                let outcome = match queued {
+                    Ok(rx) => rx.await.unwrap_or(Err(CommandError::ShuttingDown)),
+                    Err(e) => Err(e),
                 };
                 let text = match outcome {
                     Ok(o) => protocol::ok_value(&req, o.offset, o.alarm_id, o.already, o.duplicate)

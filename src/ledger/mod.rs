@@ -72,6 +72,12 @@ pub struct Ledger {
     tx: std::sync::Mutex<Option<mpsc::Sender<writer::WriterMsg>>>,
     /// Set when storage failed and was not yet recovered: readiness reports it.
     degraded: AtomicBool,
+    /// Integrity of the records below the start-up snapshot (checked in the background by
+    /// `scrub`): `None` while unchecked or fine, `Some(reason)` once a bad record is found —
+    /// appends are then refused and readiness fails.
+    integrity: std::sync::Mutex<Option<String>>,
+    /// Whether every record below the head has been verified since start.
+    verified: AtomicBool,
     opts: LedgerOptions,
 }
 
@@ -170,6 +176,9 @@ impl Ledger {
             writer: std::sync::Mutex::new(None),
             tx: std::sync::Mutex::new(None),
             degraded: AtomicBool::new(false),
+            integrity: std::sync::Mutex::new(None),
+            // A full replay verified everything; a snapshot start leaves the prefix to `scrub`.
+            verified: AtomicBool::new(from == 0),
             opts,
         });
         Ok((ledger, restore))
@@ -222,6 +231,52 @@ impl Ledger {
         self.degraded.store(v, Ordering::Relaxed);
     }
 
+    /// Why the ledger failed its integrity check, if it did.
+    pub fn integrity_failure(&self) -> Option<String> {
+        lock(&self.integrity).clone()
+    }
+
+    /// Whether every record up to the head has been verified since start.
+    pub fn is_verified(&self) -> bool {
+        self.verified.load(Ordering::Relaxed)
+    }
+
+    /// Verifies the records a snapshot start skipped (offsets 1..=`upto`: contiguous, decoding,
+    /// chaining to the snapshot's hash). Blocking; run it in the background after start so a
+    /// large ledger starts in milliseconds and is still fully checked. On failure the ledger
+    /// refuses appends and readiness fails, naming the offset.
+    pub fn scrub(&self, upto: u64) -> Result<()> {
+        let ledger_id = self.info.ledger_id;
+        let mut prev = chain::genesis(ledger_id);
+        let mut expected = 1u64;
+        let result = (|| -> Result<()> {
+            for item in self.log.iter_from(1) {
+                let e = item?;
+                if e.offset > upto {
+                    break;
+                }
+                check_link(&e, expected, &prev, ledger_id)?;
+                prev = e.hash;
+                expected += 1;
+            }
+            if expected - 1 != upto {
+                return Err(Error::Corrupt {
+                    offset: expected,
+                    reason: "gap: record missing below the snapshot offset".into(),
+                });
+            }
+            Ok(())
+        })();
+        match &result {
+            Ok(()) => self.verified.store(true, Ordering::Relaxed),
+            Err(e) => {
+                tracing::error!(error = %e, "integrity check failed: appends refused until the data directory is repaired (alarm-ledger verify names the offset)");
+                *lock(&self.integrity) = Some(format!("ledger integrity check failed: {e}"));
+            }
+        }
+        result
+    }
+
     /// The durable head as published (never ahead of what readers may see).
     pub fn head(&self) -> Head {
         self.read_model().head
@@ -238,6 +293,17 @@ impl Ledger {
     /// Queues a command for the writer and waits for its durable outcome. A full queue answers
     /// `Overloaded` at once rather than buffering without bound.
     pub async fn submit(&self, cmd: Command) -> Result<Outcome, CommandError> {
+        self.enqueue(cmd)?
+            .await
+            .unwrap_or(Err(CommandError::ShuttingDown))
+    }
+
+    /// Queues a command now (synchronously: commands enqueued one after the other are decided
+    /// in that order) and returns where its durable outcome will arrive.
+    pub fn enqueue(
+        &self,
+        cmd: Command,
+    ) -> Result<oneshot::Receiver<Result<Outcome, CommandError>>, CommandError> {
         let (reply, rx) = oneshot::channel();
         let tx = lock(&self.tx).clone().ok_or(CommandError::ShuttingDown)?;
         let msg = writer::WriterMsg::Command(writer::WriteRequest {
@@ -249,7 +315,7 @@ impl Ledger {
             mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => CommandError::ShuttingDown,
         })?;
-        rx.await.unwrap_or(Err(CommandError::ShuttingDown))
+        Ok(rx)
     }
 
     /// Current alarm, if known (deleted alarms included).

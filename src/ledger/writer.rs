@@ -20,7 +20,7 @@ use super::Ledger;
 use crate::domain::{decide, Alarm, Command, Decision, Event, Hash, Rejection};
 use crate::error::Result;
 use crate::metrics::KindLabel;
-use crate::store::CommandOutcome;
+use crate::store::{CommandOutcome, OutcomeKind};
 use crate::time::Timestamp;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,6 +49,9 @@ pub enum CommandError {
     Storage(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A repeat of a command_id whose first attempt was refused: the same refusal.
+    #[error("{message}")]
+    Repeated { code: String, message: String },
 }
 
 impl CommandError {
@@ -57,6 +60,7 @@ impl CommandError {
             CommandError::Rejected(r) => r.code(),
             CommandError::Overloaded => "overloaded",
             CommandError::Storage(_) | CommandError::ShuttingDown => "internal",
+            CommandError::Repeated { code, .. } => crate::domain::command::static_code(code),
         }
     }
 }
@@ -91,6 +95,29 @@ pub(super) fn spawn(ledger: Arc<Ledger>, rx: mpsc::Receiver<WriterMsg>) -> Resul
         .name("ledger-writer".into())
         .spawn(move || Writer::new(ledger).run(rx))?;
     Ok(WriterHandle { thread })
+}
+
+/// One group commit: the events to append, the outcomes of id-carrying commands that append
+/// nothing, and the answer to give each request once all of it is durable.
+struct Batch {
+    events: Vec<Event>,
+    outcomes: Vec<(Uuid, CommandOutcome)>,
+    plans: Vec<Plan>,
+}
+
+/// The answer to a repeat of a known command_id: the original outcome, marked `duplicate`.
+fn repeat_of(o: CommandOutcome) -> Plan {
+    match o.kind {
+        OutcomeKind::Appended | OutcomeKind::Already => Plan::Ok(Outcome {
+            offset: o.offset,
+            alarm_id: o.alarm_id,
+            already: o.kind == OutcomeKind::Already,
+            duplicate: true,
+        }),
+        OutcomeKind::Rejected { code, message } => {
+            Plan::Err(CommandError::Repeated { code, message })
+        }
+    }
 }
 
 /// What to answer once the batch is durable.
@@ -156,6 +183,13 @@ impl Writer {
         if reqs.is_empty() {
             return;
         }
+        if let Some(why) = self.ledger.integrity_failure() {
+            for r in reqs {
+                self.ledger.metrics.rejected("internal");
+                let _ = r.reply.send(Err(CommandError::Storage(why.clone())));
+            }
+            return;
+        }
         if self.ledger.is_degraded() {
             if let Err(e) = self.recover() {
                 let msg = e.to_string();
@@ -166,19 +200,20 @@ impl Writer {
                 return;
             }
         }
-        let (events, plans) = self.decide_batch(&reqs);
+        let Batch {
+            events,
+            outcomes,
+            plans,
+        } = self.decide_batch(&reqs);
         let n = events.len();
-        if n > 0 {
+        if n > 0 || !outcomes.is_empty() {
             let t = Instant::now();
-            if let Err(e) = self.ledger.log.append_batch(&events) {
+            if let Err(e) = self.ledger.log.append_with_outcomes(&events, &outcomes) {
                 tracing::error!(error = %e, events = n, "durable append failed; batch not acknowledged");
                 self.ledger.set_degraded(true);
                 let msg = e.to_string();
-                for (r, plan) in reqs.into_iter().zip(plans) {
-                    let err = match plan {
-                        Plan::Err(CommandError::Rejected(rej)) => CommandError::Rejected(rej),
-                        _ => CommandError::Storage(msg.clone()),
-                    };
+                for r in reqs {
+                    let err = CommandError::Storage(msg.clone());
                     self.ledger.metrics.rejected(err.code());
                     let _ = r.reply.send(Err(err));
                 }
@@ -189,7 +224,9 @@ impl Writer {
                 .flush_duration
                 .observe(t.elapsed().as_secs_f64());
             self.ledger.metrics.batch_size.observe(n as f64);
-            self.publish(events);
+            if n > 0 {
+                self.publish(events);
+            }
         }
         for (r, plan) in reqs.into_iter().zip(plans) {
             let answer = match plan {
@@ -208,36 +245,36 @@ impl Writer {
     }
 
     /// Decides each command in order. Reads the projection (the writer is its only mutator, so
-    /// what it reads cannot change underneath) plus this batch's pending alarms.
-    fn decide_batch(&self, reqs: &[WriteRequest]) -> (Vec<Event>, Vec<Plan>) {
+    /// what it reads cannot change underneath) plus this batch's pending alarms and outcomes.
+    fn decide_batch(&self, reqs: &[WriteRequest]) -> Batch {
         let model = self.ledger.read_model();
         let ledger_id = self.ledger.info.ledger_id;
         let mut head = model.head;
         let mut pending: HashMap<Uuid, Alarm> = HashMap::new();
         let mut pending_cmds: HashMap<Uuid, CommandOutcome> = HashMap::new();
-        let mut events = Vec::new();
-        let mut plans = Vec::with_capacity(reqs.len());
+        let mut batch = Batch {
+            events: Vec::new(),
+            outcomes: Vec::new(),
+            plans: Vec::with_capacity(reqs.len()),
+        };
         let now = Timestamp::now();
         for r in reqs {
             let cmd = &r.cmd;
             if let Some(cid) = cmd.command_id {
                 let known = match pending_cmds.get(&cid) {
-                    Some(o) => Ok(Some(*o)),
+                    Some(o) => Ok(Some(o.clone())),
                     None => self.ledger.log.command_outcome(cid),
                 };
                 match known {
                     Ok(Some(o)) => {
-                        plans.push(Plan::Ok(Outcome {
-                            offset: o.offset,
-                            alarm_id: o.alarm_id,
-                            already: false,
-                            duplicate: true,
-                        }));
+                        batch.plans.push(repeat_of(o));
                         continue;
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        plans.push(Plan::Err(CommandError::Storage(e.to_string())));
+                        batch
+                            .plans
+                            .push(Plan::Err(CommandError::Storage(e.to_string())));
                         continue;
                     }
                 }
@@ -245,7 +282,7 @@ impl Writer {
             let current = pending
                 .get(&cmd.alarm_id)
                 .or_else(|| model.projection.get(&cmd.alarm_id));
-            match decide(current, cmd) {
+            let remembered = match decide(current, cmd) {
                 Ok(Decision::Append(data)) => {
                     let mut event = Event {
                         offset: head.offset + 1,
@@ -273,34 +310,57 @@ impl Writer {
                     if let Some(a) = next {
                         pending.insert(a.id, a);
                     }
-                    let outcome = Outcome {
+                    batch.plans.push(Plan::Ok(Outcome {
                         offset: event.offset,
                         alarm_id: event.alarm_id,
                         already: false,
                         duplicate: false,
+                    }));
+                    let outcome = CommandOutcome {
+                        offset: event.offset,
+                        alarm_id: event.alarm_id,
+                        kind: OutcomeKind::Appended,
                     };
-                    if let Some(cid) = cmd.command_id {
-                        pending_cmds.insert(
-                            cid,
-                            CommandOutcome {
-                                offset: event.offset,
-                                alarm_id: event.alarm_id,
-                            },
-                        );
-                    }
-                    events.push(event);
-                    plans.push(Plan::Ok(outcome));
+                    batch.events.push(event);
+                    // Indexed by the store with the event itself.
+                    outcome
                 }
-                Ok(Decision::Already { offset }) => plans.push(Plan::Ok(Outcome {
-                    offset,
-                    alarm_id: cmd.alarm_id,
-                    already: true,
-                    duplicate: false,
-                })),
-                Err(rej) => plans.push(Plan::Err(CommandError::Rejected(rej))),
+                Ok(Decision::Already { offset }) => {
+                    batch.plans.push(Plan::Ok(Outcome {
+                        offset,
+                        alarm_id: cmd.alarm_id,
+                        already: true,
+                        duplicate: false,
+                    }));
+                    CommandOutcome {
+                        offset,
+                        alarm_id: cmd.alarm_id,
+                        kind: OutcomeKind::Already,
+                    }
+                }
+                Err(rej) => {
+                    let outcome = CommandOutcome {
+                        offset: 0,
+                        alarm_id: cmd.alarm_id,
+                        kind: OutcomeKind::Rejected {
+                            code: rej.code().to_string(),
+                            message: rej.to_string(),
+                        },
+                    };
+                    batch.plans.push(Plan::Err(CommandError::Rejected(rej)));
+                    outcome
+                }
+            };
+            if let Some(cid) = cmd.command_id {
+                // Remember the outcome of every command with an id, not only the appending ones:
+                // a retry after a reconnect must get this answer, whatever happened since.
+                if remembered.kind != OutcomeKind::Appended {
+                    batch.outcomes.push((cid, remembered.clone()));
+                }
+                pending_cmds.insert(cid, remembered);
             }
         }
-        (events, plans)
+        batch
     }
 
     /// Applies durable events to the read model, then fans them out.

@@ -47,7 +47,7 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, CodecError> {
             // It does not change the encoding.
             let (event, used): (Event, usize) =
                 bincode::serde::decode_from_slice(body, standard().with_limit::<RECORD_LIMIT>())
-                .map_err(|e| CodecError::Decode(e.to_string()))?;
+                    .map_err(|e| CodecError::Decode(e.to_string()))?;
             if used != body.len() {
                 return Err(CodecError::Trailing(body.len() - used));
             }
@@ -63,8 +63,9 @@ pub fn encode_value<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
 }
 
 pub fn decode_value<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (v, used) = bincode::serde::decode_from_slice(bytes, standard().with_limit::<VALUE_LIMIT>())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (v, used) =
+        bincode::serde::decode_from_slice(bytes, standard().with_limit::<VALUE_LIMIT>())
+            .map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError::Trailing(bytes.len() - used));
     }

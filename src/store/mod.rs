@@ -22,11 +22,25 @@ pub struct Head {
     pub at: Timestamp,
 }
 
-/// What a command with a `command_id` produced the first time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What a command with a `command_id` produced the first time. Kept for the life of the
+/// ledger, so a retry gets the original outcome whatever happened since (PRODUCT.md).
+/// Encoded with bincode by position: never reorder fields or variants.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CommandOutcome {
+    /// The event appended (`Appended`), the event that was already in effect (`Already`), or 0.
     pub offset: u64,
     pub alarm_id: Uuid,
+    pub kind: OutcomeKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum OutcomeKind {
+    /// The command appended the event at `offset`.
+    Appended,
+    /// Nothing was appended: the command was already in effect since `offset`.
+    Already,
+    /// The state machine refused it (a domain rejection; never a transient failure).
+    Rejected { code: String, message: String },
 }
 
 /// Identity of a ledger, fixed at creation.
@@ -47,7 +61,18 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Appends events with consecutive offsets following the head, with their index entries, in
     /// one atomic batch, and returns only once the batch is on disk (power-loss durable).
-    fn append_batch(&self, events: &[Event]) -> Result<()>;
+    fn append_batch(&self, events: &[Event]) -> Result<()> {
+        self.append_with_outcomes(events, &[])
+    }
+
+    /// `append_batch` plus the outcomes of commands that appended nothing (`Already`,
+    /// `Rejected`), in the same atomic, durable batch. Events' own command_ids are indexed as
+    /// `Appended` automatically.
+    fn append_with_outcomes(
+        &self,
+        events: &[Event],
+        outcomes: &[(Uuid, CommandOutcome)],
+    ) -> Result<()>;
 
     /// Makes everything written so far durable (used to recover after a failed append).
     fn sync(&self) -> Result<()>;

@@ -7,7 +7,7 @@
 //! |---------------------------------------|--------------------------------|
 //! | `e` + offset (u64 BE)                 | record (`codec`)               |
 //! | `a` + alarm_id (16 B) + offset (u64 BE) | empty                        |
-//! | `c` + command_id (16 B)               | bincode `CommandOutcome`       |
+//! | `c` + command_id (16 B)               | bincode `CommandOutcome` (appended, already, rejected) |
 //! | `m` + name                            | ledger metadata                |
 //!
 //! Durability: sled's `flush()` writes with `sync_file_range`, which is not power-loss durable
@@ -15,7 +15,7 @@
 //! flush + one fdatasync per batch: the group commit.
 
 use super::codec::{self, decode_event, encode_event, FORMAT_VERSION};
-use super::{chain, CommandOutcome, EventLog, Head, LedgerInfo};
+use super::{chain, CommandOutcome, EventLog, Head, LedgerInfo, OutcomeKind};
 use crate::domain::Event;
 use crate::error::{Error, Result};
 use crate::time::Timestamp;
@@ -235,23 +235,36 @@ impl EventLog for SledLog {
         }
     }
 
-    fn append_batch(&self, events: &[Event]) -> Result<()> {
-        if events.is_empty() {
+    fn append_with_outcomes(
+        &self,
+        events: &[Event],
+        outcomes: &[(Uuid, CommandOutcome)],
+    ) -> Result<()> {
+        if events.is_empty() && outcomes.is_empty() {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
+        let mut index = |cid: Uuid, outcome: &CommandOutcome| -> Result<()> {
+            let bytes = codec::encode_value(outcome).map_err(|e| Error::Storage(e.to_string()))?;
+            batch.insert(&command_key(cid), bytes);
+            Ok(())
+        };
         for e in events {
-            batch.insert(&event_key(e.offset), encode_event(e));
-            batch.insert(&alarm_key(e.alarm_id, e.offset), &[]);
             if let Some(c) = e.command_id {
                 let outcome = CommandOutcome {
                     offset: e.offset,
                     alarm_id: e.alarm_id,
+                    kind: OutcomeKind::Appended,
                 };
-                let bytes =
-                    codec::encode_value(&outcome).map_err(|e| Error::Storage(e.to_string()))?;
-                batch.insert(&command_key(c), bytes);
+                index(c, &outcome)?;
             }
+        }
+        for (cid, outcome) in outcomes {
+            index(*cid, outcome)?;
+        }
+        for e in events {
+            batch.insert(&event_key(e.offset), encode_event(e));
+            batch.insert(&alarm_key(e.alarm_id, e.offset), &[]);
         }
         self.tree.apply_batch(batch)?;
         self.sync()

@@ -719,12 +719,8 @@ async fn pipelined_commands_on_one_connection_apply_in_order() {
 
 /// PRODUCT.md: "a repeat of a command_id returns the original outcome and appends nothing, for
 /// the life of the ledger". A trigger that lost the race (`already`) and is retried with its
-/// command_id after the alarm was acknowledged and rearmed must not fire the alarm again.
-///
-/// Fails today: the writer (src/ledger/writer.rs, `decide_batch`) records a command_id only with
-/// an appended event, so an `already` outcome is forgotten and the retry is decided afresh (it
-/// appends a new `alarm_triggered`). Outside the files this suite may fix; see the report.
-#[ignore = "known bug in src/ledger/writer.rs: `already` outcomes are not recorded under their command_id"]
+/// command_id after the alarm was acknowledged and rearmed must not fire the alarm again: the
+/// writer records the outcome of every command that carries an id, appended or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_of_an_already_answer_appends_nothing_later() {
     let app = spawn_app().await;
