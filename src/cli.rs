@@ -157,12 +157,15 @@ pub fn export(args: ExportArgs) -> Result<()> {
     }
     let mut io_err = None;
     let mut n = 0u64;
+    let mut line = Vec::with_capacity(512);
     export::for_each(&log, head, &filter, |e| {
-        let line = match args.format {
-            ExportFormat::Ndjson => crate::protocol::export_line(e, ledger_id),
-            ExportFormat::Csv => export::csv_row(e, ledger_id),
-        };
-        if let Err(err) = writeln!(out, "{line}") {
+        line.clear();
+        match args.format {
+            ExportFormat::Ndjson => crate::protocol::write_export_line(&mut line, e, ledger_id),
+            ExportFormat::Csv => line.extend_from_slice(export::csv_row(e, ledger_id).as_bytes()),
+        }
+        line.push(b'\n');
+        if let Err(err) = out.write_all(&line) {
             io_err = Some(err);
             return false;
         }

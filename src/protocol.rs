@@ -354,15 +354,22 @@ fn with_req(mut m: Map<String, Value>, req: &Req) -> String {
 
 /// The `event` message (no `ledger_id`: the client has it from `hello`).
 pub fn event_message(event: &Event) -> String {
-    let mut m = Map::new();
-    m.insert("type".into(), json!("event"));
-    m.extend(event.to_json(None));
-    Value::Object(m).to_string()
+    let mut out = Vec::with_capacity(384);
+    crate::store::chain::write_event(&mut out, event, None, true, true);
+    // The writer emits JSON built from `&str`s and ASCII only: always valid UTF-8.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// One NDJSON export line: the event with `ledger_id` and `hash`.
 pub fn export_line(event: &Event, ledger_id: Uuid) -> String {
-    Value::Object(event.to_json(Some(ledger_id))).to_string()
+    let mut out = Vec::with_capacity(384);
+    write_export_line(&mut out, event, ledger_id);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends one export line (without the newline): the canonical JSON plus `hash`.
+pub fn write_export_line(out: &mut Vec<u8>, event: &Event, ledger_id: Uuid) {
+    crate::store::chain::write_event(out, event, Some(ledger_id), true, false);
 }
 
 pub struct Hello<'a> {

@@ -31,6 +31,45 @@ impl Timestamp {
             .to_rfc3339_opts(SecondsFormat::Millis, true)
     }
 
+    /// Appends the RFC 3339 form (as `to_rfc3339`) without allocating; years 0–9999 take a
+    /// fast path, others go through chrono.
+    pub fn write_rfc3339(self, out: &mut Vec<u8>) {
+        let ms = self.0.rem_euclid(1000);
+        let secs = self.0.div_euclid(1000);
+        let days = secs.div_euclid(86_400);
+        let sod = secs.rem_euclid(86_400);
+        // Howard Hinnant's civil_from_days.
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + i64::from(m <= 2);
+        if !(0..=9999).contains(&y) {
+            out.extend_from_slice(self.to_rfc3339().as_bytes());
+            return;
+        }
+        let mut buf = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, v: i64, width: usize| {
+            let mut v = v;
+            for i in (0..width).rev() {
+                buf[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, y, 4);
+        put(5, m, 2);
+        put(8, d, 2);
+        put(11, sod / 3600, 2);
+        put(14, sod % 3600 / 60, 2);
+        put(17, sod % 60, 2);
+        put(20, ms, 3);
+        out.extend_from_slice(&buf);
+    }
+
     /// Parses any RFC 3339 time (any offset) into UTC milliseconds.
     pub fn parse_rfc3339(s: &str) -> Option<Self> {
         DateTime::parse_from_rfc3339(s)
@@ -48,6 +87,31 @@ impl std::fmt::Display for Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_rfc3339_equals_chrono() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut samples = vec![
+            0i64,
+            -1,
+            1,
+            951_782_400_000,
+            253_402_300_799_999,
+            -62_135_596_800_000,
+        ];
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            samples.push((x % 300_000_000_000_000) as i64 - 62_000_000_000_000);
+        }
+        for ms in samples {
+            let t = Timestamp(ms);
+            let mut out = Vec::new();
+            t.write_rfc3339(&mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), t.to_rfc3339(), "{ms}");
+        }
+    }
 
     #[test]
     fn rfc3339_round_trip_with_millis() {

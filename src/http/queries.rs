@@ -204,7 +204,7 @@ pub async fn events(state: &State, req: &Request) -> Result<Response, ApiError> 
         let mut buf = Vec::with_capacity(64 * 1024);
         let mut gone = false;
         let result = export::for_each(ledger.log().as_ref(), head, &filter, |e| {
-            buf.extend_from_slice(crate::protocol::export_line(e, ledger_id).as_bytes());
+            crate::protocol::write_export_line(&mut buf, e, ledger_id);
             buf.push(b'\n');
             if buf.len() >= 60 * 1024 {
                 let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(64 * 1024)));
