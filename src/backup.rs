@@ -13,8 +13,10 @@ use crate::store::sled_log::{SledLog, SledOptions};
 use crate::store::{chain, EventLog, OutcomeKind};
 use std::path::{Path, PathBuf};
 
-/// Events per durable chunk in the destination.
-const CHUNK: usize = 8_192;
+/// Events per durable chunk in the destination. Small: sled 0.34 keeps several KB of memory per
+/// event written in batches of ~1,000 or more (measured: 1M events in 10k-event batches left
+/// 9.6 GB resident), while 256-event batches stay bounded.
+const CHUNK: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupReport {

@@ -87,8 +87,9 @@ pub struct ServeArgs {
     /// Write queue bound (commands); beyond it commands get `overloaded`.
     #[arg(long, env = "ALARM_LEDGER_QUEUE_CAPACITY", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub queue_capacity: u64,
-    /// Most commands per group commit.
-    #[arg(long, env = "ALARM_LEDGER_MAX_BATCH", default_value_t = 4_096, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    /// Most commands per group commit. Kept moderate: sled 0.34 holds several KB per event of
+    /// batches above ~1,000 events in memory (see README, benchmarks).
+    #[arg(long, env = "ALARM_LEDGER_MAX_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_batch: u64,
     /// Projection snapshot every N events (0 = only at shutdown).
     #[arg(long, env = "ALARM_LEDGER_SNAPSHOT_EVERY", default_value_t = 100_000)]

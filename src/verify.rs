@@ -7,7 +7,7 @@ use crate::domain::Hash;
 use crate::error::{Error, Result};
 use crate::ledger::{check_link, snapshot};
 use crate::projection::Projection;
-use crate::store::{chain, EventLog, OutcomeKind};
+use crate::store::{chain, CommandOutcome, EventLog, OutcomeKind};
 use std::collections::HashMap;
 use std::path::Path;
 use uuid::Uuid;
@@ -25,6 +25,28 @@ pub struct VerifyReport {
 /// Verifies the log and its indexes; with `snapshot_path`, the snapshot too. Stops at the first
 /// problem and reports it as `Error::Corrupt { offset, reason }`.
 pub fn verify_log(log: &dyn EventLog, snapshot_path: Option<&Path>) -> Result<VerifyReport> {
+    // The two index scans run on a second core while this one walks and hashes the log.
+    std::thread::scope(|scope| {
+        let indexes = scope.spawn(|| -> Result<Indexes> {
+            let alarms = log.alarm_index().collect::<Result<Vec<_>>>()?;
+            let commands = log.command_index().collect::<Result<Vec<_>>>()?;
+            Ok((alarms, commands))
+        });
+        verify_with(log, snapshot_path, || {
+            indexes
+                .join()
+                .map_err(|_| Error::Other("index scan thread panicked".into()))?
+        })
+    })
+}
+
+type Indexes = (Vec<(Uuid, u64)>, Vec<(Uuid, CommandOutcome)>);
+
+fn verify_with(
+    log: &dyn EventLog,
+    snapshot_path: Option<&Path>,
+    indexes: impl FnOnce() -> Result<Indexes>,
+) -> Result<VerifyReport> {
     let info = log.info();
     let mut prev = chain::genesis(info.ledger_id);
     let mut expected = 1u64;
@@ -104,9 +126,9 @@ pub fn verify_log(log: &dyn EventLog, snapshot_path: Option<&Path>) -> Result<Ve
             });
         }
     }
+    let (alarm_index, command_index) = indexes()?;
     let mut alarm_entries = 0u64;
-    for item in log.alarm_index() {
-        let (alarm, off) = item?;
+    for (alarm, off) in alarm_index {
         let ok = off >= 1 && alarm_of.get((off - 1) as usize) == Some(&alarm);
         if !ok {
             return Err(Error::Corrupt {
@@ -126,8 +148,7 @@ pub fn verify_log(log: &dyn EventLog, snapshot_path: Option<&Path>) -> Result<Ve
     // (`Already`, `Rejected`) remember commands that appended nothing and must not point past
     // the head or at another alarm's event.
     let mut appended_entries = 0usize;
-    for item in log.command_index() {
-        let (cid, outcome) = item?;
+    for (cid, outcome) in command_index {
         let bad = |what: &str| Error::Corrupt {
             offset: outcome.offset,
             reason: format!("command index entry {cid} {what}"),

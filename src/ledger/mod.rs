@@ -45,7 +45,7 @@ impl Default for LedgerOptions {
     fn default() -> Self {
         LedgerOptions {
             queue_capacity: 65_536,
-            max_batch: 4_096,
+            max_batch: 512,
             snapshot_every: 100_000,
             hub_capacity: 1_024,
             snapshot_path: None,
