@@ -91,6 +91,7 @@ for line in sys.stdin:
 print(exe or "")')
 [[ -x "$LOAD" ]] || { log "cannot find the load generator executable"; exit 1; }
 cargo bench --bench core --no-run 2>>"$LOG"
+cargo bench --bench compliance --no-run 2>>"$LOG"
 
 # Many sockets: idle connections, the storm (server and generator both inherit this).
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -242,7 +243,18 @@ else
   log "redis-server not available: comparison skipped"
 fi
 
-# ------------------------------------------------------------------ 5. report
+# ------------------------------------------------------------------ 5. compliance (issue 5)
+# Export and verify of a 1,000,000-event ledger with the real binary; online backup while
+# 1,000 events/s are appended (append latency during the backup).
+COMPLIANCE_EVENTS=1000000
+[[ $QUICK == 1 ]] && COMPLIANCE_EVENTS=20000
+log "compliance bench ($COMPLIANCE_EVENTS events)"
+if TMPDIR="$WORK" cargo bench --bench compliance -- --events "$COMPLIANCE_EVENTS" 2>>"$LOG" \
+    | grep '^{' | tee -a "$OUT" >&2; then :; else
+  echo '{"workload":"compliance","error":"cargo bench --bench compliance failed"}' >>"$OUT"
+fi
+
+# ------------------------------------------------------------------ 6. report
 python3 - "$OUT" "$SERVER_FLAGS" <<'EOF'
 import json, sys
 path, flags = sys.argv[1:3]
