@@ -173,6 +173,9 @@ struct W3Args {
     /// Writer connections sharing the rate (default: one per 100 events/s, 1..=16).
     #[arg(long)]
     writers: Option<usize>,
+    /// Logins per second attempted over HTTP during the run (PBKDF2 load; issue 4).
+    #[arg(long, default_value_t = 0.0)]
+    logins_per_s: f64,
 }
 
 #[derive(Args, Debug)]
@@ -1553,15 +1556,75 @@ fn fan_out_report(r: &mut Report, f: &mut FanOut) {
 
 async fn w3_ledger(a: &W3Args) -> Res<Report> {
     let writers = default_writers(a.rate, a.writers);
-    let mut f = fan_out(&a.common, a.subscribers, a.rate, writers, a.seconds, None).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let logins = (a.logins_per_s > 0.0)
+        .then(|| tokio::spawn(login_load(a.common.clone(), a.logins_per_s, stop_rx)));
+    let fanned = fan_out(&a.common, a.subscribers, a.rate, writers, a.seconds, None).await;
+    let _ = stop_tx.send(true);
+    let login_stats = match logins {
+        Some(t) => Some(t.await.map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut f = fanned?;
     let mut r = Report::for_common("W3", &a.common);
     r.set("subscribers", a.subscribers as u64)
         .num("rate", a.rate)
         .set("writers", writers as u64)
         .num("seconds", f.write_secs);
+    if let Some((ok, failed, mut lat)) = login_stats {
+        lat.sort_by(|x, y| x.total_cmp(y));
+        let p = |q: f64| {
+            lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        r.num("logins_per_s_attempted", a.logins_per_s)
+            .num("logins_per_s_done", ok as f64 / f.write_secs.max(0.001))
+            .set("logins_ok", ok)
+            .set("logins_failed", failed)
+            .num("login_p50_ms", p(0.5))
+            .num("login_p99_ms", p(0.99));
+    }
     fan_out_report(&mut r, &mut f);
     r.rss(a.common.server_pid);
     Ok(r)
+}
+
+/// Logs in at `rate` per second (each login on its own task) until told to stop; returns
+/// (succeeded, failed, latencies in ms).
+async fn login_load(c: Common, rate: f64, mut stop: watch::Receiver<bool>) -> (u64, u64, Vec<f64>) {
+    let Ok(authority) = check_loopback_url(&c.url) else {
+        return (0, 0, Vec::new());
+    };
+    let client = reqwest::Client::new();
+    let url = format!("http://{authority}/api/v1/login");
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut tasks = tokio::task::JoinSet::new();
+    let limit = Instant::now() + Duration::from_secs(600);
+    while !*stop.borrow() && Instant::now() < limit {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let (client, url) = (client.clone(), url.clone());
+        let body = json!({"username": c.user, "password": c.password});
+        tasks.spawn(async move {
+            let t = Instant::now();
+            let ok = matches!(client.post(url).json(&body).send().await, Ok(r) if r.status().is_success());
+            (ok, t.elapsed().as_secs_f64() * 1e3)
+        });
+    }
+    let (mut ok, mut failed, mut lat) = (0u64, 0u64, Vec::new());
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok((true, ms)) => {
+                ok += 1;
+                lat.push(ms);
+            }
+            _ => failed += 1,
+        }
+    }
+    (ok, failed, lat)
 }
 
 async fn w4_ledger(a: &W4Args) -> Res<Report> {

@@ -865,8 +865,8 @@ fn openapi_document_covers_every_route_and_its_references_resolve() {
                 Some(c) if c.get("const").is_some() => vec![&c["const"]],
                 Some(c) => c["enum"].as_array().unwrap().iter().collect(),
                 None => {
-                    // Only readiness answers 503 with its own body (which check failed).
-                    let own_body = path == "/readyz" && status == "503";
+                    // Only health checks answer 503 with their own body (which check failed).
+                    let own_body = (path == "/readyz" || path == "/healthz") && status == "503";
                     assert!(
                         own_body || !status.starts_with(['4', '5']),
                         "{method} {path} {status} must carry the error object"

@@ -206,6 +206,7 @@ impl Alarm {
             "last_trigger_message": self.last_trigger_message,
             "last_acked_at": stamp_at(&self.last_ack),
             "last_acked_by": stamp_by(&self.last_ack),
+            "last_ack_offset": stamp_off(&self.last_ack),
             "last_ack_comment": self.last_ack_comment,
         })
     }

@@ -72,10 +72,17 @@ pub async fn login(state: &State, req: &Request) -> Result<Response, ApiError> {
     }
     let st = state.clone();
     let (name, password) = (user.clone(), body.password);
-    // PBKDF2 costs ~150 ms: never on the reactor.
+    // PBKDF2 costs ~150 ms: never on the reactor, and never on every core at once.
+    let permit = state
+        .auth
+        .hashing
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let result = tokio::task::spawn_blocking(move || st.auth.users.authenticate(&name, &password))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    drop(permit);
     match result {
         Ok(info) => {
             state.auth.throttle.record_success(&user, ip);

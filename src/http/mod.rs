@@ -44,6 +44,19 @@ pub struct AuthCtx {
     pub tokens: TokenService,
     pub throttle: LoginThrottle,
     pub security: SecurityLog,
+    /// Password hashes (PBKDF2, ~150 ms of CPU each) allowed at once: one core fewer than the
+    /// machine has, so a burst of logins queues here instead of starving the writer and the
+    /// WebSocket fan-out of CPU.
+    pub hashing: tokio::sync::Semaphore,
+}
+
+impl AuthCtx {
+    /// Permits for `hashing`: all cores but one (at least one).
+    pub fn hashing_permits() -> usize {
+        std::thread::available_parallelism()
+            .map(|n| n.get().saturating_sub(1).max(1))
+            .unwrap_or(1)
+    }
 }
 
 /// Settings of the API layer (validated in `config`).
