@@ -92,7 +92,7 @@ impl Application {
             tokens,
             throttle: LoginThrottle::new(args.login_max_failures, args.login_window, 100_000),
             security,
-            hashing: tokio::sync::Semaphore::new(AuthCtx::hashing_permits()),
+            hasher: crate::http::Hasher::start()?,
         });
 
         if let Restore::Snapshot { offset, .. } = restore {

@@ -72,17 +72,12 @@ pub async fn login(state: &State, req: &Request) -> Result<Response, ApiError> {
     }
     let st = state.clone();
     let (name, password) = (user.clone(), body.password);
-    // PBKDF2 costs ~150 ms: never on the reactor, and never on every core at once.
-    let permit = state
+    // PBKDF2 costs ~150 ms: never on the reactor, never on every core, at low priority.
+    let result = state
         .auth
-        .hashing
-        .acquire()
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let result = tokio::task::spawn_blocking(move || st.auth.users.authenticate(&name, &password))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    drop(permit);
+        .hasher
+        .run(move || st.auth.users.authenticate(&name, &password))
+        .await?;
     match result {
         Ok(info) => {
             state.auth.throttle.record_success(&user, ip);
@@ -171,9 +166,11 @@ pub async fn create_user(state: &State, req: &Request) -> Result<Response, ApiEr
     let role = parse_role(&body.role)?;
     let st = state.clone();
     let name = body.username.clone();
-    let info = tokio::task::spawn_blocking(move || st.auth.users.add(&name, &body.password, role))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let info = state
+        .auth
+        .hasher
+        .run(move || st.auth.users.add(&name, &body.password, role))
+        .await??;
     record(
         state,
         entry(state, req, SecurityAction::UserCreated)
@@ -245,9 +242,11 @@ pub async fn update_user(state: &State, req: &Request, name: &str) -> Result<Res
         let st = state.clone();
         let n = name.to_string();
         info = Some(
-            tokio::task::spawn_blocking(move || st.auth.users.set_password(&n, &password))
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))??,
+            state
+                .auth
+                .hasher
+                .run(move || st.auth.users.set_password(&n, &password))
+                .await??,
         );
         record(
             state,

@@ -44,18 +44,83 @@ pub struct AuthCtx {
     pub tokens: TokenService,
     pub throttle: LoginThrottle,
     pub security: SecurityLog,
-    /// Password hashes (PBKDF2, ~150 ms of CPU each) allowed at once: one core fewer than the
-    /// machine has, so a burst of logins queues here instead of starving the writer and the
-    /// WebSocket fan-out of CPU.
-    pub hashing: tokio::sync::Semaphore,
+    /// Where password checks run (PBKDF2, ~150 ms of CPU each).
+    pub hasher: Hasher,
 }
 
-impl AuthCtx {
-    /// Permits for `hashing`: all cores but one (at least one).
-    pub fn hashing_permits() -> usize {
-        std::thread::available_parallelism()
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// A few lowest-priority threads (nice 19; all cores but one) for password hashing: a burst of
+/// logins queues here (bounded) and yields the CPU to the writer and the WebSocket fan-out
+/// instead of starving them.
+pub struct Hasher {
+    tx: std::sync::mpsc::Sender<HashJob>,
+    /// Jobs queued or running; beyond `MAX_PENDING_HASHES` a login gets `overloaded` (503 +
+    /// Retry-After) instead of waiting for seconds in an unbounded queue.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Password checks queued at most (~150 ms each per hashing thread).
+pub const MAX_PENDING_HASHES: usize = 32;
+
+impl Hasher {
+    pub fn start() -> std::io::Result<Hasher> {
+        let threads = std::thread::available_parallelism()
             .map(|n| n.get().saturating_sub(1).max(1))
-            .unwrap_or(1)
+            .unwrap_or(1);
+        let (tx, rx) = std::sync::mpsc::channel::<HashJob>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("password-hash-{i}"))
+                .spawn(move || {
+                    // Lowest priority (nice 19): hashing yields the CPU to the writer and the
+                    // fan-out, yet is never starved outright on a busy machine (SCHED_IDLE
+                    // would be). SAFETY: setpriority on the calling thread (who = 0 on Linux).
+                    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(guard) => guard.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return, // all senders gone: shutting down
+                        }
+                    }
+                })?;
+        }
+        Ok(Hasher {
+            tx,
+            pending: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        })
+    }
+
+    /// Runs `f` on a hashing thread and waits for its result.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        use std::sync::atomic::Ordering;
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_HASHES {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            let mut e = ApiError::new("overloaded", "too many logins in progress; retry shortly");
+            e.retry_after = Some(std::time::Duration::from_secs(1));
+            return Err(e);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let pending = self.pending.clone();
+        let sent = self.tx.send(Box::new(move || {
+            let _ = tx.send(f());
+            pending.fetch_sub(1, Ordering::SeqCst);
+        }));
+        if sent.is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::internal("password hashing unavailable"));
+        }
+        rx.await
+            .map_err(|_| ApiError::internal("password hashing failed"))
     }
 }
 
