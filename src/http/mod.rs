@@ -1,15 +1,17 @@
 //! HTTP and WebSocket API v1 (PROTOCOL.md) on warp 0.4.
 //!
-//! One catch-all filter reads the request (method, path, query, headers, bounded body, peer) and
-//! `dispatch` matches `(method, path segments)` to a handler: the route table is one `match` you
-//! can read in one sitting, and request logging, request ids and metrics live in one place.
-//! The WebSocket upgrade is the only route served by a dedicated warp filter (`ws.rs`).
+//! `server.rs` accepts connections (hyper 1) and hands WebSocket upgrades of `/api/v1/ws` to
+//! `ws.rs`; every other request goes to one catch-all warp filter that reads it (method, path,
+//! query, headers, bounded body, peer) and `dispatch` matches `(method, path segments)` to a
+//! handler: the route table is one `match` you can read in one sitting, and request logging,
+//! request ids and metrics live in one place.
 
 pub mod admin;
 pub mod commands;
 pub mod errors;
 pub mod health;
 pub mod queries;
+pub mod server;
 pub mod session;
 pub mod ws;
 
@@ -281,26 +283,12 @@ async fn read_body(
 
 /// All routes.
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
-    let ws_state = state.clone();
-    let ws_route = warp::path!("api" / "v1" / "ws")
-        .and(warp::ws())
-        .and(warp::header::headers_cloned())
-        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .and(warp::addr::remote())
-        .map(
-            move |upgrade: warp::ws::Ws,
-                  headers: HeaderMap,
-                  query: String,
-                  peer: Option<SocketAddr>| {
-                ws::upgrade(ws_state.clone(), upgrade, headers, query, peer)
-            },
-        );
     let api = warp::method()
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
-        .and(warp::addr::remote())
+        .and(warp::ext::optional::<server::PeerAddr>().map(|p: Option<server::PeerAddr>| p.map(|p| p.0)))
         .and_then(
             move |method: Method,
                   path: warp::path::FullPath,
@@ -351,7 +339,7 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
                 }
             },
         );
-    ws_route.map(Reply::into_response).or(api).unify().boxed()
+    api.boxed()
 }
 
 /// The route table. Returns the route's name (a metrics label) and the response.

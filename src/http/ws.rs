@@ -23,9 +23,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
-use warp::http::HeaderMap;
-use warp::ws::{Message, WebSocket};
+use warp::Reply;
+
+type WebSocket = WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
 
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_POLICY: u16 = 1008;
@@ -41,13 +47,62 @@ const USER_RECHECK: Duration = Duration::from_secs(2);
 /// Chunks buffered between the subscription task and the socket.
 const SUB_BUFFER: usize = 4;
 
+/// Whether `req` asks for a WebSocket upgrade (RFC 6455 §4.2.1).
+pub fn is_upgrade<B>(req: &hyper::Request<B>) -> bool {
+    let h = req.headers();
+    let has = |name: &str, token: &str| {
+        h.get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    req.method() == hyper::Method::GET
+        && has("connection", "upgrade")
+        && has("upgrade", "websocket")
+        && h.get("sec-websocket-key").is_some()
+}
+
+/// The transport configuration of every socket: small buffers (tungstenite's default 128 KiB
+/// read buffer is filled at the first read; with 10,000 connections that alone is 1.3 GB),
+/// and a message limit well above ours so an oversized message reaches our own check and gets a
+/// clean 1008 close instead of a broken stream.
+fn transport_config(limit: usize) -> WebSocketConfig {
+    let backstop = limit.saturating_mul(4).max(1 << 20);
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .max_message_size(Some(backstop))
+        .max_frame_size(Some(backstop))
+}
+
+/// Answers the upgrade request (101) and runs the connection once hyper hands the socket over.
 pub fn upgrade(
     state: State,
-    ws: warp::ws::Ws,
-    headers: HeaderMap,
-    query: String,
+    mut req: hyper::Request<hyper::body::Incoming>,
     peer: Option<SocketAddr>,
-) -> impl warp::Reply {
+) -> warp::reply::Response {
+    let headers = req.headers().clone();
+    if headers
+        .get("sec-websocket-version")
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        let mut resp = warp::reply::with_status(
+            "unsupported WebSocket version (13 required)",
+            warp::http::StatusCode::BAD_REQUEST,
+        )
+        .into_response();
+        resp.headers_mut().insert(
+            "sec-websocket-version",
+            warp::http::HeaderValue::from_static("13"),
+        );
+        return resp;
+    }
+    let accept = headers
+        .get("sec-websocket-key")
+        .map(|k| derive_accept_key(k.as_bytes()))
+        .unwrap_or_default();
+    let query = req.uri().query().unwrap_or("").to_string();
     let token = bearer(&headers).map(str::to_string).or_else(|| {
         super::parse_query(&query)
             .into_iter()
@@ -65,17 +120,25 @@ pub fn upgrade(
         .get("user-agent")
         .and_then(|v| v.to_str().ok())
         .map(|s| s.chars().take(256).collect::<String>());
-    let limit = state.settings.ws_max_message;
-    // The transport limit is a backstop well above ours, so an oversized message reaches our
-    // check and gets a clean 1008 close instead of a broken stream.
-    let ws = ws
-        .max_message_size(limit.saturating_mul(4).max(1 << 20))
-        .max_frame_size(limit.saturating_mul(4).max(1 << 20));
-    ws.on_upgrade(move |socket| {
-        let conn_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let span =
-            tracing::info_span!("ws", conn = %conn_id, user = tracing::field::Empty, ip = ?ip);
+    let config = transport_config(state.settings.ws_max_message);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let conn_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let span = tracing::info_span!("ws", conn = %conn_id, user = tracing::field::Empty, ip = ?ip);
+    tokio::spawn(
         async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(error = %e, "websocket upgrade failed");
+                    return;
+                }
+            };
+            let socket = WebSocketStream::from_raw_socket(
+                hyper_util::rt::TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            )
+            .await;
             match auth {
                 Err(denied) => reject(socket, denied).await,
                 Ok(principal) => {
@@ -85,16 +148,36 @@ pub fn upgrade(
                 }
             }
         }
-        .instrument(span)
-    })
+        .instrument(span),
+    );
+    let mut resp =
+        warp::reply::with_status(warp::reply(), warp::http::StatusCode::SWITCHING_PROTOCOLS)
+            .into_response();
+    let h = resp.headers_mut();
+    h.insert("upgrade", warp::http::HeaderValue::from_static("websocket"));
+    h.insert(
+        "connection",
+        warp::http::HeaderValue::from_static("upgrade"),
+    );
+    if let Ok(v) = warp::http::HeaderValue::from_str(&accept) {
+        h.insert("sec-websocket-accept", v);
+    }
+    resp
+}
+
+fn close_msg(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_string().into(),
+    }))
 }
 
 async fn reject(mut socket: WebSocket, denied: Denied) {
     tracing::info!(reason = denied.reason(), "websocket rejected");
     let _ = socket
-        .send(Message::close_with(CLOSE_UNAUTHORIZED, denied.reason()))
+        .send(close_msg(CLOSE_UNAUTHORIZED, denied.reason()))
         .await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), socket.close()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), socket.close(None)).await;
 }
 
 struct ConnMeta {
@@ -160,7 +243,7 @@ impl Connection {
             End::Close(code, reason) => {
                 let _ = tokio::time::timeout(
                     Duration::from_secs(2),
-                    sink.send(Message::close_with(code, reason.clone())),
+                    sink.send(close_msg(code, &reason)),
                 )
                 .await;
                 format!("closed {code} {reason}")
@@ -173,8 +256,8 @@ impl Connection {
 
     async fn serve(
         &mut self,
-        sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
-        stream: &mut (impl futures_util::Stream<Item = Result<Message, warp::Error>> + Unpin),
+        sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
+        stream: &mut (impl futures_util::Stream<Item = Result<Message, WsError>> + Unpin),
     ) -> End {
         let settings = self.state.settings.clone();
         let stall = settings.ws_stall_timeout;
@@ -253,7 +336,7 @@ impl Connection {
                         tracing::info!("peer silent beyond the idle timeout; dropping");
                         return End::Gone;
                     }
-                    if let Err(fail) = send_msg(sink, Message::ping(Vec::new()), stall).await {
+                    if let Err(fail) = send_msg(sink, Message::Ping(Default::default()), stall).await {
                         return self.ended(fail);
                     }
                 }
@@ -292,7 +375,7 @@ impl Connection {
     /// Handles one client frame; `Some(end)` ends the connection.
     async fn on_frame(
         &mut self,
-        sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
+        sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
         msg: Message,
     ) -> Option<End> {
         let stall = self.state.settings.ws_stall_timeout;
@@ -302,10 +385,10 @@ impl Connection {
         if msg.is_ping() || msg.is_pong() {
             return None;
         }
-        if msg.as_bytes().len() > self.state.settings.ws_max_message {
+        if msg.len() > self.state.settings.ws_max_message {
             return Some(End::Close(CLOSE_POLICY, "message too large".into()));
         }
-        let Ok(text) = msg.to_str() else {
+        let Message::Text(text) = &msg else {
             return self
                 .malformed(
                     sink,
@@ -314,7 +397,7 @@ impl Connection {
                 )
                 .await;
         };
-        let (req, parsed) = match protocol::parse_client_message(text) {
+        let (req, parsed) = match protocol::parse_client_message(text.as_str()) {
             Ok(x) => x,
             Err((req, bad)) => return self.malformed(sink, &req, &bad.0).await,
         };
@@ -346,7 +429,7 @@ impl Connection {
 
     async fn malformed(
         &mut self,
-        sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
+        sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
         req: &Req,
         why: &str,
     ) -> Option<End> {
@@ -561,11 +644,9 @@ impl Connection {
     }
 }
 
-/// Whether a read error is the transport refusing a message or frame over its size limit
-/// (tungstenite's `Capacity` error, which warp wraps and this crate cannot name).
-fn is_too_large(e: &warp::Error) -> bool {
-    let text = e.to_string();
-    text.contains("Space limit exceeded") || text.contains("too long")
+/// Whether a read error is the transport refusing a message or frame over its size limit.
+fn is_too_large(e: &WsError) -> bool {
+    matches!(e, WsError::Capacity(_))
 }
 
 /// The next subscription item, or pending forever when not subscribed.
@@ -586,7 +667,7 @@ enum SendFail {
     Stalled,
 }
 
-fn timed(r: Result<Result<(), warp::Error>, tokio::time::error::Elapsed>) -> Result<(), SendFail> {
+fn timed(r: Result<Result<(), WsError>, tokio::time::error::Elapsed>) -> Result<(), SendFail> {
     match r {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(SendFail::Gone),
@@ -596,7 +677,7 @@ fn timed(r: Result<Result<(), warp::Error>, tokio::time::error::Elapsed>) -> Res
 
 /// Feeds the texts and flushes once, all within the stall limit.
 async fn send(
-    sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
+    sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
     texts: Vec<String>,
     stall: Duration,
 ) -> Result<(), SendFail> {
@@ -610,7 +691,7 @@ async fn send(
 }
 
 async fn send_msg(
-    sink: &mut (impl futures_util::Sink<Message, Error = warp::Error> + Unpin),
+    sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
     msg: Message,
     stall: Duration,
 ) -> Result<(), SendFail> {
