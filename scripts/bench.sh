@@ -199,6 +199,9 @@ for run in $W3_RUNS; do
   subs=${run%%:*}; rate=${run##*:}
   run_load "W3-$subs@$rate" w3 "${COMMON[@]}" --timeout 180 --subscribers "$subs" --rate "$rate" --seconds "$W3_SECS"
 done
+# Issue 4: delivery latency while logins (PBKDF2, ~150 ms of CPU each) arrive at 20/s.
+run_load "W3-100@1000-logins20" w3 "${COMMON[@]}" --timeout 180 --subscribers 100 --rate 1000 \
+  --seconds "$W3_SECS" --logins-per-s 20
 run_load "W4-$W4_CLIENTS" w4 "${COMMON[@]}" --timeout 180 --clients "$W4_CLIENTS" --rate 200 --before 2 --after 2
 
 # Idle connections on a freshly restarted server (same data): RSS of a server at rest.
