@@ -17,7 +17,7 @@
 
 use super::hub::Published;
 use super::Ledger;
-use crate::domain::{decide, Alarm, Command, Decision, Event, Hash, Rejection};
+use crate::domain::{decide, Alarm, Command, Decision, Event, EventKind, Hash, Rejection};
 use crate::error::Result;
 use crate::metrics::KindLabel;
 use crate::store::{CommandOutcome, OutcomeKind};
@@ -377,14 +377,21 @@ impl Writer {
                 m.head.at = last.at;
             }
         }
+        // Count per kind first: one labelled-counter lookup per kind and batch, not per event.
+        let mut per_kind = [0u64; EventKind::ALL.len()];
         for e in &events {
-            self.ledger
-                .metrics
-                .events_appended
-                .get_or_create(&KindLabel {
-                    kind: e.kind().as_str().into(),
-                })
-                .inc();
+            per_kind[e.kind() as usize] += 1;
+        }
+        for (kind, n) in EventKind::ALL.iter().zip(per_kind) {
+            if n > 0 {
+                self.ledger
+                    .metrics
+                    .events_appended
+                    .get_or_create(&KindLabel {
+                        kind: kind.as_str().into(),
+                    })
+                    .inc_by(n);
+            }
         }
         if let Some(last) = events.last() {
             self.ledger.metrics.head_offset.set(last.offset as i64);
