@@ -406,8 +406,8 @@ pub fn live(offset: u64) -> String {
     json!({"type": "live", "offset": offset}).to_string()
 }
 
-/// The `ok` object of a command (also the HTTP command answer, without `type`... kept with it
-/// for one shape everywhere).
+/// The `ok` object of a command. HTTP command answers are the same object (with `type`), so a
+/// client parses one shape on both transports.
 pub fn ok_value(req: &Req, offset: u64, alarm_id: Uuid, already: bool, duplicate: bool) -> Value {
     let mut m = Map::new();
     m.insert("type".into(), json!("ok"));

@@ -26,7 +26,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 use warp::Reply;
@@ -268,7 +268,7 @@ impl Connection {
             role: self.principal.role.as_str(),
             token_expires_at: self.expires_at_text.clone(),
         });
-        if send(sink, vec![hello], stall).await.is_err() {
+        if send(sink, vec![hello.into()], stall).await.is_err() {
             return End::Gone;
         }
         let mut shutdown = self.state.shutdown.clone();
@@ -303,20 +303,25 @@ impl Connection {
                     }
                 }
                 Some(answer) = self.answers_rx.recv() => {
-                    if let Err(fail) = send(sink, vec![answer], stall).await {
+                    if let Err(fail) = send(sink, vec![answer.into()], stall).await {
                         return self.ended(fail);
                     }
                 }
                 item = next_item(&mut self.sub_rx) => {
                     match item {
                         Some(Ok(SubItem::Events(events))) => {
-                            let texts = events.iter().map(|p| p.wire().to_string()).collect();
+                            // Shared bytes: no copy per subscriber. They are UTF-8 by
+                            // construction (JSON from a String); the check is a fast scan.
+                            let texts = events
+                                .iter()
+                                .filter_map(|p| Utf8Bytes::try_from(p.wire().clone()).ok())
+                                .collect();
                             if let Err(fail) = send(sink, texts, stall).await {
                                 return self.ended(fail);
                             }
                         }
                         Some(Ok(SubItem::Live { offset })) => {
-                            if let Err(fail) = send(sink, vec![protocol::live(offset)], stall).await {
+                            if let Err(fail) = send(sink, vec![protocol::live(offset).into()], stall).await {
                                 return self.ended(fail);
                             }
                         }
@@ -324,7 +329,7 @@ impl Connection {
                             self.stop_subscription();
                             tracing::error!(error = %e, "subscription failed");
                             let text = protocol::error(&None, "internal", &format!("subscription failed: {e}"));
-                            if send(sink, vec![text], stall).await.is_err() {
+                            if send(sink, vec![text.into()], stall).await.is_err() {
                                 return End::Gone;
                             }
                         }
@@ -348,7 +353,7 @@ impl Connection {
                 _ = sleep_until(warn_at), if !self.warned => {
                     self.warned = true;
                     let text = protocol::token_expiring(&self.expires_at_text);
-                    if let Err(fail) = send(sink, vec![text], stall).await {
+                    if let Err(fail) = send(sink, vec![text.into()], stall).await {
                         return self.ended(fail);
                     }
                 }
@@ -420,7 +425,7 @@ impl Connection {
             command => self.command(req, command),
         };
         if let Some(text) = reply {
-            if let Err(fail) = send(sink, vec![text], stall).await {
+            if let Err(fail) = send(sink, vec![text.into()], stall).await {
                 return Some(self.ended(fail));
             }
         }
@@ -450,7 +455,13 @@ impl Connection {
             ));
         }
         let text = protocol::error(req, "bad_request", why);
-        if let Err(fail) = send(sink, vec![text], self.state.settings.ws_stall_timeout).await {
+        if let Err(fail) = send(
+            sink,
+            vec![text.into()],
+            self.state.settings.ws_stall_timeout,
+        )
+        .await
+        {
             return Some(self.ended(fail));
         }
         None
@@ -678,7 +689,7 @@ fn timed(r: Result<Result<(), WsError>, tokio::time::error::Elapsed>) -> Result<
 /// Feeds the texts and flushes once, all within the stall limit.
 async fn send(
     sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
-    texts: Vec<String>,
+    texts: Vec<Utf8Bytes>,
     stall: Duration,
 ) -> Result<(), SendFail> {
     let fut = async {

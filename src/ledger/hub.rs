@@ -11,11 +11,12 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::broadcast;
 
 /// A durable event with its WebSocket encoding computed at most once, by whichever subscriber
-/// needs it first (fan-out to N clients serializes once, not N times).
+/// needs it first, and shared (reference-counted bytes): fan-out to N clients serializes once
+/// and copies nothing per client.
 #[derive(Debug)]
 pub struct Published {
     pub event: Event,
-    wire: OnceLock<String>,
+    wire: OnceLock<bytes::Bytes>,
 }
 
 impl Published {
@@ -26,10 +27,11 @@ impl Published {
         })
     }
 
-    /// The `event` message text (without `ledger_id`: the client has it from `hello`).
-    pub fn wire(&self) -> &str {
+    /// The `event` message text (UTF-8 JSON, without `ledger_id`: the client has it from
+    /// `hello`). Cloning the returned bytes is a reference-count increment.
+    pub fn wire(&self) -> &bytes::Bytes {
         self.wire
-            .get_or_init(|| crate::protocol::event_message(&self.event))
+            .get_or_init(|| bytes::Bytes::from(crate::protocol::event_message(&self.event)))
     }
 }
 

@@ -134,15 +134,8 @@ impl TestApp {
     }
 
     pub async fn get(&self, token: &str, path: &str) -> (u16, Value) {
-        let r = self
-            .client
-            .get(self.url(path))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("get");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        let (status, text) = self.get_text(token, path).await;
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
     pub async fn get_text(&self, token: &str, path: &str) -> (u16, String) {
