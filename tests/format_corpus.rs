@@ -620,3 +620,49 @@ fn verify_chain_script_agrees_on_escaping_of_awkward_strings() {
         head,
     );
 }
+
+/// The command index value (`store::CommandOutcome`, bincode by position) is on disk too: a
+/// repeat of a command_id must get its original outcome for the life of the ledger, so these
+/// encodings are pinned like records.
+#[test]
+fn v1_command_outcomes_decode_and_reencode_byte_for_byte() {
+    use alarm_ledger::store::codec::{decode_value, encode_value};
+    use alarm_ledger::store::{CommandOutcome, OutcomeKind};
+    let alarm = uuid("0196a0a0-0000-7000-8000-00000000a001");
+    let cases = [
+        (
+            "command_appended.bin",
+            CommandOutcome {
+                offset: 7,
+                alarm_id: alarm,
+                kind: OutcomeKind::Appended,
+            },
+        ),
+        (
+            "command_already.bin",
+            CommandOutcome {
+                offset: 3,
+                alarm_id: alarm,
+                kind: OutcomeKind::Already,
+            },
+        ),
+        (
+            "command_rejected.bin",
+            CommandOutcome {
+                offset: 0,
+                alarm_id: alarm,
+                kind: OutcomeKind::Rejected {
+                    code: "not_triggered".into(),
+                    message: "alarm is not triggered".into(),
+                },
+            },
+        ),
+    ];
+    for (file, outcome) in cases {
+        let fresh = encode_value(&outcome).unwrap();
+        let bytes = golden(file, &fresh);
+        let decoded: CommandOutcome = decode_value(&bytes).unwrap();
+        assert_eq!(decoded, outcome, "{file} decodes");
+        assert_eq!(encode_value(&decoded).unwrap(), bytes, "{file} re-encodes byte for byte");
+    }
+}
