@@ -568,8 +568,15 @@ impl Connection {
                     e = e.user_agent(ua.clone());
                 }
                 let st = self.state.clone();
+                // Durable like every other security-log entry (same sync as the event log).
                 tokio::task::spawn_blocking(move || {
-                    if let Err(e) = st.auth.security.append(e) {
+                    let r = st
+                        .auth
+                        .security
+                        .append(e)
+                        .map_err(|e| e.to_string())
+                        .and_then(|_| st.ledger.log().sync().map_err(|e| e.to_string()));
+                    if let Err(e) = r {
                         tracing::error!(error = %e, "security log append failed");
                     }
                 });
