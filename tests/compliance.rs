@@ -6,12 +6,14 @@
 //! Servers run as child processes (`alarm-ledger serve`), stopped with SIGTERM or SIGKILL, so the
 //! CLI sees exactly what an operator's copy of the data directory holds.
 
+#[path = "common/process.rs"]
+mod process;
+
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
@@ -39,46 +41,23 @@ impl Server {
     }
 
     async fn start_with(data: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .args(["--log-format", "json", "serve", "--data"])
-            .arg(data)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("ALARM_LEDGER_JWT_SECRET", SECRET)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the server binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["message"] == "alarm-ledger listening" {
-                        if let Some(a) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
-                            let _ = tx.send(a);
-                        }
-                    }
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let addr =
-            match tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
-                .await
-                .unwrap()
-            {
-                Ok(a) => a,
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("server did not start:\n{}", log.lock().unwrap().join("\n"));
-                }
-            };
+        let (data, extra): (PathBuf, Vec<String>) = (
+            data.to_path_buf(),
+            extra.iter().map(|e| e.to_string()).collect(),
+        );
+        let process::Spawned { child, addr, log } = tokio::task::spawn_blocking(move || {
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            process::spawn_server(
+                &data,
+                &extra,
+                &[
+                    ("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD),
+                    ("ALARM_LEDGER_JWT_SECRET", SECRET),
+                ],
+            )
+        })
+        .await
+        .unwrap();
         let mut s = Server {
             child: Some(child),
             addr,

@@ -13,11 +13,13 @@
 //! The server runs with `--snapshot-every 40` so that kills also land during projection
 //! snapshots. `CRASH_SEED` reproduces a run's kill times; `CRASH_ROUNDS` changes the count.
 
+#[path = "common/process.rs"]
+mod process;
+
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -37,45 +39,15 @@ struct Server {
 
 impl Server {
     fn start(data: &Path) -> Server {
-        let mut child = Command::new(BIN)
-            .args(["--log-format", "json", "serve", "--data"])
-            .arg(data)
-            .args(["--listen", "127.0.0.1:0", "--snapshot-every", "40"])
-            .env("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("ALARM_LEDGER_JWT_SECRET", SECRET)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the server binary starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["message"] == "alarm-ledger listening" {
-                        if let Some(a) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
-                            let _ = tx.send(a);
-                        }
-                    }
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the server did not report its address:\n{}",
-                    log.lock().unwrap().join("\n")
-                );
-            }
-        };
+        let process::Spawned { child, addr, log } = process::spawn_server(
+            data,
+            &["--snapshot-every", "40"],
+            &[
+                ("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD),
+                ("ALARM_LEDGER_JWT_SECRET", SECRET),
+                ("RUST_LOG", "info"),
+            ],
+        );
         Server { child, addr, log }
     }
 

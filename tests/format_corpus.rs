@@ -663,6 +663,10 @@ fn v1_command_outcomes_decode_and_reencode_byte_for_byte() {
         let bytes = golden(file, &fresh);
         let decoded: CommandOutcome = decode_value(&bytes).unwrap();
         assert_eq!(decoded, outcome, "{file} decodes");
-        assert_eq!(encode_value(&decoded).unwrap(), bytes, "{file} re-encodes byte for byte");
+        assert_eq!(
+            encode_value(&decoded).unwrap(),
+            bytes,
+            "{file} re-encodes byte for byte"
+        );
     }
 }
