@@ -631,7 +631,7 @@ fn v1_command_outcomes_decode_and_reencode_byte_for_byte() {
     let alarm = uuid("0196a0a0-0000-7000-8000-00000000a001");
     let cases = [
         (
-            "command_appended.bin",
+            "command_index/appended.bin",
             CommandOutcome {
                 offset: 7,
                 alarm_id: alarm,
@@ -639,7 +639,7 @@ fn v1_command_outcomes_decode_and_reencode_byte_for_byte() {
             },
         ),
         (
-            "command_already.bin",
+            "command_index/already.bin",
             CommandOutcome {
                 offset: 3,
                 alarm_id: alarm,
@@ -647,7 +647,7 @@ fn v1_command_outcomes_decode_and_reencode_byte_for_byte() {
             },
         ),
         (
-            "command_rejected.bin",
+            "command_index/rejected.bin",
             CommandOutcome {
                 offset: 0,
                 alarm_id: alarm,
