@@ -21,7 +21,12 @@
 //! | `log_read`       | sequential read of N events from a real `SledLog`                    |
 //! | `ledger_open`    | `Ledger::open`: full replay+verify of N events, and from a snapshot   |
 //! | `durable_append` | `Ledger::submit` through the writer, 1 / 16 / 64 concurrent appenders |
+//! | `store_append`   | `SledLog::append_batch` of 64 ready events (record + 2 index keys, flush, fdatasync), and sled alone with the record keys only: the storage ceiling under the writer |
 //! | `disk_raw`       | 4 KiB append + `fdatasync` loop in the same directory (the physical limit) |
+
+/// The same allocator as the server binary (src/main.rs explains why).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use alarm_ledger::domain::{AlarmSpec, Command, CommandKind, Event, EventData, Hash, Severity};
 use alarm_ledger::ledger::{Ledger, LedgerOptions, Restore};
@@ -531,6 +536,62 @@ fn bench_durable_append(c: &mut Criterion, fx: &Fixtures, rt: &tokio::runtime::R
     ledger.stop();
 }
 
+/// The storage layer alone, without the writer, projection or hashing: batches of 64 prepared
+/// events through `SledLog::append_batch` (record, alarm index, command index, flush, fdatasync),
+/// then the same records written straight to a sled tree without index keys. The gap between
+/// `durable_append/appenders/64` and `store_append/ledger_layout` is the writer's own cost; the gap
+/// between the two `store_append` lines is the cost of the two index entries per event.
+fn bench_store_append(c: &mut Criterion, fx: &Fixtures) {
+    const BATCH: usize = 64;
+    let events = fx.events();
+    let mut g = c.benchmark_group("store_append");
+    g.sample_size(10);
+    g.warm_up_time(secs(1.0));
+    g.measurement_time(secs(4.0));
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let log = SledLog::open(
+        &fx.root.path().join("store/ledger"),
+        &SledOptions::default(),
+    )
+    .expect("open log");
+    let mut next = 0usize;
+    g.bench_function(BenchmarkId::new("ledger_layout", BATCH), |b| {
+        b.iter(|| {
+            if next + BATCH > events.len() {
+                panic!("store_append ran past the {} prepared events", events.len());
+            }
+            log.append_batch(&events[next..next + BATCH])
+                .expect("append");
+            next += BATCH;
+        })
+    });
+    drop(log);
+    let dir = fx.root.path().join("store-raw");
+    let db = sled::Config::new()
+        .path(&dir)
+        .cache_capacity(SledOptions::default().cache_bytes)
+        .open()
+        .expect("open sled");
+    let tree = db.open_tree("ledger").expect("tree");
+    let db_file = std::fs::File::open(dir.join("db")).expect("db file");
+    let mut offset = 0u64;
+    g.bench_function(BenchmarkId::new("sled_records_only", BATCH), |b| {
+        b.iter(|| {
+            let mut batch = sled::Batch::default();
+            for e in &events[offset as usize % (events.len() - BATCH)..][..BATCH] {
+                offset += 1;
+                let mut key = [b'e'; 9];
+                key[1..].copy_from_slice(&offset.to_be_bytes());
+                batch.insert(&key, codec::encode_event(e));
+            }
+            tree.apply_batch(batch).expect("apply");
+            db.flush().expect("flush");
+            db_file.sync_data().expect("fdatasync");
+        })
+    });
+    g.finish();
+}
+
 /// The disk's physical limit for the durable-append pattern: append 4 KiB, `fdatasync`.
 fn bench_disk_raw(c: &mut Criterion, fx: &Fixtures) {
     let path = fx.root.path().join("disk_raw.dat");
@@ -574,6 +635,7 @@ fn main() {
     bench_log_read(&mut c, &fx);
     bench_ledger_open(&mut c, &fx);
     bench_durable_append(&mut c, &fx, &rt);
+    bench_store_append(&mut c, &fx);
     bench_disk_raw(&mut c, &fx);
     drop(rt);
     drop(fx);

@@ -6,6 +6,13 @@ use alarm_ledger::error::Error;
 use alarm_ledger::{cli, shutdown, startup::Application, telemetry};
 use std::process::ExitCode;
 
+/// mimalloc rather than glibc malloc: sled 0.34 allocates and frees a node copy or an IO buffer on
+/// every insert, and with glibc's allocator `_int_malloc`, `malloc_consolidate` and friends were the
+/// top of the writer's profile. mimalloc lifts the raw sled insert + flush rate of our key layout by
+/// about 60% (`cargo bench --bench core -- sled_ceiling`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = config::parse_cli();
     telemetry::init(args.log_format);
