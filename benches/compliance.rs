@@ -1,8 +1,9 @@
 //! Compliance benchmarks (issue 5): export and verify of a 1,000,000-event ledger with the real
 //! binary, and an online backup while 1,000 events/s are appended (append latency during it).
 //!
-//! `cargo bench --bench compliance` (add `-- --events N` for another size). Prints one JSON line
-//! per measurement. Loopback only; every loop bounded in count and time.
+//! `cargo bench --bench compliance` (add `-- --events N` for another size; `-- --keep DIR` builds
+//! the ledger in DIR and leaves it; `-- --keep DIR --only backup` runs the online backup alone,
+//! on DIR's ledger if there is one). Prints one JSON line per measurement. Loopback only; every loop bounded in count and time.
 
 use alarm_ledger::domain::{AlarmSpec, Event, EventData, Hash, Severity};
 use alarm_ledger::ledger::datadir::DataDir;
@@ -104,6 +105,15 @@ fn main() {
         None => tmp.path().join("data"),
     };
     let root_s = root.display().to_string();
+    // `--only backup`: skip export and verify (with `--keep DIR` on a ledger built before, the
+    // online backup alone).
+    if args.iter().any(|a| a == "--only") && args.iter().any(|a| a == "backup") {
+        if !root.join("ledger").exists() {
+            build_ledger(&root, n);
+        }
+        online_backup(&root_s, n);
+        return;
+    }
     let t = Instant::now();
     let (head, head_hash) = build_ledger(&root, n);
     println!(
@@ -157,8 +167,9 @@ fn main() {
     online_backup(&root_s, n);
 }
 
-/// Starts the server on the ledger, appends at 1,000 events/s over HTTP for 12 s, takes an
-/// online backup at 3 s, and reports append latency percentiles during the backup and overall.
+/// Starts the server on the ledger, appends at 1,000 events/s over HTTP from 3 s before an
+/// online backup until 2 s after it, and reports append latency percentiles during the backup
+/// and overall.
 fn online_backup(root: &str, n: u64) {
     let mut child = Command::new(BIN)
         .args([
@@ -235,12 +246,18 @@ fn online_backup(root: &str, n: u64) {
             *bw.lock().unwrap_or_else(|p| p.into_inner()) = (from, to);
             (r, to - from)
         });
-        // 1,000 events/s: update commands paced every millisecond, 8 in flight at most.
+        // 1,000 events/s: update commands paced every millisecond, 8 in flight at most, from
+        // 3 s before the backup until 2 s after it (bounded: 180 s, 200,000 commands).
         let mut lat: Vec<(Duration, Duration)> = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_millis(1));
         let mut inflight = tokio::task::JoinSet::new();
         let mut i = 0u64;
-        while start.elapsed() < Duration::from_secs(12) && i < 20_000 {
+        let load_until = |start: Instant| {
+            let (_, to) = *backup_window.lock().unwrap_or_else(|p| p.into_inner());
+            let now = start.elapsed();
+            now < Duration::from_secs(180) && (to == Duration::MAX || now < to + Duration::from_secs(2))
+        };
+        while load_until(start) && i < 200_000 {
             tick.tick().await;
             while inflight.len() >= 8 {
                 if let Some(Ok(x)) = inflight.join_next().await {
@@ -261,6 +278,7 @@ fn online_backup(root: &str, n: u64) {
         while let Some(Ok(x)) = inflight.join_next().await {
             lat.push(x);
         }
+        let load_secs = start.elapsed().as_secs_f64();
         let (report, took) = backup.await.expect("backup task");
         let (from, to) = *backup_window.lock().unwrap_or_else(|p| p.into_inner());
         let pct = |v: &mut Vec<f64>, p: f64| {
@@ -273,7 +291,12 @@ fn online_backup(root: &str, n: u64) {
             .filter(|(s, _)| *s >= from && *s <= to)
             .map(|(_, d)| d.as_secs_f64() * 1e3)
             .collect();
-        let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+        let mut before: Vec<f64> = lat
+            .iter()
+            .filter(|(s, _)| *s < from)
+            .map(|(_, d)| d.as_secs_f64() * 1e3)
+            .collect();
+        let rate = all.len() as f64 / load_secs;
         println!(
             "{}",
             json!({
@@ -283,6 +306,7 @@ fn online_backup(root: &str, n: u64) {
                 "p50_ms_during": pct(&mut during, 0.50), "p99_ms_during": pct(&mut during, 0.99),
                 "max_ms_during": during.last().copied().unwrap_or(f64::NAN),
                 "p99_ms_overall": pct(&mut all, 0.99),
+                "p50_ms_before": pct(&mut before, 0.50), "p99_ms_before": pct(&mut before, 0.99),
             })
         );
         let path = report["path"].as_str().expect("backup path").to_string();

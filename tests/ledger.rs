@@ -432,6 +432,33 @@ fn a_record_with_an_unknown_version_byte_fails_naming_its_offset() {
     assert_eq!(offset, 3, "{reason}");
 }
 
+/// A full replay reads ahead on a second thread in chunks of 1,024 events: corruption past the
+/// first chunks is still reported at its exact offset, whether the record fails to decode (an
+/// error raised on the reading thread) or breaks the chain (raised on the replaying one).
+#[test]
+fn corruption_after_several_read_ahead_chunks_names_its_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (head, _) = build(root, 2_600, "alice");
+    assert_eq!(head.offset, 2_600);
+    edit_record(root, 2_100, |v| {
+        let mut v = v.unwrap();
+        v[0] = 9;
+        Some(v)
+    });
+    let (offset, reason) = corrupt_at(try_open(root, opts(None)));
+    assert_eq!(offset, 2_100, "{reason}");
+    assert!(
+        reason.contains("unknown record format version 9"),
+        "{reason}"
+    );
+
+    flip_in_string(root, 1_500, b"alice");
+    let (offset, reason) = corrupt_at(try_open(root, opts(None)));
+    assert_eq!(offset, 1_500, "{reason}");
+    assert!(reason.contains("hash mismatch"), "{reason}");
+}
+
 // ------------------------------------------------------------------ the data directory lock
 
 #[test]

@@ -77,10 +77,7 @@ impl Hasher {
             std::thread::Builder::new()
                 .name(format!("password-hash-{i}"))
                 .spawn(move || {
-                    // Lowest priority (nice 19): hashing yields the CPU to the writer and the
-                    // fan-out, yet is never starved outright on a busy machine (SCHED_IDLE
-                    // would be). SAFETY: setpriority on the calling thread (who = 0 on Linux).
-                    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+                    lowest_thread_priority();
                     loop {
                         let job = match rx.lock() {
                             Ok(guard) => guard.recv(),
@@ -396,4 +393,30 @@ async fn dispatch(state: &State, req: &Request) -> (&'static str, Response) {
 /// A JSON response with status 200.
 pub fn json_ok(v: &serde_json::Value) -> Response {
     warp::reply::json(v).into_response()
+}
+
+/// Gives the calling thread the lowest CPU priority (nice 19): background work (password
+/// hashing, backups) yields the CPU to the writer and the fan-out, yet is never starved outright
+/// on a busy machine (SCHED_IDLE would be). Only for threads we own: a pooled thread would keep
+/// the priority for the next task.
+pub(crate) fn lowest_thread_priority() {
+    // SAFETY: setpriority with who = 0 changes the calling thread only (Linux semantics); no
+    // memory is involved.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+}
+
+/// Runs blocking background work on a new low-priority thread of its own and awaits its result.
+pub(crate) async fn run_in_background<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            lowest_thread_priority();
+            let _ = tx.send(work());
+        })?;
+    rx.await
+        .map_err(|_| std::io::Error::other(format!("{name} thread stopped without an answer")))
 }

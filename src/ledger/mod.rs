@@ -128,14 +128,19 @@ impl Ledger {
         let (mut projection, mut prev, mut last_at) = start;
         let from = projection.offset();
         let mut expected = from + 1;
-        for item in log.iter_from(expected) {
-            let event = item?;
-            check_link(&event, expected, &prev, info.ledger_id)?;
-            prev = event.hash;
-            last_at = event.at;
-            projection.apply(&event);
-            expected += 1;
-        }
+        // Reading and decoding on a second thread while this one hashes and applies: a full
+        // replay of 1M events costs about the larger half rather than both.
+        crate::store::read_ahead(log.as_ref(), expected, |events| -> Result<()> {
+            for item in events {
+                let event = item?;
+                check_link(&event, expected, &prev, info.ledger_id)?;
+                prev = event.hash;
+                last_at = event.at;
+                projection.apply(&event);
+                expected += 1;
+            }
+            Ok(())
+        })??;
         let replayed = expected - 1 - from;
         if expected - 1 != head.offset {
             return Err(Error::Corrupt {

@@ -206,6 +206,48 @@ impl SledLog {
         Ok(event)
     }
 
+    /// Writes events and outcomes in one atomic batch **without** making them durable: for
+    /// `backup`, whose destination only has to be durable once it is complete (`sync` at the
+    /// end). The ledger's own appends always go through `append_with_outcomes`.
+    pub fn write_unsynced(
+        &self,
+        events: &[Event],
+        outcomes: &[(Uuid, CommandOutcome)],
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut index = |cid: Uuid, outcome: &CommandOutcome| -> Result<()> {
+            let bytes = codec::encode_value(outcome).map_err(|e| Error::Storage(e.to_string()))?;
+            batch.insert(&command_key(cid), bytes);
+            Ok(())
+        };
+        for e in events {
+            if let Some(c) = e.command_id {
+                let outcome = CommandOutcome {
+                    offset: e.offset,
+                    alarm_id: e.alarm_id,
+                    kind: OutcomeKind::Appended,
+                };
+                index(c, &outcome)?;
+            }
+        }
+        for (cid, outcome) in outcomes {
+            index(*cid, outcome)?;
+        }
+        for e in events {
+            batch.insert(&event_key(e.offset), encode_event(e));
+            batch.insert(&alarm_key(e.alarm_id, e.offset), &[]);
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Writes what `write_unsynced` buffered to the file (sled's flush: `pwrite` and
+    /// `sync_file_range`) without the `fdatasync` that makes it durable.
+    pub fn write_out(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     fn event_range(&self, from: u64) -> sled::Iter {
         self.tree.range(event_key(from)..=event_key(u64::MAX))
     }
@@ -243,30 +285,7 @@ impl EventLog for SledLog {
         if events.is_empty() && outcomes.is_empty() {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
-        let mut index = |cid: Uuid, outcome: &CommandOutcome| -> Result<()> {
-            let bytes = codec::encode_value(outcome).map_err(|e| Error::Storage(e.to_string()))?;
-            batch.insert(&command_key(cid), bytes);
-            Ok(())
-        };
-        for e in events {
-            if let Some(c) = e.command_id {
-                let outcome = CommandOutcome {
-                    offset: e.offset,
-                    alarm_id: e.alarm_id,
-                    kind: OutcomeKind::Appended,
-                };
-                index(c, &outcome)?;
-            }
-        }
-        for (cid, outcome) in outcomes {
-            index(*cid, outcome)?;
-        }
-        for e in events {
-            batch.insert(&event_key(e.offset), encode_event(e));
-            batch.insert(&alarm_key(e.alarm_id, e.offset), &[]);
-        }
-        self.tree.apply_batch(batch)?;
+        self.write_unsynced(events, outcomes)?;
         self.sync()
     }
 
