@@ -12,6 +12,7 @@
 //! - `auth/` holds users, passwords, tokens, login throttling and the security log.
 
 pub mod auth;
+pub mod background;
 pub mod backup;
 pub mod cli;
 pub mod config;

@@ -99,7 +99,9 @@ impl Application {
             // The snapshot let us skip replaying offsets 1..=offset; verify them anyway, in the
             // background, so a large ledger starts fast and is still checked end to end.
             let l = ledger.clone();
-            tokio::task::spawn_blocking(move || {
+            // Lowest priority: it reads the whole log prefix (seconds for a million events)
+            // while the server already serves.
+            crate::background::spawn("integrity-scrub", move || {
                 let t = std::time::Instant::now();
                 if l.scrub(offset).is_ok() {
                     tracing::info!(
@@ -108,7 +110,7 @@ impl Application {
                         "integrity check of the snapshot prefix passed"
                     );
                 }
-            });
+            })?;
         }
         ledger.start()?;
         let listener = tokio::net::TcpListener::bind(args.listen)

@@ -296,7 +296,7 @@ pub async fn backup(state: &State, req: &Request) -> Result<Response, ApiError> 
     let dest = state.settings.data_dir.join("backups").join(&stamp);
     // A thread of its own at the lowest priority: the copy of a large ledger takes seconds of
     // CPU and must not delay the writer (append p99 during a backup, benches/compliance.rs).
-    let report = super::run_in_background("backup", move || {
+    let report = crate::background::run("backup", move || {
         let head = st.ledger.head().offset;
         let (security_head, _) = st.auth.security.head();
         let secret = st.settings.data_dir.join(crate::auth::token::SECRET_FILE);

@@ -77,7 +77,7 @@ impl Hasher {
             std::thread::Builder::new()
                 .name(format!("password-hash-{i}"))
                 .spawn(move || {
-                    lowest_thread_priority();
+                    crate::background::lowest_priority();
                     loop {
                         let job = match rx.lock() {
                             Ok(guard) => guard.recv(),
@@ -393,38 +393,4 @@ async fn dispatch(state: &State, req: &Request) -> (&'static str, Response) {
 /// A JSON response with status 200.
 pub fn json_ok(v: &serde_json::Value) -> Response {
     warp::reply::json(v).into_response()
-}
-
-/// Gives the calling thread the lowest CPU priority, Linux's `SCHED_IDLE` (nice 19 where that is
-/// refused): background work (password hashing, backups) then uses only CPU the writer and the
-/// fan-out leave, and a waking writer or fan-out thread preempts it at once. With nice 19,
-/// WebSocket delivery p99 at 1,000 events/s rose from 3.7-6.7 ms to 9.1-9.9 ms while 20 logins/s
-/// were attempted; with SCHED_IDLE it stayed within the run-to-run spread (scripts/bench.sh).
-/// The cost: on a machine kept 100% busy, logins and backups wait (logins beyond 32 queued get
-/// `overloaded`). Only for threads we own: a pooled thread would keep the policy for its next task.
-pub(crate) fn lowest_thread_priority() {
-    // SAFETY: sched_setscheduler and setpriority with pid/who = 0 change the calling thread
-    // only (Linux semantics); `param` outlives the call.
-    unsafe {
-        let param = libc::sched_param { sched_priority: 0 };
-        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
-            libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-        }
-    }
-}
-
-/// Runs blocking background work on a new low-priority thread of its own and awaits its result.
-pub(crate) async fn run_in_background<T: Send + 'static>(
-    name: &str,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> std::io::Result<T> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            lowest_thread_priority();
-            let _ = tx.send(work());
-        })?;
-    rx.await
-        .map_err(|_| std::io::Error::other(format!("{name} thread stopped without an answer")))
 }
