@@ -121,18 +121,26 @@ fn main() {
         json!({"bench": "build_ledger", "events": head, "secs": t.elapsed().as_secs_f64()})
     );
 
-    let (d, out) = timed(&["verify", "--data", &root_s]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "verify failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains(&head_hash), "verify head hash: {stdout}");
-    println!(
-        "{}",
-        json!({"bench": "verify", "events": n, "secs": d.as_secs_f64(), "events_per_s": n as f64 / d.as_secs_f64()})
-    );
+    // The build leaves ~0.5 GB of dirty pages: write them out first, as on a stopped server's
+    // directory, so that verify is not measured against the kernel's writeback.
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    // Twice: the first run pays for faulting in its memory after the build's (the kernel
+    // reclaiming page cache: about 3 s of system time here), the second shows the steady cost.
+    for name in ["verify", "verify_again"] {
+        let (d, out) = timed(&["verify", "--data", &root_s]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "verify failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&head_hash), "verify head hash: {stdout}");
+        println!(
+            "{}",
+            json!({"bench": name, "events": n, "secs": d.as_secs_f64(), "events_per_s": n as f64 / d.as_secs_f64()})
+        );
+    }
 
     let export = tmp.path().join("export.ndjson");
     let export_s = export.display().to_string();
