@@ -218,6 +218,14 @@ sleep 1
 run_load "idle-$IDLE_CONNS" idle --url "$URL" --server-pid "$SERVER_PID" --timeout 240 \
   --connections "$IDLE_CONNS" --hold 5
 stop_pid "$SERVER_PID"; SERVER_PID=""
+# The same on a new, empty ledger: the connections' own cost without the large ledger's sled
+# page table and cache (a 1M-event sled database alone takes ~175 MiB once opened).
+mv "$WORK/data" "$WORK/data-big"
+start_server
+sleep 1
+run_load "idle-$IDLE_CONNS-fresh" idle --url "$URL" --server-pid "$SERVER_PID" --timeout 240 \
+  --connections "$IDLE_CONNS" --hold 5
+stop_pid "$SERVER_PID"; SERVER_PID=""
 
 # ------------------------------------------------------------------ 4. Redis Streams
 if ! command -v redis-server >/dev/null; then
