@@ -4,16 +4,16 @@
 //! (each command runs in its own task and posts its answer back), the subscription's output,
 //! the ping timer, token expiry, a periodic check that the user is still enabled, and shutdown.
 //!
-//! The subscription runs in its own task (`ledger::Subscription`: replay → live → replay on lag)
-//! and hands chunks over a small bounded channel, so a connection holds at most a few chunks in
-//! memory. Writing to a client that does not read blocks only its own task; if one write takes
-//! longer than the stall limit the socket is closed with 4008 and the client resumes from its
-//! last offset.
+//! The subscription (`ledger::Subscription`: replay → live → replay on lag) is polled directly in
+//! that `select!` (it is cancel-safe), so a connection holds at most one chunk in memory and an
+//! event costs one task wake-up per subscriber. Writing to a client that does not read blocks
+//! only its own task; if one write takes longer than the stall limit the socket is closed with
+//! 4008 and the client resumes from its last offset.
 
 use super::session::{bearer, check_token, Denied, Principal};
 use super::State;
 use crate::auth::{NewSecurityEntry, SecurityAction};
-use crate::ledger::{CommandError, SubItem};
+use crate::ledger::{CommandError, SubItem, Subscription};
 use crate::protocol::{self, ClientMessage, Hello, Req};
 use crate::time::Timestamp;
 use futures_util::{SinkExt, StreamExt};
@@ -44,8 +44,6 @@ const MALFORMED_PER_MINUTE: usize = 10;
 const EXPIRY_WARNING: Duration = Duration::from_secs(60);
 /// How often a live socket re-checks that its user is still enabled with the same role.
 const USER_RECHECK: Duration = Duration::from_secs(2);
-/// Chunks buffered between the subscription task and the socket.
-const SUB_BUFFER: usize = 4;
 
 /// Whether `req` asks for a WebSocket upgrade (RFC 6455 §4.2.1).
 pub fn is_upgrade<B>(req: &hyper::Request<B>) -> bool {
@@ -200,8 +198,9 @@ struct Connection {
     /// Answers of command tasks, posted back to the socket.
     answers_tx: mpsc::Sender<String>,
     answers_rx: mpsc::Receiver<String>,
-    sub_rx: Option<mpsc::Receiver<Result<SubItem, String>>>,
-    sub_task: Option<tokio::task::JoinHandle<()>>,
+    /// The subscription, polled directly in the connection's `select!` (it is cancel-safe):
+    /// no task or channel between the broadcast and the socket.
+    sub: Option<Subscription>,
     malformed: VecDeque<Instant>,
     /// Token bucket for commands: (tokens, last refill).
     bucket: (f64, Instant),
@@ -221,8 +220,7 @@ impl Connection {
             meta,
             answers_tx,
             answers_rx,
-            sub_rx: None,
-            sub_task: None,
+            sub: None,
             malformed: VecDeque::new(),
             bucket: (rate, Instant::now()),
             expires_at,
@@ -278,11 +276,19 @@ impl Connection {
         );
         let mut recheck = tokio::time::interval_at(Instant::now() + USER_RECHECK, USER_RECHECK);
         let mut last_seen = Instant::now();
+        // The expiry timers live across iterations and are re-armed only when a refresh moves
+        // the expiry: creating them per iteration cost two timer-wheel inserts per event sent.
+        let warn_at = |exp: Instant| exp.checked_sub(EXPIRY_WARNING).unwrap_or(exp);
+        let mut armed_for = self.expires_at;
+        let warn_timer = sleep_until(warn_at(armed_for));
+        let expiry_timer = sleep_until(armed_for);
+        tokio::pin!(warn_timer, expiry_timer);
         loop {
-            let warn_at = self
-                .expires_at
-                .checked_sub(EXPIRY_WARNING)
-                .unwrap_or(self.expires_at);
+            if self.expires_at != armed_for {
+                armed_for = self.expires_at;
+                warn_timer.as_mut().reset(warn_at(armed_for));
+                expiry_timer.as_mut().reset(armed_for);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -307,7 +313,7 @@ impl Connection {
                         return self.ended(fail);
                     }
                 }
-                item = next_item(&mut self.sub_rx) => {
+                item = next_item(&mut self.sub) => {
                     match item {
                         Some(Ok(SubItem::Events(events))) => {
                             // Shared bytes: no copy per subscriber. They are UTF-8 by
@@ -350,14 +356,14 @@ impl Connection {
                         return End::Close(CLOSE_UNAUTHORIZED, format!("token revoked: {e}"));
                     }
                 }
-                _ = sleep_until(warn_at), if !self.warned => {
+                _ = &mut warn_timer, if !self.warned => {
                     self.warned = true;
                     let text = protocol::token_expiring(&self.expires_at_text);
                     if let Err(fail) = send(sink, vec![text.into()], stall).await {
                         return self.ended(fail);
                     }
                 }
-                _ = sleep_until(self.expires_at) => {
+                _ = &mut expiry_timer => {
                     return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
                 }
             }
@@ -489,8 +495,7 @@ impl Connection {
                 ));
             }
         }
-        let (tx, rx) = mpsc::channel(SUB_BUFFER);
-        let (mut sub, first) = if snapshot {
+        let (sub, first) = if snapshot {
             let (offset, alarms, sub) = ledger.subscribe_with_snapshot();
             (sub, Some(protocol::snapshot(offset, &alarms)))
         } else {
@@ -521,32 +526,12 @@ impl Connection {
             }
             (ledger.subscribe(from), None)
         };
-        let task = tokio::spawn(
-            async move {
-                loop {
-                    let item = match sub.next().await {
-                        Ok(Some(item)) => Ok(item),
-                        Ok(None) => break,
-                        Err(e) => Err(e.to_string()),
-                    };
-                    let failed = item.is_err();
-                    if tx.send(item).await.is_err() || failed {
-                        break;
-                    }
-                }
-            }
-            .in_current_span(),
-        );
-        self.sub_rx = Some(rx);
-        self.sub_task = Some(task);
+        self.sub = Some(sub);
         first
     }
 
     fn stop_subscription(&mut self) {
-        if let Some(t) = self.sub_task.take() {
-            t.abort();
-        }
-        self.sub_rx = None;
+        self.sub = None;
     }
 
     async fn refresh(&mut self, req: &Req, token: &str) -> String {
@@ -667,12 +652,11 @@ fn is_too_large(e: &WsError) -> bool {
     matches!(e, WsError::Capacity(_))
 }
 
-/// The next subscription item, or pending forever when not subscribed.
-async fn next_item(
-    rx: &mut Option<mpsc::Receiver<Result<SubItem, String>>>,
-) -> Option<Result<SubItem, String>> {
-    match rx {
-        Some(rx) => rx.recv().await,
+/// The next subscription item (`None`: the ledger is shutting down), or pending forever when
+/// not subscribed.
+async fn next_item(sub: &mut Option<Subscription>) -> Option<Result<SubItem, String>> {
+    match sub {
+        Some(sub) => sub.next().await.map_err(|e| e.to_string()).transpose(),
         None => std::future::pending().await,
     }
 }

@@ -13,6 +13,8 @@ use crate::error::Result;
 use std::sync::Arc;
 use tokio::sync::broadcast::{self, error::RecvError};
 
+type ReplayRead = tokio::task::JoinHandle<Result<Vec<crate::domain::Event>>>;
+
 /// Events read from the log per step of a replay.
 const REPLAY_CHUNK: usize = 1_024;
 
@@ -31,6 +33,9 @@ enum Mode {
 
 pub struct Subscription {
     ledger: Arc<Ledger>,
+    /// A replay read in progress, or the next chunk read ahead while the previous one is sent:
+    /// (first offset, blocking read of the chunk). At most one.
+    pending: Option<(u64, ReplayRead)>,
     rx: broadcast::Receiver<Batch>,
     /// Offset of the last event delivered.
     last: u64,
@@ -58,6 +63,7 @@ impl Subscription {
         replay_gauge.inc();
         Subscription {
             ledger,
+            pending: None,
             rx,
             last: from,
             mode: Mode::Replay,
@@ -65,6 +71,18 @@ impl Subscription {
             replay_gauge,
             live_gauge,
         }
+    }
+
+    /// Starts reading the chunk from `from` (up to `head`) on a blocking thread.
+    fn read(&self, from: u64, head: u64) -> (u64, ReplayRead) {
+        let ledger = self.ledger.clone();
+        let max = REPLAY_CHUNK
+            .min((head + 1).saturating_sub(from) as usize)
+            .max(1);
+        (
+            from,
+            tokio::task::spawn_blocking(move || ledger.log().read_from(from, max)),
+        )
     }
 
     /// Offset of the last event delivered (the resume point).
@@ -94,7 +112,9 @@ impl Subscription {
     }
 
     /// The next items. Cancel-safe: dropping the future loses nothing (state only advances when
-    /// an item is returned). Returns `Ok(None)` when the ledger is shutting down (hub closed).
+    /// an item is returned, and a replay read in progress is kept for the next call), so a
+    /// connection polls it directly in its `select!`. Returns `Ok(None)` when the ledger is
+    /// shutting down (hub closed).
     pub async fn next(&mut self) -> Result<Option<SubItem>> {
         loop {
             match self.mode {
@@ -108,13 +128,19 @@ impl Subscription {
                         }
                         continue;
                     }
-                    let ledger = self.ledger.clone();
                     let from = self.last + 1;
-                    let max = REPLAY_CHUNK.min((head - self.last) as usize);
+                    if !matches!(&self.pending, Some((f, _)) if *f == from) {
+                        self.pending = Some(self.read(from, head));
+                    }
+                    let Some((_, read)) = self.pending.as_mut() else {
+                        continue;
+                    };
+                    // Awaited in place: if this future is dropped (the connection's select
+                    // took another branch), the read carries on and the next call picks it up.
+                    let joined = read.await;
+                    self.pending = None;
                     let events =
-                        tokio::task::spawn_blocking(move || ledger.log().read_from(from, max))
-                            .await
-                            .map_err(|e| crate::error::Error::Other(e.to_string()))??;
+                        joined.map_err(|e| crate::error::Error::Other(e.to_string()))??;
                     let mut out = Vec::with_capacity(events.len());
                     for e in events {
                         if e.offset != self.last + 1 || e.offset > head {
@@ -128,6 +154,10 @@ impl Subscription {
                             offset: self.last + 1,
                             reason: "missing record below the head".into(),
                         });
+                    }
+                    // Start reading the next chunk while the caller sends this one.
+                    if self.last < head {
+                        self.pending = Some(self.read(self.last + 1, head));
                     }
                     return Ok(Some(SubItem::Events(out)));
                 }
