@@ -6,7 +6,8 @@
 /// refused): background work (password hashing, backups) then uses only CPU the writer and the
 /// fan-out leave, and a waking writer or fan-out thread preempts it at once. With nice 19,
 /// WebSocket delivery p99 at 1,000 events/s rose from 3.7-6.7 ms to 9.1-9.9 ms while 20 logins/s
-/// were attempted; with SCHED_IDLE it stayed within the run-to-run spread (scripts/bench.sh).
+/// were attempted; with SCHED_IDLE, in isolated alternating runs, it rose by 1-2 ms, and in the
+/// full bench suite by 2-3 ms (a running hash still leaves the rest one core of two; README).
 /// The cost: on a machine kept 100% busy, logins and backups wait (logins beyond 32 queued get
 /// `overloaded`). Only for threads we own: a pooled thread would keep the policy for its next task.
 pub fn lowest_priority() {
