@@ -5,8 +5,8 @@
 //! the ping timer, token expiry, a periodic check that the user is still enabled, and shutdown.
 //!
 //! The subscription (`ledger::Subscription`: replay → live → replay on lag) is polled directly in
-//! that `select!` (it is cancel-safe), so a connection holds at most one chunk in memory and an
-//! event costs one task wake-up per subscriber. Writing to a client that does not read blocks
+//! that `select!` (it is cancel-safe), so a connection holds at most two chunks in memory (one
+//! being sent, one read ahead) and an event costs one task wake-up per subscriber. Writing to a client that does not read blocks
 //! only its own task; if one write takes longer than the stall limit the socket is closed with
 //! 4008 and the client resumes from its last offset.
 
