@@ -626,6 +626,7 @@ fn bench_disk_raw(c: &mut Criterion, fx: &Fixtures) {
 }
 
 fn main() {
+    alarm_ledger::memory::disable_transparent_huge_pages();
     let mut c = Criterion::default().configure_from_args();
     let fx = Fixtures::new();
     let rt = runtime();

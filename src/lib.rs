@@ -21,6 +21,7 @@ pub mod error;
 pub mod export;
 pub mod http;
 pub mod ledger;
+pub mod memory;
 pub mod metrics;
 pub mod projection;
 pub mod protocol;

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    alarm_ledger::memory::disable_transparent_huge_pages();
     let args = config::parse_cli();
     telemetry::init(args.log_format);
     for var in config::unknown_env_vars() {
