@@ -1,6 +1,7 @@
 //! Offline subcommands on a data directory: `user`, `export`, `verify`, `backup`. Each takes
 //! the directory's lock first, so on a directory a running server holds it fails at once with a
-//! clear message instead of hanging or tripping over sled.
+//! clear message instead of hanging or tripping over sled. They are the binary's: the process
+//! exits when one returns (`release_at_exit`).
 
 use crate::auth::{NewSecurityEntry, Role, SecurityAction, SecurityLog, UserStore};
 use crate::config::{BackupArgs, ExportArgs, ExportFormat, UserAction, UserArgs, VerifyArgs};
@@ -24,6 +25,16 @@ fn open(dir: &DataDir) -> Result<SledLog> {
             cache_bytes: OFFLINE_CACHE_BYTES,
         },
     )
+}
+
+/// Ends a read-only command's use of the log without tearing sled down. These functions are the
+/// binary's: the process exits as soon as one returns, and freeing the page cache a full pass
+/// filled (~900 MiB for 1M events, millions of allocations) object by object took 0.4 s of a
+/// 2.9 s `verify`. The command wrote nothing; the flush is a formality that keeps it that way.
+fn release_at_exit(log: SledLog) -> Result<()> {
+    log.db().flush()?;
+    std::mem::forget(log);
+    Ok(())
 }
 
 fn read_password(given: Option<String>) -> Result<String> {
@@ -202,7 +213,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
             Err(e)
         }
     })?;
-    Ok(())
+    release_at_exit(log)
 }
 
 pub fn verify(args: VerifyArgs) -> Result<String> {
@@ -216,6 +227,8 @@ pub fn verify(args: VerifyArgs) -> Result<String> {
         reason: format!("security log: {why}"),
     })?;
     report.security_entries = n;
+    drop(security);
+    release_at_exit(log)?;
     Ok(format!(
         "ok {} events, head {} {}",
         report.events,

@@ -153,11 +153,20 @@ fn verify_with(
             reason: format!("command_id {} appears twice in the log", w[1].0),
         });
     }
-    let find = |cid: &Uuid| {
+    // Both sides in command_id order, then one merge pass: sled yields the index in key order,
+    // so the sort only confirms it (linear on sorted input), and a million binary searches
+    // become a cursor that only moves forward.
+    let mut command_index = command_index;
+    command_index.sort_unstable_by_key(|(c, _)| *c);
+    let mut cursor = 0usize;
+    let mut find = |cid: &Uuid| {
+        while commands.get(cursor).is_some_and(|(c, _)| c < cid) {
+            cursor += 1;
+        }
         commands
-            .binary_search_by_key(cid, |(c, _)| *c)
-            .ok()
-            .map(|i| commands[i].1)
+            .get(cursor)
+            .filter(|(c, _)| c == cid)
+            .map(|(_, off)| *off)
     };
     let mut appended_entries = 0usize;
     for (cid, outcome) in command_index {
