@@ -518,7 +518,7 @@ mod tests {
             log.verify().unwrap()
         };
         assert_eq!(head.0, 3);
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = crate::test_support::reopen_sled(dir.path());
         let log = SecurityLog::open(&db, id).unwrap();
         assert_eq!(log.head(), head.clone());
         let e = log

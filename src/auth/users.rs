@@ -521,7 +521,7 @@ mod tests {
                 .add("alice", PW, Role::Admin)
                 .unwrap();
         }
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = crate::test_support::reopen_sled(dir.path());
         let s = UserStore::open_with_iterations(&db, 1_000).unwrap();
         assert_eq!(s.authenticate("alice", PW).unwrap().role, Role::Admin);
     }
