@@ -1,7 +1,7 @@
 //! The WebSocket endpoint `GET /api/v1/ws`: one task per connection.
 //!
 //! The connection task owns the socket and `select!`s over: client frames, answers of commands
-//! (each command runs in its own task and posts its answer back), the subscription's output,
+//! (futures waiting for the writer's decision, held by the connection), the subscription's output,
 //! the ping timer, token expiry, a periodic check that the user is still enabled, and shutdown.
 //!
 //! The subscription (`ledger::Subscription`: replay → live → replay on lag) is polled directly in
@@ -16,12 +16,13 @@ use crate::auth::{NewSecurityEntry, SecurityAction};
 use crate::ledger::{CommandError, SubItem, Subscription};
 use crate::protocol::{self, ClientMessage, Hello, Req};
 use crate::time::Timestamp;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Map};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -195,9 +196,10 @@ struct Connection {
     state: State,
     principal: Principal,
     meta: ConnMeta,
-    /// Answers of command tasks, posted back to the socket.
-    answers_tx: mpsc::Sender<String>,
-    answers_rx: mpsc::Receiver<String>,
+    /// Commands waiting for the writer's decision, each resolving to its answer text. Polled in
+    /// the connection's `select!`: no task and no channel per command. Bounded by the command
+    /// rate limit and the writer's queue (`overloaded`).
+    answers: FuturesUnordered<BoxFuture<'static, String>>,
     /// The subscription, polled directly in the connection's `select!` (it is cancel-safe):
     /// no task or channel between the broadcast and the socket.
     sub: Option<Subscription>,
@@ -211,15 +213,13 @@ struct Connection {
 
 impl Connection {
     fn new(state: State, principal: Principal, meta: ConnMeta) -> Self {
-        let (answers_tx, answers_rx) = mpsc::channel(256);
         let (expires_at, expires_at_text) = expiry(principal.claims.exp);
         let rate = f64::from(state.settings.ws_command_rate);
         Connection {
             state,
             principal,
             meta,
-            answers_tx,
-            answers_rx,
+            answers: FuturesUnordered::new(),
             sub: None,
             malformed: VecDeque::new(),
             bucket: (rate, Instant::now()),
@@ -233,30 +233,29 @@ impl Connection {
         let metrics = self.state.metrics.clone();
         metrics.ws_connections.inc();
         tracing::info!(role = self.principal.role.as_str(), "websocket connected");
-        let (mut sink, mut stream) = socket.split();
-        let end = self.serve(&mut sink, &mut stream).await;
+        let mut socket = socket;
+        let end = self.serve(&mut socket).await;
         self.stop_subscription();
         let how = match end {
             End::Gone => "peer gone".to_string(),
             End::Close(code, reason) => {
                 let _ = tokio::time::timeout(
                     Duration::from_secs(2),
-                    sink.send(close_msg(code, &reason)),
+                    socket.send(close_msg(code, &reason)),
                 )
                 .await;
                 format!("closed {code} {reason}")
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), SinkExt::close(&mut socket)).await;
         metrics.ws_connections.dec();
         tracing::info!(end = %how, "websocket disconnected");
     }
 
-    async fn serve(
-        &mut self,
-        sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
-        stream: &mut (impl futures_util::Stream<Item = Result<Message, WsError>> + Unpin),
-    ) -> End {
+    /// The connection loop. The socket is not split into a sink and a stream: `select!` drops
+    /// the branch futures (`ws.next()` among them) before a handler runs, so the handlers can
+    /// write to the same socket, and no lock is taken per read and per write.
+    async fn serve(&mut self, ws: &mut WebSocket) -> End {
         let settings = self.state.settings.clone();
         let stall = settings.ws_stall_timeout;
         let hello = protocol::hello(&Hello {
@@ -266,10 +265,14 @@ impl Connection {
             role: self.principal.role.as_str(),
             token_expires_at: self.expires_at_text.clone(),
         });
-        if send(sink, vec![hello.into()], stall).await.is_err() {
+        if send(ws, vec![hello.into()], stall).await.is_err() {
             return End::Gone;
         }
         let mut shutdown = self.state.shutdown.clone();
+        // Created once: a `changed()` future made per iteration joined and left the shutdown
+        // signal's waiter list (shared by every connection, behind a lock) once per event sent.
+        let shutdown_signal = shutdown.changed();
+        tokio::pin!(shutdown_signal);
         let mut ping = tokio::time::interval_at(
             Instant::now() + settings.ws_ping_interval,
             settings.ws_ping_interval,
@@ -291,10 +294,10 @@ impl Connection {
             }
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => {
+                _ = &mut shutdown_signal => {
                     return End::Close(CLOSE_GOING_AWAY, "server shutting down".into());
                 }
-                frame = stream.next() => {
+                frame = ws.next() => {
                     let msg = match frame {
                         Some(Ok(msg)) => msg,
                         // Beyond the transport's backstop: still a message over the size limit.
@@ -304,12 +307,13 @@ impl Connection {
                         _ => return End::Gone,
                     };
                     last_seen = Instant::now();
-                    if let Some(end) = self.on_frame(sink, msg).await {
+                    if let Some(end) = self.on_frame(ws, msg).await {
                         return end;
                     }
                 }
-                Some(answer) = self.answers_rx.recv() => {
-                    if let Err(fail) = send(sink, vec![answer.into()], stall).await {
+                // Polled only while a command waits: most connections are subscribers only.
+                Some(answer) = self.answers.next(), if !self.answers.is_empty() => {
+                    if let Err(fail) = send(ws, vec![answer.into()], stall).await {
                         return self.ended(fail);
                     }
                 }
@@ -322,12 +326,12 @@ impl Connection {
                                 .iter()
                                 .filter_map(|p| Utf8Bytes::try_from(p.wire().clone()).ok())
                                 .collect();
-                            if let Err(fail) = send(sink, texts, stall).await {
+                            if let Err(fail) = send(ws, texts, stall).await {
                                 return self.ended(fail);
                             }
                         }
                         Some(Ok(SubItem::Live { offset })) => {
-                            if let Err(fail) = send(sink, vec![protocol::live(offset).into()], stall).await {
+                            if let Err(fail) = send(ws, vec![protocol::live(offset).into()], stall).await {
                                 return self.ended(fail);
                             }
                         }
@@ -335,7 +339,7 @@ impl Connection {
                             self.stop_subscription();
                             tracing::error!(error = %e, "subscription failed");
                             let text = protocol::error(&None, "internal", &format!("subscription failed: {e}"));
-                            if send(sink, vec![text.into()], stall).await.is_err() {
+                            if send(ws, vec![text.into()], stall).await.is_err() {
                                 return End::Gone;
                             }
                         }
@@ -347,7 +351,7 @@ impl Connection {
                         tracing::info!("peer silent beyond the idle timeout; dropping");
                         return End::Gone;
                     }
-                    if let Err(fail) = send_msg(sink, Message::Ping(Default::default()), stall).await {
+                    if let Err(fail) = send_msg(ws, Message::Ping(Default::default()), stall).await {
                         return self.ended(fail);
                     }
                 }
@@ -359,7 +363,7 @@ impl Connection {
                 _ = &mut warn_timer, if !self.warned => {
                     self.warned = true;
                     let text = protocol::token_expiring(&self.expires_at_text);
-                    if let Err(fail) = send(sink, vec![text.into()], stall).await {
+                    if let Err(fail) = send(ws, vec![text.into()], stall).await {
                         return self.ended(fail);
                     }
                 }
@@ -578,7 +582,7 @@ impl Connection {
         }
     }
 
-    /// Starts a command; its answer arrives later through `answers_rx`.
+    /// Starts a command; its answer arrives later through `answers`.
     fn command(&mut self, req: Req, msg: ClientMessage) -> Option<String> {
         if !self.principal.role.can_command() {
             self.state.metrics.rejected("forbidden");
@@ -604,31 +608,26 @@ impl Connection {
             }
             None => return Some(protocol::error(&req, "bad_request", "not a command")),
         };
-        let ledger = self.state.ledger.clone();
-        let tx = self.answers_tx.clone();
-        // Enter the write queue here, on the connection task, so that commands pipelined on one
-        // connection are decided in the order they were sent; only the wait is spawned.
-        let queued = ledger.enqueue(cmd);
-        tokio::spawn(
-            async move {
-                let outcome = match queued {
-                    Ok(rx) => rx.await.unwrap_or(Err(CommandError::ShuttingDown)),
-                    Err(e) => Err(e),
-                };
-                let text = match outcome {
-                    Ok(o) => protocol::ok_value(&req, o.offset, o.alarm_id, o.already, o.duplicate)
-                        .to_string(),
-                    Err(e) => {
-                        if matches!(e, CommandError::Storage(_)) {
-                            tracing::error!(error = %e, "command failed on storage");
-                        }
-                        protocol::error(&req, e.code(), &e.to_string())
+        // Enter the write queue here, so that commands pipelined on one connection are decided
+        // in the order they were sent; only the wait is deferred. (If the connection ends first,
+        // the command still completes; a retry with its command_id answers `duplicate`.)
+        let queued = self.state.ledger.enqueue(cmd);
+        self.answers.push(Box::pin(async move {
+            let outcome = match queued {
+                Ok(rx) => rx.await.unwrap_or(Err(CommandError::ShuttingDown)),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(o) => protocol::ok_value(&req, o.offset, o.alarm_id, o.already, o.duplicate)
+                    .to_string(),
+                Err(e) => {
+                    if matches!(e, CommandError::Storage(_)) {
+                        tracing::error!(error = %e, "command failed on storage");
                     }
-                };
-                let _ = tx.send(text).await;
+                    protocol::error(&req, e.code(), &e.to_string())
+                }
             }
-            .in_current_span(),
-        );
+        }));
         None
     }
 
