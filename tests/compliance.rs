@@ -134,6 +134,11 @@ impl Server {
     }
 
     async fn events_text(&self, query: &str) -> String {
+        self.events_text_result(query).await.unwrap()
+    }
+
+    /// The NDJSON export, or the error that cut the stream short after its 200 header.
+    async fn events_text_result(&self, query: &str) -> Result<String, reqwest::Error> {
         let r = self
             .client
             .get(self.url(&format!("/api/v1/events{query}")))
@@ -142,7 +147,7 @@ impl Server {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        r.text().await.unwrap()
+        r.text().await
     }
 
     async fn ws(&self) -> Ws {
@@ -1182,8 +1187,24 @@ async fn still_serves_reads(s: &Server, head: u64) {
     assert_eq!(h["status"], "storage_failed", "{h}");
     let (st, r) = s.req("GET", "", "/readyz", None).await;
     assert_eq!(st, 503, "not ready while storage fails: {r}");
-    let ev = lines(&s.events_text("").await);
-    assert_eq!(ev.len() as u64, head, "the log reads back");
+    // Reads that walk the log go through sled, and sled 0.34 completes deferred node splits
+    // during traversals: with the disk failed, such a split fails and the stream is cut short
+    // (an error, never wrong data; README, "Operations"). Whether a split is pending depends on
+    // the last appends, so both outcomes occur; a stream that completes must be the whole log.
+    match s.events_text_result("").await {
+        Ok(text) => {
+            let ev = lines(&text);
+            assert_eq!(ev.len() as u64, head, "the log reads back");
+            for (i, e) in ev.iter().enumerate() {
+                assert_eq!(e["offset"], i as u64 + 1, "{e}");
+            }
+        }
+        Err(e) => eprintln!("events stream cut short while the disk is failed: {e}"),
+    }
+    // The server is still up and still serves from memory after that.
+    let (st, v) = s.get("/api/v1/ledger").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["head"], head);
 }
 
 fn assert_failure_is_clear(failure: &Value) {
