@@ -27,6 +27,13 @@ fn open(dir: &DataDir) -> Result<SledLog> {
     )
 }
 
+/// `open` for a command that reads the whole log (export, verify, backup): the kernel starts
+/// reading the file ahead before sled's own recovery reads it.
+fn open_for_full_read(dir: &DataDir) -> Result<SledLog> {
+    crate::store::sled_log::prefetch_db_file(&dir.ledger_dir());
+    open(dir)
+}
+
 /// Ends a read-only command's use of the log without tearing sled down. These functions are the
 /// binary's: the process exits as soon as one returns, and freeing the page cache a full pass
 /// filled (~900 MiB for 1M events, millions of allocations) object by object took 0.4 s of a
@@ -119,7 +126,7 @@ pub fn user(args: UserArgs) -> Result<()> {
 
 pub fn export(args: ExportArgs) -> Result<()> {
     let dir = DataDir::lock_existing(&args.data.data)?;
-    let log = open(&dir)?;
+    let log = open_for_full_read(&dir)?;
     let head = log.head()?.offset;
     let ledger_id = log.info().ledger_id;
     let out: Box<dyn Write> = match &args.out {
@@ -218,7 +225,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
 
 pub fn verify(args: VerifyArgs) -> Result<String> {
     let dir = DataDir::lock_existing(&args.data.data)?;
-    let log = open(&dir)?;
+    let log = open_for_full_read(&dir)?;
     let mut report = crate::verify::verify_log(&log, Some(&dir.snapshot_path()))?;
     let security = SecurityLog::open(log.db(), log.info().ledger_id)
         .map_err(|e| Error::Storage(e.to_string()))?;
@@ -239,7 +246,7 @@ pub fn verify(args: VerifyArgs) -> Result<String> {
 
 pub fn backup(args: BackupArgs) -> Result<String> {
     let dir = DataDir::lock_existing(&args.data.data)?;
-    let log = open(&dir)?;
+    let log = open_for_full_read(&dir)?;
     let head = log.head()?.offset;
     let security = SecurityLog::open(log.db(), log.info().ledger_id)
         .map_err(|e| Error::Storage(e.to_string()))?;
