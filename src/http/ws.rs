@@ -297,6 +297,14 @@ impl Connection {
                 _ = &mut shutdown_signal => {
                     return End::Close(CLOSE_GOING_AWAY, "server shutting down".into());
                 }
+                // Polled only while a command waits (most connections are subscribers only),
+                // and before new frames: answers that are ready go out before more commands
+                // are read, so a client that pipelines cannot starve its own answers.
+                Some(answer) = self.answers.next(), if !self.answers.is_empty() => {
+                    if let Err(fail) = send(ws, vec![answer.into()], stall).await {
+                        return self.ended(fail);
+                    }
+                }
                 frame = ws.next() => {
                     let msg = match frame {
                         Some(Ok(msg)) => msg,
@@ -309,12 +317,6 @@ impl Connection {
                     last_seen = Instant::now();
                     if let Some(end) = self.on_frame(ws, msg).await {
                         return end;
-                    }
-                }
-                // Polled only while a command waits: most connections are subscribers only.
-                Some(answer) = self.answers.next(), if !self.answers.is_empty() => {
-                    if let Err(fail) = send(ws, vec![answer.into()], stall).await {
-                        return self.ended(fail);
                     }
                 }
                 item = next_item(&mut self.sub) => {
