@@ -614,7 +614,8 @@ proptest! {
 // ------------------------------------------------------------------ 2. through a real Ledger
 
 fn open(dir: &Path, snapshot: Option<&Path>) -> (Arc<Ledger>, Restore) {
-    let log = SledLog::open(&dir.join("ledger"), &Default::default()).expect("sled opens");
+    let log =
+        SledLog::open_after_close(&dir.join("ledger"), &Default::default()).expect("sled opens");
     let opts = LedgerOptions {
         queue_capacity: 64,
         max_batch: 64,

@@ -41,7 +41,7 @@ fn snap_path(root: &Path) -> PathBuf {
 }
 
 fn try_open(root: &Path, o: LedgerOptions) -> alarm_ledger::error::Result<(Arc<Ledger>, Restore)> {
-    let log = SledLog::open(&ledger_dir(root), &Default::default())?;
+    let log = SledLog::open_after_close(&ledger_dir(root), &Default::default())?;
     Ledger::open(Arc::new(log), o, Arc::new(Metrics::new()))
 }
 
@@ -157,10 +157,16 @@ fn event_key(offset: u64) -> [u8; 9] {
 
 /// Opens the ledger's sled tree directly (no ledger code) and edits one record.
 fn edit_record(root: &Path, offset: u64, f: impl FnOnce(Option<Vec<u8>>) -> Option<Vec<u8>>) {
-    let db = sled::Config::new()
-        .path(ledger_dir(root))
-        .open()
-        .expect("sled opens directly");
+    // The ledger was closed a moment ago: sled may still hold its lock (see
+    // `SledLog::open_after_close`), so retry for a bounded time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let db = loop {
+        match sled::Config::new().path(ledger_dir(root)).open() {
+            Ok(db) => break db,
+            Err(e) if std::time::Instant::now() >= deadline => panic!("sled opens directly: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    };
     let tree = db.open_tree("ledger").expect("tree");
     let key = event_key(offset);
     let old = tree.get(key).expect("get").map(|v| v.to_vec());
@@ -349,7 +355,7 @@ fn a_flipped_byte_in_a_record_fails_open_naming_its_offset() {
 
     // With the final snapshot (offset 10), startup replays only the tail; `verify` reads
     // everything and names the same offset.
-    let log = SledLog::open(&ledger_dir(root), &Default::default()).unwrap();
+    let log = SledLog::open_after_close(&ledger_dir(root), &Default::default()).unwrap();
     match alarm_ledger::verify::verify_log(&log, None) {
         Err(Error::Corrupt { offset: 6, reason }) => assert!(reason.contains("hash mismatch")),
         other => panic!("verify should name offset 6: {other:?}"),
@@ -396,7 +402,7 @@ fn a_deleted_record_is_a_gap_naming_its_offset() {
     let (offset, reason) = corrupt_at(try_open(root, opts(None)));
     assert_eq!(offset, 4, "{reason}");
     assert!(reason.contains("gap"), "{reason}");
-    let log = SledLog::open(&ledger_dir(root), &Default::default()).unwrap();
+    let log = SledLog::open_after_close(&ledger_dir(root), &Default::default()).unwrap();
     match alarm_ledger::verify::verify_log(&log, None) {
         Err(Error::Corrupt { offset: 4, reason }) => assert!(reason.contains("gap"), "{reason}"),
         other => panic!("verify should name offset 4: {other:?}"),
@@ -497,7 +503,7 @@ fn at_never_decreases_even_after_a_future_stamped_head() {
     // directly to the log with a valid chain link, as that machine's writer would have.
     let future = Timestamp(Timestamp::now().0 + 3_600_000);
     {
-        let log = SledLog::open(&ledger_dir(root), &Default::default()).unwrap();
+        let log = SledLog::open_after_close(&ledger_dir(root), &Default::default()).unwrap();
         let head = log.head().unwrap();
         let mut e = Event {
             offset: head.offset + 1,

@@ -119,6 +119,23 @@ impl SledLog {
         Self::open_with(dir, opts, None)
     }
 
+    /// `open` for a directory this process closed a moment ago (tests that restart a ledger
+    /// in-process): sled 0.34 releases its file lock only when its IO threads and deferred
+    /// (epoch-based) cleanups have dropped the file, which under load can be a while after the
+    /// last handle is dropped. Retries while the directory is locked, for up to 10 s. A running
+    /// server never needs this: another process's lock is released when that process exits.
+    pub fn open_after_close(dir: &Path, opts: &SledOptions) -> Result<SledLog> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Self::open(dir, opts) {
+                Err(Error::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Like `open`, but a new ledger gets the given identity (used by `backup`, which must
     /// reproduce the source's ledger_id and creation time).
     pub fn open_with(

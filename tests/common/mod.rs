@@ -63,7 +63,19 @@ pub async fn spawn_app_in(data: &Path, extra: &[&str]) -> TestApp {
     let Command::Serve(args) = cli.command else {
         panic!("not serve")
     };
-    let app = Application::build(&args).await.expect("server builds");
+    // After `reopen`, sled may hold the directory's lock a moment longer than the stopped
+    // server (see `SledLog::open_after_close`): retry that case for a bounded time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let app = loop {
+        match Application::build(&args).await {
+            Err(alarm_ledger::error::Error::Locked { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => break other.expect("server builds"),
+        }
+    };
     let addr = app.local_addr();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
