@@ -29,7 +29,5 @@ pub mod shutdown;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
-#[cfg(test)]
-mod test_support;
 pub mod time;
 pub mod verify;

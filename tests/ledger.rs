@@ -157,16 +157,9 @@ fn event_key(offset: u64) -> [u8; 9] {
 
 /// Opens the ledger's sled tree directly (no ledger code) and edits one record.
 fn edit_record(root: &Path, offset: u64, f: impl FnOnce(Option<Vec<u8>>) -> Option<Vec<u8>>) {
-    // The ledger was closed a moment ago: sled may still hold its lock (see
-    // `SledLog::open_after_close`), so retry for a bounded time.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let db = loop {
-        match sled::Config::new().path(ledger_dir(root)).open() {
-            Ok(db) => break db,
-            Err(e) if std::time::Instant::now() >= deadline => panic!("sled opens directly: {e}"),
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-        }
-    };
+    // The ledger was closed a moment ago: sled may still hold its lock.
+    let db = alarm_ledger::store::sled_log::open_db_after_close(&ledger_dir(root))
+        .expect("sled opens directly");
     let tree = db.open_tree("ledger").expect("tree");
     let key = event_key(offset);
     let old = tree.get(key).expect("get").map(|v| v.to_vec());

@@ -518,7 +518,7 @@ mod tests {
             log.verify().unwrap()
         };
         assert_eq!(head.0, 3);
-        let db = crate::test_support::reopen_sled(dir.path());
+        let db = crate::store::sled_log::open_db_after_close(dir.path()).unwrap();
         let log = SecurityLog::open(&db, id).unwrap();
         assert_eq!(log.head(), head.clone());
         let e = log

@@ -521,7 +521,7 @@ mod tests {
                 .add("alice", PW, Role::Admin)
                 .unwrap();
         }
-        let db = crate::test_support::reopen_sled(dir.path());
+        let db = crate::store::sled_log::open_db_after_close(dir.path()).unwrap();
         let s = UserStore::open_with_iterations(&db, 1_000).unwrap();
         assert_eq!(s.authenticate("alice", PW).unwrap().role, Role::Admin);
     }

@@ -112,6 +112,37 @@ pub fn prefetch_db_file(dir: &Path) {
         });
 }
 
+/// Whether sled refused to open because another handle holds the directory's lock.
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// Retries `open` while it fails because the directory is locked, for up to 10 s.
+fn retry_while_locked<T, E>(
+    mut open: impl FnMut() -> std::result::Result<T, E>,
+    is_locked: impl Fn(&E) -> bool,
+) -> std::result::Result<T, E> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open() {
+            Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Opens a sled database that this process closed a moment ago (tests that reopen a directory
+/// in-process). sled 0.34 releases its file lock only when its IO threads and deferred
+/// (epoch-based) cleanups have dropped the file, which under load can be a while after the last
+/// handle is dropped; this retries while the directory is locked, for up to 10 s, and returns
+/// any other error at once. A running server never needs it: another process's lock is
+/// released when that process exits.
+pub fn open_db_after_close(dir: &Path) -> sled::Result<sled::Db> {
+    retry_while_locked(|| sled::Config::new().path(dir).open(), is_lock_error)
+}
+
 impl SledLog {
     /// Opens (or creates, with a fresh ledger_id) the log in `dir` (the `ledger/` sub-directory
     /// of the data directory). The caller holds the data directory's lock.
@@ -120,20 +151,12 @@ impl SledLog {
     }
 
     /// `open` for a directory this process closed a moment ago (tests that restart a ledger
-    /// in-process): sled 0.34 releases its file lock only when its IO threads and deferred
-    /// (epoch-based) cleanups have dropped the file, which under load can be a while after the
-    /// last handle is dropped. Retries while the directory is locked, for up to 10 s. A running
-    /// server never needs this: another process's lock is released when that process exits.
+    /// in-process); see `open_db_after_close`.
     pub fn open_after_close(dir: &Path, opts: &SledOptions) -> Result<SledLog> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match Self::open(dir, opts) {
-                Err(Error::Locked { .. }) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                other => return other,
-            }
-        }
+        retry_while_locked(
+            || Self::open(dir, opts),
+            |e| matches!(e, Error::Locked { .. }),
+        )
     }
 
     /// Like `open`, but a new ledger gets the given identity (used by `backup`, which must
@@ -148,13 +171,14 @@ impl SledLog {
             .path(dir)
             .cache_capacity(opts.cache_bytes)
             .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            .map_err(|e| {
+                if is_lock_error(&e) {
                     Error::Locked {
                         path: dir.to_path_buf(),
                     }
+                } else {
+                    Error::Storage(format!("cannot open {}: {e}", dir.display()))
                 }
-                other => Error::Storage(format!("cannot open {}: {other}", dir.display())),
             })?;
         let tree = db.open_tree("ledger")?;
         let db_file = File::open(dir.join("db"))?;
