@@ -45,6 +45,7 @@ pub struct Metrics {
     pub commands_rejected: Family<CodeLabel, Counter>,
     pub login_failures: Counter,
     pub logins_throttled: Counter,
+    pub security_log_failures: Counter,
     pub http_requests: Family<HttpLabel, Counter>,
     pub snapshots_written: Counter,
 }
@@ -115,6 +116,12 @@ impl Metrics {
         );
         let login_failures = Counter::default();
         registry.register("login_failures", "Failed logins", login_failures.clone());
+        let security_log_failures = Counter::default();
+        registry.register(
+            "security_log_failures",
+            "Security-log entries that could not be written (audit reads served anyway)",
+            security_log_failures.clone(),
+        );
         let logins_throttled = Counter::default();
         registry.register(
             "logins_throttled",
@@ -146,6 +153,7 @@ impl Metrics {
             commands_rejected,
             login_failures,
             logins_throttled,
+            security_log_failures,
             http_requests,
             snapshots_written,
         }

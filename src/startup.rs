@@ -1,7 +1,9 @@
 //! `Application`: build (validate → lock data dir → open log → rebuild projection → auth →
 //! writer → bind), `local_addr`, `run_until_stopped`.
 
-use crate::auth::{LoginThrottle, SecurityLog, TokenService, UserStore};
+use crate::auth::{
+    LoginThrottle, NewSecurityEntry, Role, SecurityAction, SecurityLog, TokenService, UserStore,
+};
 use crate::config::ServeArgs;
 use crate::error::{Error, Result};
 use crate::http::{self, ApiSettings, AppState, AuthCtx};
@@ -81,11 +83,25 @@ impl Application {
             .map_err(|e| Error::Other(format!("token self-test failed: {e}")))?;
         let users = UserStore::open(&db).map_err(|e| Error::Storage(e.to_string()))?;
         let admin_pw = args.admin_password.clone();
+        let first_start = users
+            .is_empty()
+            .map_err(|e| Error::Storage(e.to_string()))?;
         let generated_admin_password = users
             .bootstrap_admin(admin_pw.as_deref())
             .map_err(|e| Error::Config(format!("ALARM_LEDGER_ADMIN_PASSWORD: {e}")))?;
         let security =
             SecurityLog::open(&db, info.ledger_id).map_err(|e| Error::Storage(e.to_string()))?;
+        if first_start {
+            security
+                .append(
+                    NewSecurityEntry::new(SecurityAction::UserCreated)
+                        .actor("server")
+                        .target(crate::auth::users::BOOTSTRAP_ADMIN)
+                        .detail("role", Role::Admin.as_str())
+                        .detail("via", "bootstrap"),
+                )
+                .map_err(|e| Error::Storage(e.to_string()))?;
+        }
         log.sync()?;
         let auth = Arc::new(AuthCtx {
             users,

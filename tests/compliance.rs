@@ -1212,7 +1212,7 @@ fn assert_failure_is_clear(failure: &Value) {
     assert_eq!(failure["body"]["error"]["code"], "internal", "{failure}");
     let msg = failure["body"]["error"]["message"].as_str().unwrap_or("");
     assert!(
-        msg.contains("storage") || msg.contains("not applied"),
+        msg.contains("storage failure") && msg.contains("command_id"),
         "the message says what failed: {msg}"
     );
 }

@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize, Serializer};
 
 pub use password::PasswordHash;
 pub use security_log::{NewSecurityEntry, SecurityAction, SecurityEntry, SecurityLog};
-pub use throttle::LoginThrottle;
+pub use throttle::{LoginThrottle, Throttled};
 pub use token::{Claims, IssuedToken, SecretError, TokenError, TokenService};
-pub use users::{UserInfo, UserRecord, UserStore};
+pub use users::{UserChange, UserInfo, UserRecord, UserStore};
 
 /// What a user may do. Checked on every request from the token's claims (and the user record).
 ///

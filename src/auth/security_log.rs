@@ -55,7 +55,9 @@ pub enum SecurityAction {
     UserEnabled,
     /// A backup was written.
     BackupCreated,
-    /// The alarm event log was exported (`GET /api/v1/events`, CLI export).
+    /// The alarm event log was exported over HTTP (`GET /api/v1/events`). The offline `export`
+    /// records nothing: it reads a directory its user already holds at the file level (often a
+    /// read-only backup copy) and leaves it unchanged.
     AuditExport,
     /// An alarm history or the security log was read.
     HistoryRead,
@@ -241,6 +243,9 @@ impl SecurityLog {
         let now_ms = DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now);
         let mut details = entry.details;
         drop_password_fields(&mut details);
+        for value in details.values_mut() {
+            cut_strings(value);
+        }
         let mut stored = SecurityEntry {
             seq: head.seq + 1,
             at: now_ms.max(head.at),
@@ -402,6 +407,17 @@ fn drop_password_fields(map: &mut Map<String, Value>) {
         if let Value::Object(inner) = value {
             drop_password_fields(inner);
         }
+    }
+}
+
+/// Details carry client-supplied text (an export's `actor` filter, a failure reason): every
+/// string in them is cut like the top-level fields.
+fn cut_strings(value: &mut Value) {
+    match value {
+        Value::String(text) => *text = cut(std::mem::take(text)),
+        Value::Array(items) => items.iter_mut().for_each(cut_strings),
+        Value::Object(map) => map.values_mut().for_each(cut_strings),
+        _ => {}
     }
 }
 
@@ -583,13 +599,20 @@ mod tests {
                         "nested",
                         json!({"newPassword": "s3cret-s3cret", "role": "admin"}),
                     )
-                    .detail("reason", "bad_credentials"),
+                    .detail("reason", "bad_credentials")
+                    .detail(
+                        "filters",
+                        json!({"actor": "y".repeat(10_000), "tags": ["z".repeat(10_000)]}),
+                    ),
             )
             .unwrap();
         let line = serde_json::to_string(&e).unwrap();
         assert!(!line.contains("hunter2") && !line.contains("s3cret"));
         assert!(line.contains("bad_credentials") && line.contains("\"role\":\"admin\""));
         assert_eq!(e.target.unwrap().len(), MAX_TEXT_CHARS);
+        let filters = &e.details["filters"];
+        assert_eq!(filters["actor"].as_str().unwrap().len(), MAX_TEXT_CHARS);
+        assert_eq!(filters["tags"][0].as_str().unwrap().len(), MAX_TEXT_CHARS);
         log.verify().unwrap();
     }
 

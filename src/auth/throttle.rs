@@ -1,13 +1,14 @@
 //! Login throttling: at most `max_failures` failed logins per (username, client address) within a
-//! fixed window that starts at the first failure; then "retry after" until the window ends.
+//! fixed window that starts at the first attempt; then "retry after" until the window ends.
 //!
 //! Keyed by user *and* address on purpose: an attacker hammering an account from one address
 //! cannot lock its owner out from another. The map is bounded (`max_entries`) so a flood of
 //! distinct usernames or addresses cannot grow memory without limit. Time is a parameter
 //! (`now: Instant`) so tests need not sleep.
 //!
-//! Use: `check` before verifying a password (refuse with 429 + `Retry-After` on `Err`), then
-//! `record_failure` or `record_success` with the outcome.
+//! Use: `begin` before verifying a password (refuse with 429 + `Retry-After` on `Err`); it
+//! counts the attempt, so a wrong password needs nothing more; then `record_success` on success,
+//! or `refund` if the password was never checked.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,9 +21,33 @@ const MAX_KEY_NAME_CHARS: usize = 65;
 
 #[derive(Debug, Clone, Copy)]
 struct Failures {
+    /// Attempts counted in this window: failed ones, and ones still being checked.
     count: u32,
-    /// The first failure of the current window; the window ends `window` later.
+    /// The first attempt of the current window; the window ends `window` later.
     since: Instant,
+    /// A refusal of this window was already reported (`Throttled::first`).
+    refusal_reported: bool,
+}
+
+impl Failures {
+    fn first(now: Instant) -> Self {
+        Failures {
+            count: 1,
+            since: now,
+            refusal_reported: false,
+        }
+    }
+}
+
+/// A refused attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throttled {
+    /// When the window ends; never zero.
+    pub retry_after: Duration,
+    /// The first refusal of this (user, address) window. The security log records that one;
+    /// later refusals only count in the metric, so a client hammering a throttled key cannot
+    /// make the server append and sync a log entry per request.
+    pub first: bool,
 }
 
 /// Counts failed logins per (username, address). Shared by all request handlers (`Arc`).
@@ -54,52 +79,55 @@ impl LoginThrottle {
         Self::new(5, Duration::from_secs(15 * 60), 100_000)
     }
 
-    /// `Ok` if this user may try to log in from `ip` now, else `Err(retry_after)`, never zero.
-    pub fn check(&self, user: &str, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+    /// Starts a login attempt of `user` from `ip`: `Ok` and the attempt is counted, or
+    /// `Err` if the budget of this window is spent. Checking and counting are one step under one
+    /// lock, so concurrent attempts cannot all pass the check before any failure is counted: of
+    /// any number of parallel guesses, at most `max_failures` reach the password check.
+    ///
+    /// Afterwards: `record_success` clears the key; a wrong password leaves the attempt counted;
+    /// an attempt whose password was never checked (hash queue full, storage error) is given
+    /// back with `refund`.
+    pub fn begin(&self, user: &str, ip: IpAddr, now: Instant) -> Result<(), Throttled> {
         let key = key(user, ip);
         let mut entries = self.lock();
-        match entries.get(&key).copied() {
-            Some(f) if self.expired(f, now) => {
-                entries.remove(&key);
-                Ok(())
+        if let Some(f) = entries.get_mut(&key) {
+            if self.expired(*f, now) {
+                *f = Failures::first(now);
+                return Ok(());
             }
-            Some(f) if f.count >= self.max_failures => {
+            if f.count >= self.max_failures {
                 // checked_add: a configured window near Duration::MAX must not panic.
                 let left = f
                     .since
                     .checked_add(self.window)
                     .map_or(self.window, |ends| ends.saturating_duration_since(now));
-                Err(left.max(Duration::from_secs(1)))
+                let first = !f.refusal_reported;
+                f.refusal_reported = true;
+                return Err(Throttled {
+                    retry_after: left.max(Duration::from_secs(1)),
+                    first,
+                });
             }
-            _ => Ok(()),
-        }
-    }
-
-    /// Counts one failed login of `user` from `ip`.
-    pub fn record_failure(&self, user: &str, ip: IpAddr, now: Instant) {
-        let key = key(user, ip);
-        let mut entries = self.lock();
-        if let Some(f) = entries.get_mut(&key) {
-            if self.expired(*f, now) {
-                *f = Failures {
-                    count: 1,
-                    since: now,
-                };
-            } else {
-                f.count = f.count.saturating_add(1);
-            }
-            return;
+            f.count += 1;
+            return Ok(());
         }
         if entries.len() >= self.max_entries {
             self.make_room(&mut entries, now);
         }
-        entries.insert(
-            key,
-            Failures {
-                count: 1,
-                since: now,
-            },
-        );
+        entries.insert(key, Failures::first(now));
+        Ok(())
+    }
+
+    /// Gives back an attempt counted by `begin` whose password was never checked.
+    pub fn refund(&self, user: &str, ip: IpAddr) {
+        let key = key(user, ip);
+        let mut entries = self.lock();
+        if let Some(f) = entries.get_mut(&key) {
+            f.count = f.count.saturating_sub(1);
+            if f.count == 0 {
+                entries.remove(&key);
+            }
+        }
     }
 
     /// A successful login clears the failures of this user from this address.
@@ -171,18 +199,67 @@ mod tests {
         let a = ip("10.0.0.1");
         let t0 = Instant::now();
         for i in 0..5 {
-            assert!(t.check("alice", a, t0).is_ok(), "attempt {i}");
-            t.record_failure("alice", a, t0 + Duration::from_secs(i));
+            assert!(
+                t.begin("alice", a, t0 + Duration::from_secs(i)).is_ok(),
+                "attempt {i}"
+            );
         }
-        let retry = t
-            .check("alice", a, t0 + Duration::from_secs(60))
+        let refused = t
+            .begin("alice", a, t0 + Duration::from_secs(60))
             .unwrap_err();
-        assert_eq!(retry, WINDOW - Duration::from_secs(60));
-        assert!(t
-            .check("alice", a, t0 + WINDOW - Duration::from_millis(1))
-            .is_err());
-        assert!(t.check("alice", a, t0 + WINDOW).is_ok());
-        assert!(t.is_empty(), "the expired entry is dropped");
+        assert_eq!(refused.retry_after, WINDOW - Duration::from_secs(60));
+        assert!(refused.first);
+        let again = t
+            .begin("alice", a, t0 + WINDOW - Duration::from_millis(1))
+            .unwrap_err();
+        assert!(
+            !again.first,
+            "only the first refusal of a window is reported"
+        );
+        assert!(t.begin("alice", a, t0 + WINDOW).is_ok(), "a new window");
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_new_window_reports_its_first_refusal_again() {
+        let t = LoginThrottle::new(1, WINDOW, 100);
+        let (a, t0) = (ip("10.0.0.1"), Instant::now());
+        t.begin("alice", a, t0).unwrap();
+        assert!(t.begin("alice", a, t0).unwrap_err().first);
+        assert!(!t.begin("alice", a, t0).unwrap_err().first);
+        t.begin("alice", a, t0 + WINDOW).unwrap();
+        assert!(t.begin("alice", a, t0 + WINDOW).unwrap_err().first);
+    }
+
+    #[test]
+    fn parallel_attempts_get_no_more_than_the_budget() {
+        let t = std::sync::Arc::new(LoginThrottle::new(5, WINDOW, 100));
+        let now = Instant::now();
+        let passed: usize = (0..32)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || t.begin("alice", ip("10.0.0.1"), now).is_ok())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| usize::from(h.join().unwrap()))
+            .sum();
+        assert_eq!(passed, 5);
+    }
+
+    #[test]
+    fn refund_gives_back_an_unchecked_attempt() {
+        let t = LoginThrottle::new(2, WINDOW, 100);
+        let (a, now) = (ip("10.0.0.1"), Instant::now());
+        t.begin("alice", a, now).unwrap();
+        t.refund("alice", a);
+        assert!(t.is_empty(), "nothing left to remember");
+        t.begin("alice", a, now).unwrap();
+        t.begin("alice", a, now).unwrap();
+        t.refund("alice", a);
+        t.begin("alice", a, now).unwrap();
+        assert!(t.begin("alice", a, now).is_err());
+        t.refund("nobody", a);
     }
 
     #[test]
@@ -190,43 +267,47 @@ mod tests {
         let t = LoginThrottle::new(3, WINDOW, 100);
         let now = Instant::now();
         for _ in 0..10 {
-            t.record_failure("alice", ip("10.0.0.1"), now);
+            let _ = t.begin("alice", ip("10.0.0.1"), now);
         }
-        assert!(t.check("alice", ip("10.0.0.1"), now).is_err());
-        assert!(t.check("alice", ip("10.0.0.2"), now).is_ok());
-        assert!(t.check("alice", ip("2001:db8::1"), now).is_ok());
-        assert!(t.check("bob", ip("10.0.0.1"), now).is_ok());
+        assert!(t.begin("alice", ip("10.0.0.1"), now).is_err());
+        assert!(t.begin("alice", ip("10.0.0.2"), now).is_ok());
+        assert!(t.begin("alice", ip("2001:db8::1"), now).is_ok());
+        assert!(t.begin("bob", ip("10.0.0.1"), now).is_ok());
     }
 
     #[test]
     fn mapped_ipv6_counts_as_ipv4() {
         let t = LoginThrottle::new(2, WINDOW, 100);
         let now = Instant::now();
-        t.record_failure("alice", ip("10.0.0.1"), now);
-        t.record_failure("alice", ip("::ffff:10.0.0.1"), now);
-        assert!(t.check("alice", ip("10.0.0.1"), now).is_err());
+        t.begin("alice", ip("10.0.0.1"), now).unwrap();
+        t.begin("alice", ip("::ffff:10.0.0.1"), now).unwrap();
+        assert!(t.begin("alice", ip("10.0.0.1"), now).is_err());
     }
 
     #[test]
     fn success_clears() {
         let t = LoginThrottle::new(2, WINDOW, 100);
         let (a, now) = (ip("10.0.0.1"), Instant::now());
-        t.record_failure("alice", a, now);
-        t.record_failure("alice", a, now);
-        assert!(t.check("alice", a, now).is_err());
+        t.begin("alice", a, now).unwrap();
+        t.begin("alice", a, now).unwrap();
+        assert!(t.begin("alice", a, now).is_err());
         t.record_success("alice", a);
-        assert!(t.check("alice", a, now).is_ok());
+        assert!(t.begin("alice", a, now).is_ok());
     }
 
     #[test]
-    fn failures_after_the_window_start_a_new_one() {
+    fn attempts_after_the_window_start_a_new_one() {
         let t = LoginThrottle::new(2, WINDOW, 100);
         let (a, t0) = (ip("10.0.0.1"), Instant::now());
-        t.record_failure("alice", a, t0);
-        t.record_failure("alice", a, t0 + WINDOW + Duration::from_secs(1));
+        t.begin("alice", a, t0).unwrap();
+        t.begin("alice", a, t0 + WINDOW + Duration::from_secs(1))
+            .unwrap();
         assert!(t
-            .check("alice", a, t0 + WINDOW + Duration::from_secs(2))
+            .begin("alice", a, t0 + WINDOW + Duration::from_secs(2))
             .is_ok());
+        assert!(t
+            .begin("alice", a, t0 + WINDOW + Duration::from_secs(3))
+            .is_err());
     }
 
     #[test]
@@ -235,16 +316,17 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..50u32 {
             let addr = IpAddr::from([10, 0, 0, i as u8]);
-            t.record_failure("alice", addr, t0 + Duration::from_millis(u64::from(i)));
+            t.begin("alice", addr, t0 + Duration::from_millis(u64::from(i)))
+                .unwrap();
             assert!(t.len() <= 10);
         }
         let now = t0 + Duration::from_secs(1);
         assert!(
-            t.check("alice", IpAddr::from([10, 0, 0, 0]), now).is_ok(),
+            t.begin("alice", IpAddr::from([10, 0, 0, 0]), now).is_ok(),
             "evicted"
         );
         assert!(
-            t.check("alice", IpAddr::from([10, 0, 0, 49]), now).is_err(),
+            t.begin("alice", IpAddr::from([10, 0, 0, 49]), now).is_err(),
             "kept"
         );
     }
@@ -253,12 +335,13 @@ mod tests {
     fn expired_entries_are_dropped_before_evicting() {
         let t = LoginThrottle::new(1, WINDOW, 2);
         let t0 = Instant::now();
-        t.record_failure("old", ip("10.0.0.1"), t0);
-        t.record_failure("young", ip("10.0.0.1"), t0 + WINDOW);
-        t.record_failure("new", ip("10.0.0.1"), t0 + WINDOW + Duration::from_secs(1));
+        t.begin("old", ip("10.0.0.1"), t0).unwrap();
+        t.begin("young", ip("10.0.0.1"), t0 + WINDOW).unwrap();
+        t.begin("new", ip("10.0.0.1"), t0 + WINDOW + Duration::from_secs(1))
+            .unwrap();
         assert_eq!(t.len(), 2);
         assert!(t
-            .check(
+            .begin(
                 "young",
                 ip("10.0.0.1"),
                 t0 + WINDOW + Duration::from_secs(2)
@@ -270,15 +353,15 @@ mod tests {
     fn huge_window_does_not_overflow() {
         let t = LoginThrottle::new(1, Duration::MAX, 10);
         let now = Instant::now();
-        t.record_failure("alice", ip("10.0.0.1"), now);
-        assert!(t.check("alice", ip("10.0.0.1"), now).is_err());
+        t.begin("alice", ip("10.0.0.1"), now).unwrap();
+        assert!(t.begin("alice", ip("10.0.0.1"), now).is_err());
     }
 
     #[test]
     fn long_usernames_are_cut() {
         let t = LoginThrottle::new(1, WINDOW, 10);
         let now = Instant::now();
-        t.record_failure(&"x".repeat(100_000), ip("10.0.0.1"), now);
-        assert!(t.check(&"x".repeat(200), ip("10.0.0.1"), now).is_err());
+        t.begin(&"x".repeat(100_000), ip("10.0.0.1"), now).unwrap();
+        assert!(t.begin(&"x".repeat(200), ip("10.0.0.1"), now).is_err());
     }
 }

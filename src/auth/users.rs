@@ -122,6 +122,15 @@ pub struct UserInfo {
     pub created_at: DateTime<Utc>,
 }
 
+/// An administrator's change to an account (`UserStore::change`); `None` leaves a field alone.
+#[derive(Default)]
+pub struct UserChange {
+    pub role: Option<Role>,
+    pub disabled: Option<bool>,
+    /// The new password, in clear until `change` hashes it.
+    pub password: Option<String>,
+}
+
 /// The accounts. Share it behind an `Arc`.
 pub struct UserStore {
     db: sled::Db,
@@ -210,46 +219,78 @@ impl UserStore {
     /// Changes the role; revokes the user's tokens if it changed. `LastAdmin` if this would
     /// demote the last enabled admin.
     pub fn set_role(&self, name: &str, role: Role) -> Result<UserInfo, AuthError> {
-        self.update(name, |store, record| {
-            if record.role == role {
-                return Ok(false);
-            }
-            if record.role == Role::Admin && !record.disabled {
-                store.ensure_another_enabled_admin(name)?;
-            }
-            record.role = role;
-            Ok(true)
-        })
+        self.change(
+            name,
+            UserChange {
+                role: Some(role),
+                ..UserChange::default()
+            },
+        )
     }
 
     /// Sets a new password (policy-checked) and revokes the user's tokens.
     pub fn set_password(&self, name: &str, password: &str) -> Result<UserInfo, AuthError> {
-        password::validate_password(password)?;
-        if self.get(name)?.is_none() {
-            // Answer before spending 150 ms on a hash nobody will store.
-            return Err(AuthError::UnknownUser(name.to_owned()));
-        }
-        let hash = PasswordHash::new_with_iterations(password, self.iterations)?;
-        self.update(name, move |_, record| {
-            record.password = hash;
-            Ok(true)
-        })
+        self.change(
+            name,
+            UserChange {
+                password: Some(password.to_owned()),
+                ..UserChange::default()
+            },
+        )
     }
 
     /// Disables (revoking the user's tokens) or re-enables an account. Re-enabling does not
     /// revive tokens issued before the disable. `LastAdmin` if this would disable the last
     /// enabled admin.
     pub fn set_disabled(&self, name: &str, disabled: bool) -> Result<UserInfo, AuthError> {
-        self.update(name, |store, record| {
-            if record.disabled == disabled {
-                return Ok(false);
+        self.change(
+            name,
+            UserChange {
+                disabled: Some(disabled),
+                ..UserChange::default()
+            },
+        )
+    }
+
+    /// Applies a change whole or not at all. A new password is policy-checked and hashed
+    /// (~150 ms) before anything is written; then role, disabled flag and password go into the
+    /// record in one write, refused as a whole (`LastAdmin`) if the result would leave no
+    /// enabled admin. A role change, a disable or a new password revokes the user's tokens.
+    pub fn change(&self, name: &str, change: UserChange) -> Result<UserInfo, AuthError> {
+        let hash = match &change.password {
+            Some(password) => {
+                password::validate_password(password)?;
+                if self.get(name)?.is_none() {
+                    // Answer before spending 150 ms on a hash nobody will store.
+                    return Err(AuthError::UnknownUser(name.to_owned()));
+                }
+                Some(PasswordHash::new_with_iterations(
+                    password,
+                    self.iterations,
+                )?)
             }
-            if disabled && record.role == Role::Admin {
+            None => None,
+        };
+        self.update(name, move |store, record| {
+            let was_enabled_admin = record.role == Role::Admin && !record.disabled;
+            let mut revoke = false;
+            if let Some(role) = change.role {
+                revoke |= record.role != role;
+                record.role = role;
+            }
+            if let Some(disabled) = change.disabled {
+                // Only disabling revokes; enabling leaves the earlier bump in place.
+                revoke |= disabled && !record.disabled;
+                record.disabled = disabled;
+            }
+            if let Some(hash) = hash {
+                record.password = hash;
+                revoke = true;
+            }
+            if was_enabled_admin && (record.role != Role::Admin || record.disabled) {
                 store.ensure_another_enabled_admin(name)?;
             }
-            record.disabled = disabled;
-            // Only disabling revokes; enabling leaves the earlier bump in place.
-            Ok(disabled)
+            Ok(revoke)
         })
     }
 
@@ -333,7 +374,7 @@ impl UserStore {
     }
 
     /// Read-modify-write of one record under the write lock. `change` returns whether the change
-    /// revokes the user's tokens; `Ok(false)` from it also means "nothing to write".
+    /// revokes the user's tokens; the record is written only if it changed.
     fn update(
         &self,
         name: &str,

@@ -6,7 +6,7 @@
 use super::errors::ApiError;
 use super::session::{authenticate, bearer, check_token, Principal};
 use super::{json_ok, Request, State};
-use crate::auth::{password, NewSecurityEntry, Role, SecurityAction};
+use crate::auth::{password, NewSecurityEntry, Role, SecurityAction, UserChange};
 use serde::Deserialize;
 use serde_json::json;
 use std::net::{IpAddr, Ipv4Addr};
@@ -27,17 +27,33 @@ pub(super) fn entry(state: &State, req: &Request, action: SecurityAction) -> New
 }
 
 /// Appends to the security log and makes it durable (same fdatasync as the event log).
-pub(super) async fn record(state: &State, e: NewSecurityEntry) {
+///
+/// Fails closed: if the entry cannot be written, the request it records fails with `internal`
+/// (no token, no user change reported as done, no backup reported as done), so nothing that
+/// grants or changes access happens unseen. A change already made when its entry fails (a
+/// user change) is reported as such. Reads of the audit trail use `record_read`.
+pub(super) async fn record(state: &State, e: NewSecurityEntry) -> Result<(), ApiError> {
     let st = state.clone();
     let r = tokio::task::spawn_blocking(move || {
         st.auth.security.append(e).map_err(|e| e.to_string())?;
         st.ledger.log().sync().map_err(|e| e.to_string())
     })
-    .await;
-    match r {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "security log append failed"),
-        Err(e) => tracing::error!(error = %e, "security log task failed"),
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    r.map_err(|e| {
+        tracing::error!(error = %e, "security log append failed");
+        ApiError::internal(format!("the security log could not be written: {e}"))
+    })
+}
+
+/// `record` for a read of the audit trail (event export, alarm history, security log): the
+/// read is served even if its entry cannot be written, because the server must stay up for
+/// reads when its disk fails (full, read-only), and compliance most needs the trail then. The
+/// failure is logged at error level and counted (`alarm_ledger_security_log_failures_total`).
+pub(super) async fn record_read(state: &State, e: NewSecurityEntry) {
+    if record(state, e).await.is_err() {
+        state.metrics.security_log_failures.inc();
     }
 }
 
@@ -61,23 +77,34 @@ pub async fn login(state: &State, req: &Request) -> Result<Response, ApiError> {
         .client_ip(state)
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let user: String = body.username.chars().take(128).collect();
-    if let Err(retry) = state.auth.throttle.check(&user, ip, Instant::now()) {
+    // Checks and counts the attempt in one step: parallel guesses cannot pass together.
+    if let Err(refused) = state.auth.throttle.begin(&user, ip, Instant::now()) {
         state.metrics.logins_throttled.inc();
-        record(
-            state,
-            entry(state, req, SecurityAction::LoginThrottled).target(user.clone()),
-        )
-        .await;
-        return Err(ApiError::rate_limited(retry));
+        if refused.first {
+            record(
+                state,
+                entry(state, req, SecurityAction::LoginThrottled).target(user.clone()),
+            )
+            .await?;
+        }
+        return Err(ApiError::rate_limited(refused.retry_after));
     }
     let st = state.clone();
     let (name, password) = (user.clone(), body.password);
     // PBKDF2 costs ~150 ms: never on the reactor, never on every core, at low priority.
-    let result = state
+    let result = match state
         .auth
         .hasher
         .run(move || st.auth.users.authenticate(&name, &password))
-        .await?;
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            // The password was never checked: the attempt does not count.
+            state.auth.throttle.refund(&user, ip);
+            return Err(e);
+        }
+    };
     match result {
         Ok(info) => {
             state.auth.throttle.record_success(&user, ip);
@@ -92,14 +119,11 @@ pub async fn login(state: &State, req: &Request) -> Result<Response, ApiError> {
                     .actor(info.username.clone())
                     .target(info.username.clone()),
             )
-            .await;
+            .await?;
             Ok(token_answer(&issued, &info.username, info.role))
         }
         Err(e) if e.is_client_fault() => {
-            state
-                .auth
-                .throttle
-                .record_failure(&user, ip, Instant::now());
+            // Already counted by `begin`.
             state.metrics.login_failures.inc();
             record(
                 state,
@@ -107,10 +131,13 @@ pub async fn login(state: &State, req: &Request) -> Result<Response, ApiError> {
                     .target(user.clone())
                     .detail("reason", e.to_string()),
             )
-            .await;
+            .await?;
             Err(ApiError::unauthorized("bad credentials"))
         }
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            state.auth.throttle.refund(&user, ip);
+            Err(e.into())
+        }
     }
 }
 
@@ -129,7 +156,7 @@ pub async fn refresh(state: &State, req: &Request) -> Result<Response, ApiError>
             .actor(p.name.clone())
             .target(p.name.clone()),
     )
-    .await;
+    .await?;
     Ok(token_answer(&issued, &p.name, p.role))
 }
 
@@ -141,7 +168,10 @@ fn admin(state: &State, req: &Request) -> Result<Principal, ApiError> {
 
 pub async fn list_users(state: &State, req: &Request) -> Result<Response, ApiError> {
     admin(state, req)?;
-    let users = state.auth.users.list()?;
+    let st = state.clone();
+    let users = tokio::task::spawn_blocking(move || st.auth.users.list())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(json_ok(
         &serde_json::to_value(users).map_err(|e| ApiError::internal(e.to_string()))?,
     ))
@@ -178,7 +208,8 @@ pub async fn create_user(state: &State, req: &Request) -> Result<Response, ApiEr
             .target(info.username.clone())
             .detail("role", role.as_str()),
     )
-    .await;
+    .await
+    .map_err(applied_unrecorded)?;
     Ok(json_ok(
         &serde_json::to_value(info).map_err(|e| ApiError::internal(e.to_string()))?,
     ))
@@ -204,68 +235,59 @@ pub async fn update_user(state: &State, req: &Request, name: &str) -> Result<Res
         ));
     }
     let role = body.role.as_deref().map(parse_role).transpose()?;
-    // A patch is applied whole or not at all: validate every field before changing anything.
-    // Only the last-admin rule can refuse a step after this, so role and disabled go first
-    // (once a role change has passed, a disable cannot trip the rule) and the password last.
     if let Some(p) = &body.password {
         password::validate_password(p)?;
     }
-    if state.auth.users.get(name)?.is_none() {
-        return Err(ApiError::not_found(format!("no user {name:?}")));
-    }
-    let mut info = None;
+    // One write with every field (UserStore::change): whole or not at all.
+    let (password_given, disabled) = (body.password.is_some(), body.disabled);
+    let change = UserChange {
+        role,
+        disabled,
+        password: body.password,
+    };
+    let (st, n) = (state.clone(), name.to_string());
+    let job = move || st.auth.users.change(&n, change);
+    let info = if password_given {
+        // Hashing costs ~150 ms of CPU: the hash thread, like logins.
+        state.auth.hasher.run(job).await??
+    } else {
+        tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??
+    };
+    let mut entries = Vec::new();
     if let Some(role) = role {
-        info = Some(state.auth.users.set_role(name, role)?);
-        record(
-            state,
-            entry(state, req, SecurityAction::UserRoleChanged)
-                .actor(p.name.clone())
-                .target(name)
-                .detail("role", role.as_str()),
-        )
-        .await;
+        entries
+            .push(entry(state, req, SecurityAction::UserRoleChanged).detail("role", role.as_str()));
     }
-    if let Some(disabled) = body.disabled {
-        info = Some(state.auth.users.set_disabled(name, disabled)?);
-        let action = if disabled {
-            SecurityAction::UserDisabled
-        } else {
-            SecurityAction::UserEnabled
-        };
-        record(
-            state,
-            entry(state, req, action).actor(p.name.clone()).target(name),
-        )
-        .await;
+    match disabled {
+        Some(true) => entries.push(entry(state, req, SecurityAction::UserDisabled)),
+        Some(false) => entries.push(entry(state, req, SecurityAction::UserEnabled)),
+        None => {}
     }
-    if let Some(password) = body.password {
-        let st = state.clone();
-        let n = name.to_string();
-        info = Some(
-            state
-                .auth
-                .hasher
-                .run(move || st.auth.users.set_password(&n, &password))
-                .await??,
-        );
-        record(
-            state,
-            entry(state, req, SecurityAction::UserPasswordChanged)
-                .actor(p.name.clone())
-                .target(name),
-        )
-        .await;
+    if password_given {
+        entries.push(entry(state, req, SecurityAction::UserPasswordChanged));
     }
-    let info = info.ok_or_else(|| ApiError::internal("no change applied"))?;
+    for e in entries {
+        record(state, e.actor(p.name.clone()).target(name))
+            .await
+            .map_err(applied_unrecorded)?;
+    }
     Ok(json_ok(
         &serde_json::to_value(info).map_err(|e| ApiError::internal(e.to_string()))?,
     ))
 }
 
+/// A user change that was made but whose security-log entry failed: say so, since the change
+/// cannot be taken back.
+fn applied_unrecorded(e: ApiError) -> ApiError {
+    ApiError::internal(format!("the change was applied, but {}", e.message))
+}
+
 pub async fn security_log(state: &State, req: &Request) -> Result<Response, ApiError> {
     let p = admin(state, req)?;
     // Reading the audit trail is audited too; recorded first, so this read is in its answer.
-    record(
+    record_read(
         state,
         entry(state, req, SecurityAction::HistoryRead)
             .actor(p.name)
@@ -318,7 +340,7 @@ pub async fn backup(state: &State, req: &Request) -> Result<Response, ApiError> 
             .target(report.path.display().to_string())
             .detail("head", report.head),
     )
-    .await;
+    .await?;
     Ok(json_ok(&json!({
         "path": report.path.display().to_string(),
         "head": report.head,

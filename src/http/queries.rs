@@ -112,7 +112,7 @@ async fn audit(
             e = e.detail(k, v);
         }
     }
-    super::admin::record(state, e).await;
+    super::admin::record_read(state, e).await;
 }
 
 pub async fn history(state: &State, req: &Request, id: &str) -> Result<Response, ApiError> {
@@ -169,7 +169,13 @@ fn parse_filter(req: &Request) -> Result<EventFilter, ApiError> {
                 })?)
             }
             "actor" => f.actor = Some(v),
-            _ => {}
+            // Refused rather than ignored: a misspelt filter (`alarm=` for `alarm_id=`) would
+            // otherwise return the whole log as if it were the filtered audit extract.
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {k:?}: the filters are from, to, limit, since, until, alarm_id and actor"
+                )))
+            }
         }
     }
     Ok(f)

@@ -42,6 +42,9 @@ pub enum Denied {
     Invalid,
     /// Revoked, user disabled, role changed, or user gone.
     Revoked(String),
+    /// The user record could not be read (storage failure): not the client's fault, so not a
+    /// reason to log in again (HTTP 500, WebSocket close 1011).
+    Unavailable(String),
 }
 
 impl Denied {
@@ -50,6 +53,7 @@ impl Denied {
             Denied::Missing | Denied::Invalid => "unauthorized",
             Denied::Expired => "token expired",
             Denied::Revoked(_) => "token revoked",
+            Denied::Unavailable(_) => "internal error",
         }
     }
 }
@@ -61,6 +65,7 @@ impl From<Denied> for ApiError {
             Denied::Expired => ApiError::unauthorized("token expired"),
             Denied::Invalid => ApiError::unauthorized("invalid token"),
             Denied::Revoked(why) => ApiError::unauthorized(why),
+            Denied::Unavailable(_) => ApiError::internal("user storage unavailable"),
         }
     }
 }
@@ -86,7 +91,14 @@ pub fn check_token(state: &AppState, token: &str) -> Result<Principal, Denied> {
         .auth
         .users
         .check_token_still_valid(&claims)
-        .map_err(|e| Denied::Revoked(e.to_string()))?;
+        .map_err(|e| {
+            if e.is_client_fault() {
+                Denied::Revoked(e.to_string())
+            } else {
+                tracing::error!(error = %e, "user check failed");
+                Denied::Unavailable(e.to_string())
+            }
+        })?;
     Ok(Principal {
         name: user.username,
         role: user.role,

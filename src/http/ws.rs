@@ -37,6 +37,9 @@ type WebSocket = WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgrade
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_UNAUTHORIZED: u16 = 4001;
+/// RFC 6455 "internal error": the server could not check the user (storage failure); not a
+/// reason to log in again.
+pub const CLOSE_INTERNAL: u16 = 1011;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 
 /// Malformed messages tolerated per minute; one more closes with 1008.
@@ -173,9 +176,11 @@ fn close_msg(code: u16, reason: &str) -> Message {
 
 async fn reject(mut socket: WebSocket, denied: Denied) {
     tracing::info!(reason = denied.reason(), "websocket rejected");
-    let _ = socket
-        .send(close_msg(CLOSE_UNAUTHORIZED, denied.reason()))
-        .await;
+    let code = match denied {
+        Denied::Unavailable(_) => CLOSE_INTERNAL,
+        _ => CLOSE_UNAUTHORIZED,
+    };
+    let _ = socket.send(close_msg(code, denied.reason())).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), socket.close(None)).await;
 }
 
@@ -297,6 +302,40 @@ impl Connection {
                 _ = &mut shutdown_signal => {
                     return End::Close(CLOSE_GOING_AWAY, "server shutting down".into());
                 }
+                // Timers before frames and events: a long replay or a flooding client always
+                // has a next chunk or frame ready, and must not hold off the ping, the idle
+                // check, the user re-check or the token expiry.
+                _ = ping.tick() => {
+                    if last_seen.elapsed() > settings.ws_idle_timeout {
+                        tracing::info!("peer silent beyond the idle timeout; dropping");
+                        return End::Gone;
+                    }
+                    if let Err(fail) = send_msg(ws, Message::Ping(Default::default()), stall).await {
+                        return self.ended(fail);
+                    }
+                }
+                _ = recheck.tick() => {
+                    match self.state.auth.users.check_token_still_valid(&self.principal.claims) {
+                        Ok(_) => {}
+                        Err(e) if e.is_client_fault() => {
+                            return End::Close(CLOSE_UNAUTHORIZED, format!("token revoked: {e}"));
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "user re-check failed");
+                            return End::Close(CLOSE_INTERNAL, "internal error".into());
+                        }
+                    }
+                }
+                _ = &mut warn_timer, if !self.warned => {
+                    self.warned = true;
+                    let text = protocol::token_expiring(&self.expires_at_text);
+                    if let Err(fail) = send(ws, vec![text.into()], stall).await {
+                        return self.ended(fail);
+                    }
+                }
+                _ = &mut expiry_timer => {
+                    return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
+                }
                 // Polled only while a command waits (most connections are subscribers only),
                 // and before new frames: answers that are ready go out before more commands
                 // are read, so a client that pipelines cannot starve its own answers.
@@ -347,30 +386,6 @@ impl Connection {
                         }
                         None => self.stop_subscription(),
                     }
-                }
-                _ = ping.tick() => {
-                    if last_seen.elapsed() > settings.ws_idle_timeout {
-                        tracing::info!("peer silent beyond the idle timeout; dropping");
-                        return End::Gone;
-                    }
-                    if let Err(fail) = send_msg(ws, Message::Ping(Default::default()), stall).await {
-                        return self.ended(fail);
-                    }
-                }
-                _ = recheck.tick() => {
-                    if let Err(e) = self.state.auth.users.check_token_still_valid(&self.principal.claims) {
-                        return End::Close(CLOSE_UNAUTHORIZED, format!("token revoked: {e}"));
-                    }
-                }
-                _ = &mut warn_timer, if !self.warned => {
-                    self.warned = true;
-                    let text = protocol::token_expiring(&self.expires_at_text);
-                    if let Err(fail) = send(ws, vec![text.into()], stall).await {
-                        return self.ended(fail);
-                    }
-                }
-                _ = &mut expiry_timer => {
-                    return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
                 }
             }
         }
@@ -487,7 +502,8 @@ impl Connection {
         from_hash: Option<String>,
         snapshot: bool,
     ) -> Option<String> {
-        self.stop_subscription();
+        // A refused subscribe leaves the current subscription running; an accepted one
+        // replaces it (below).
         let ledger = self.state.ledger.clone();
         let ours = ledger.info().ledger_id;
         // A snapshot replaces whatever the client held, so its old ledger_id does not matter:
@@ -532,6 +548,7 @@ impl Connection {
             }
             (ledger.subscribe(from), None)
         };
+        self.stop_subscription();
         self.sub = Some(sub);
         first
     }
@@ -543,14 +560,9 @@ impl Connection {
     async fn refresh(&mut self, req: &Req, token: &str) -> String {
         match check_token(&self.state, token) {
             Ok(p) if p.name == self.principal.name => {
-                let (at, text) = expiry(p.claims.exp);
-                self.expires_at = at;
-                self.expires_at_text = text.clone();
-                self.warned = false;
-                self.principal = p;
                 let mut e = NewSecurityEntry::new(SecurityAction::TokenRefreshed)
-                    .actor(self.principal.name.clone())
-                    .target(self.principal.name.clone())
+                    .actor(p.name.clone())
+                    .target(p.name.clone())
                     .detail("via", "websocket");
                 if let Some(ip) = self.meta.ip {
                     e = e.address(ip.to_string());
@@ -558,24 +570,24 @@ impl Connection {
                 if let Some(ua) = &self.meta.ua {
                     e = e.user_agent(ua.clone());
                 }
-                let st = self.state.clone();
-                // Durable like every other security-log entry (same sync as the event log).
-                tokio::task::spawn_blocking(move || {
-                    let r = st
-                        .auth
-                        .security
-                        .append(e)
-                        .map_err(|e| e.to_string())
-                        .and_then(|_| st.ledger.log().sync().map_err(|e| e.to_string()));
-                    if let Err(e) = r {
-                        tracing::error!(error = %e, "security log append failed");
-                    }
-                });
+                // Recorded (durably) before the new token takes effect; if the entry cannot be
+                // written, the refresh is refused and the old token keeps its expiry.
+                if let Err(e) = super::admin::record(&self.state, e).await {
+                    return protocol::error(req, e.code, &e.message);
+                }
+                let (at, text) = expiry(p.claims.exp);
+                self.expires_at = at;
+                self.expires_at_text = text.clone();
+                self.warned = false;
+                self.principal = p;
                 let mut extra = Map::new();
                 extra.insert("token_expires_at".into(), json!(text));
                 protocol::ok_plain(req, extra)
             }
             Ok(_) => protocol::error(req, "unauthorized", "the new token is for another user"),
+            Err(Denied::Unavailable(_)) => {
+                protocol::error(req, "internal", "refresh refused: user storage unavailable")
+            }
             Err(d) => protocol::error(
                 req,
                 "unauthorized",

@@ -45,7 +45,9 @@ pub enum CommandError {
     Rejected(#[from] Rejection),
     #[error("the write queue is full; retry with the same command_id")]
     Overloaded,
-    #[error("storage failure, the command was not applied: {0}")]
+    /// The batch may have reached the disk before the failure (`recover` adopts what did), so
+    /// the message does not claim either way: a retry with the same command_id tells.
+    #[error("storage failure; the command may or may not have been applied (retry with the same command_id to find out): {0}")]
     Storage(String),
     #[error("the server is shutting down")]
     ShuttingDown,

@@ -150,6 +150,21 @@ impl SledLog {
         Self::open_with(dir, opts, None)
     }
 
+    /// Opens an existing log and never creates one: for the offline tools, which must not turn a
+    /// copy that lost its `db` file (or its metadata) into a new, empty ledger that verifies.
+    pub fn open_existing(dir: &Path, opts: &SledOptions) -> Result<SledLog> {
+        if !dir.join("db").is_file() {
+            return Err(Error::Corrupt {
+                offset: 0,
+                reason: format!(
+                    "{} has no sled database (db file): not a ledger",
+                    dir.display()
+                ),
+            });
+        }
+        Self::open_inner(dir, opts, None, false)
+    }
+
     /// `open` for a directory this process closed a moment ago (tests that restart a ledger
     /// in-process); see `open_db_after_close`.
     pub fn open_after_close(dir: &Path, opts: &SledOptions) -> Result<SledLog> {
@@ -165,6 +180,15 @@ impl SledLog {
         dir: &Path,
         opts: &SledOptions,
         identity: Option<(Uuid, Timestamp)>,
+    ) -> Result<SledLog> {
+        Self::open_inner(dir, opts, identity, true)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        opts: &SledOptions,
+        identity: Option<(Uuid, Timestamp)>,
+        create: bool,
     ) -> Result<SledLog> {
         std::fs::create_dir_all(dir)?;
         let db = sled::Config::new()
@@ -184,6 +208,21 @@ impl SledLog {
         let db_file = File::open(dir.join("db"))?;
         let info = match Self::read_info(&tree)? {
             Some(info) => info,
+            // Records without an identity: the metadata was lost, and a new ledger_id would
+            // silently re-found the ledger (and break its chain's genesis).
+            None if !tree.is_empty() => {
+                return Err(Error::Corrupt {
+                    offset: 0,
+                    reason: "the ledger metadata (ledger_id) is missing but the log holds records"
+                        .into(),
+                })
+            }
+            None if !create => {
+                return Err(Error::Corrupt {
+                    offset: 0,
+                    reason: format!("{} holds no ledger", dir.display()),
+                })
+            }
             None => {
                 let (ledger_id, created_at) =
                     identity.unwrap_or_else(|| (Uuid::new_v4(), Timestamp::now()));

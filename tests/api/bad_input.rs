@@ -359,6 +359,7 @@ async fn malformed_http_bodies_and_queries_are_400() {
         "/api/v1/events?limit=-1",
         "/api/v1/events?since=today",
         "/api/v1/events?alarm_id=x",
+        "/api/v1/events?alarm=0190a5d2-0000-7000-8000-000000000000",
     ] {
         let (s, v) = app.get(&tok, path).await;
         assert_eq!(

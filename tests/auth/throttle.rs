@@ -134,5 +134,34 @@ async fn without_trusted_proxies_forwarded_for_is_ignored() {
         .iter()
         .filter(|e| e["action"] == "login_throttled")
         .count();
-    assert_eq!(throttled, 2);
+    // Two refusals, one entry: only the first refusal of a window is logged (the rest count in
+    // the metric), so hammering a throttled key cannot append and sync an entry per request.
+    assert_eq!(throttled, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_guesses_get_no_more_than_five_password_checks() {
+    // Checking and counting are one step: twelve guesses sent at once cannot all pass the
+    // check before the first failure is counted (the hash queue would take 32 of them).
+    let app = spawn_app().await;
+    create_user(&app, "alice", USER_PASSWORD, "viewer").await;
+    let answers = futures_util::future::join_all(
+        (0..12).map(|_| login_raw(&app, "alice", "wrong-password-wrong", None)),
+    )
+    .await;
+    let statuses: Vec<u16> = answers.iter().map(|(s, _, _)| *s).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        7,
+        "{statuses:?}"
+    );
+    let log = security_log(&app).await;
+    let count = |action: &str| log.iter().filter(|e| e["action"] == action).count();
+    assert_eq!(count("login_failed"), 5);
+    assert_eq!(count("login_throttled"), 1);
 }
