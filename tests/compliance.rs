@@ -321,6 +321,25 @@ fn tamper(data: &Path, offset: u64, needle: &[u8]) {
     db.flush().unwrap();
 }
 
+/// Runs `edit` on the stopped ledger's sled tree (the log and its indexes), then flushes.
+fn edit_tree(data: &Path, edit: impl FnOnce(&sled::Tree)) {
+    let db = sled::Config::new()
+        .path(data.join("ledger"))
+        .open()
+        .expect("sled opens");
+    edit(&db.open_tree("ledger").unwrap());
+    db.flush().unwrap();
+}
+
+/// `verify`'s stderr, asserting it failed.
+fn verify_fails(data: &Path) -> String {
+    let out = cli(&["verify", "--data", d(data)]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "verify must fail: {err}");
+    assert!(out.stdout.is_empty());
+    err
+}
+
 fn python_verify(export: &Path) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/verify_chain.py");
     assert!(script.exists(), "scripts/verify_chain.py is missing");
@@ -1344,4 +1363,87 @@ async fn a_filesystem_gone_read_only_fails_appends_clearly_and_loses_nothing() {
     s.stop();
     let out = cli_ok(&["verify", "--data", d(&data)]);
     assert_eq!(parse_ok(&out).1, head);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_catches_edited_index_entries() {
+    use alarm_ledger::store::{codec, CommandOutcome, OutcomeKind};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    known_ledger(&data).await;
+    cli_ok(&["verify", "--data", d(&data)]);
+    let copy = tmp.path().join("copy");
+    cli_ok(&["backup", "--data", d(&data), "--to", d(&copy)]);
+
+    // An alarm-index entry removed (the one of offset 4): the count no longer matches.
+    edit_tree(&data, |tree| {
+        let key = tree
+            .scan_prefix(b"a")
+            .keys()
+            .map(|k| k.unwrap())
+            .find(|k| k.ends_with(&4u64.to_be_bytes()))
+            .expect("alarm index entry of offset 4");
+        tree.remove(key).unwrap();
+    });
+    let err = verify_fails(&data);
+    assert!(
+        err.contains("alarm index has 7 entries for 8 events"),
+        "{err}"
+    );
+
+    // A command-index entry that points at another event of the log.
+    edit_tree(&copy, |tree| {
+        let (key, value) = tree
+            .scan_prefix(b"c")
+            .map(|kv| kv.unwrap())
+            .find(|(_, v)| {
+                codec::decode_value::<CommandOutcome>(v).unwrap().kind == OutcomeKind::Appended
+            })
+            .expect("an appended command");
+        let mut outcome: CommandOutcome = codec::decode_value(&value).unwrap();
+        outcome.offset = if outcome.offset == 1 {
+            2
+        } else {
+            outcome.offset - 1
+        };
+        tree.insert(key, codec::encode_value(&outcome).unwrap())
+            .unwrap();
+    });
+    let err = verify_fails(&copy);
+    assert!(
+        err.contains("command index entry") && err.contains("does not match the log"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_tools_never_found_a_new_ledger() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    known_ledger(&data).await;
+
+    // The ledger_id metadata lost while the records remain: corrupt, not a new identity.
+    let meta = tmp.path().join("meta-lost");
+    cli_ok(&["backup", "--data", d(&data), "--to", d(&meta)]);
+    edit_tree(&meta, |tree| {
+        tree.remove(b"mledger_id")
+            .unwrap()
+            .expect("ledger_id metadata");
+    });
+    let err = verify_fails(&meta);
+    assert!(err.contains("metadata") && err.contains("missing"), "{err}");
+    let out = cli(&["export", "--data", d(&meta)]);
+    assert!(!out.status.success());
+
+    // A copy whose ledger/db file is gone: verify and export fail instead of creating an empty
+    // ledger that "verifies" with 0 events.
+    let gone = tmp.path().join("db-gone");
+    cli_ok(&["backup", "--data", d(&data), "--to", d(&gone)]);
+    std::fs::remove_file(gone.join("ledger/db")).unwrap();
+    let err = verify_fails(&gone);
+    assert!(err.contains("no sled database"), "{err}");
+    assert!(!gone.join("ledger/db").exists(), "nothing was created");
+    let out = cli(&["export", "--data", d(&gone)]);
+    assert!(!out.status.success());
+    assert!(!gone.join("ledger/db").exists(), "nothing was created");
 }

@@ -496,6 +496,20 @@ async fn snapshot_then_events_and_subscribe_errors_keep_the_connection() {
     let mut check = StreamCheck::new("replaced", 4);
     read_stream_to(&mut ws, &mut check, 6, STEP).await;
     check.assert_complete(6, &hashes);
+    // A refused subscribe leaves the current subscription running: the next event arrives.
+    let v = ask(
+        &mut ws,
+        json!({"type": "subscribe", "from": 1000, "req": "far"}),
+    )
+    .await;
+    assert_error(&v, "offset_out_of_range", &json!("far"));
+    write_events(&app, &tok, false, "kept", 1).await;
+    let v = next_json(&mut ws, STEP).await;
+    assert_eq!(
+        (v["type"].as_str(), v["offset"].as_u64()),
+        (Some("event"), Some(7)),
+        "{v}"
+    );
     // unsubscribe: ok with req, then no more events.
     let v = ask(&mut ws, json!({"type": "unsubscribe", "req": "u"})).await;
     assert_eq!(v, json!({"type": "ok", "req": "u"}));
