@@ -299,24 +299,6 @@ fn untrusted_snapshots_are_discarded_and_the_projection_rebuilt() {
         "not a projection",
     ));
     cases.push(("another ledger", foreign, "snapshot is of ledger"));
-    // Well-formed, right ledger, but its hash disagrees with the log (a diverged history):
-    // re-encoded, so the checksum is valid and only the log can tell.
-    let mut forged = decoded.clone();
-    forged.head_hash.0[0] ^= 0xff;
-    forged.alarms.clear();
-    cases.push((
-        "hash disagrees",
-        snapshot::encode(&forged).unwrap(),
-        "disagrees with the log",
-    ));
-    let mut beyond = decoded.clone();
-    beyond.offset = 25;
-    cases.push((
-        "beyond the head",
-        snapshot::encode(&beyond).unwrap(),
-        "beyond the log head",
-    ));
-
     for (what, bytes, why) in cases {
         std::fs::write(snap_path(root), &bytes).unwrap();
         let (l, restore) = open(root, true);
@@ -330,6 +312,41 @@ fn untrusted_snapshots_are_discarded_and_the_projection_rebuilt() {
         assert_eq!(l.head(), head, "{what}");
         assert_eq!(l.read_model().projection, projection, "{what}");
     }
+}
+
+#[test]
+fn a_snapshot_the_log_contradicts_fails_start_up() {
+    // The snapshot saw a history the log no longer holds: a shorter log (its tail lost, or an
+    // older copy of ledger/ put back) or another event at its offset. Rebuilding quietly would
+    // serve the changed history as if nothing happened.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    build(root, 20, "alice");
+    let good = std::fs::read(snap_path(root)).unwrap();
+    let decoded = snapshot::decode(&good).unwrap();
+
+    let mut forged = decoded.clone();
+    forged.head_hash.0[0] ^= 0xff;
+    forged.alarms.clear();
+    let mut beyond = decoded.clone();
+    beyond.offset = 25;
+    for (what, snap, why) in [
+        ("hash disagrees", forged, "disagrees with the log"),
+        ("beyond the head", beyond, "beyond the log head 20"),
+    ] {
+        std::fs::write(snap_path(root), snapshot::encode(&snap).unwrap()).unwrap();
+        let (offset, reason) = corrupt_at(try_open(root, opts(Some(snap_path(root)))));
+        assert_eq!(offset, snap.offset, "{what}");
+        assert!(reason.contains(why), "{what}: {reason}");
+        assert!(
+            reason.contains("delete the snapshot"),
+            "{what}: says what to do: {reason}"
+        );
+    }
+    // Without the snapshot the log itself is intact and opens.
+    std::fs::remove_file(snap_path(root)).unwrap();
+    let (l, _) = open(root, true);
+    assert_eq!(l.head().offset, 20);
 }
 
 // ------------------------------------------------------------------ corruption

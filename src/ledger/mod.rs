@@ -117,7 +117,18 @@ impl Ledger {
                             s.head_at,
                         )
                     }
-                    Err(why) => reason = Some(why),
+                    Err(SnapshotCheck::Untrusted(why)) => reason = Some(why),
+                    Err(SnapshotCheck::Contradicts(why)) => {
+                        return Err(Error::Corrupt {
+                            offset: s.offset,
+                            reason: format!(
+                                "{why}: the log lost or rewrote events since the snapshot {} was taken. \
+                                 Restore from a backup; or, if this log was restored from an older \
+                                 copy on purpose, delete the snapshot and start again",
+                                path.display()
+                            ),
+                        });
+                    }
                 },
                 Err(why) => reason = Some(why),
             }
@@ -436,28 +447,44 @@ fn validate_snapshot(
     s: &snapshot::Snapshot,
     ledger_id: Uuid,
     head: Head,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), SnapshotCheck> {
     if s.ledger_id != ledger_id {
-        return Err(format!("snapshot is of ledger {}", s.ledger_id));
+        return Err(SnapshotCheck::Untrusted(format!(
+            "snapshot is of ledger {}",
+            s.ledger_id
+        )));
     }
     if s.offset > head.offset {
-        return Err(format!(
+        return Err(SnapshotCheck::Contradicts(format!(
             "snapshot offset {} is beyond the log head {}",
             s.offset, head.offset
-        ));
+        )));
     }
     if s.offset == 0 {
         return Ok(());
     }
     match log.event_at(s.offset) {
         Ok(Some(e)) if e.hash == s.head_hash => Ok(()),
-        Ok(Some(_)) => Err(format!(
+        Ok(Some(_)) => Err(SnapshotCheck::Contradicts(format!(
             "snapshot hash at offset {} disagrees with the log",
             s.offset
-        )),
-        Ok(None) => Err(format!("no log record at snapshot offset {}", s.offset)),
-        Err(e) => Err(e.to_string()),
+        ))),
+        Ok(None) => Err(SnapshotCheck::Contradicts(format!(
+            "no log record at snapshot offset {}",
+            s.offset
+        ))),
+        Err(e) => Err(SnapshotCheck::Untrusted(e.to_string())),
     }
+}
+
+/// Why a decoded snapshot of the right format is not used.
+enum SnapshotCheck {
+    /// Not this ledger's, or unreadable against the log: discarded, the projection is rebuilt.
+    Untrusted(String),
+    /// This ledger's snapshot, and the log no longer holds what it saw (a shorter log, or
+    /// another event at its offset): evidence of lost or rewritten events, so start-up fails
+    /// rather than serve a history that silently changed.
+    Contradicts(String),
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
