@@ -2,6 +2,12 @@
 """Recompute the hash chain of an alarm-ledger export, independently of the server.
 
 Usage: verify_chain.py [--prev-hash HEX] EXPORT.ndjson      (or - for standard input)
+       verify_chain.py --security-log LEDGER_ID SECURITY_LOG.ndjson
+
+The second form checks the security log (`GET /api/v1/security-log`, admin) instead: entries
+`seq` 1, 2, 3, ... chained the same way, the first one from SHA-256 of
+"security:" + the ledger id (lowercase hyphenated). It prints `ok <count> entries, head <seq>
+<hash>`.
 
 An export (`GET /api/v1/events`, `alarm-ledger export`) has one event per line, each with its
 `ledger_id` and `hash`. For every line this script recomputes
@@ -163,6 +169,38 @@ def verify(stream, prev_hash_hex=None):
     return count, expected - 1, head_hash, note
 
 
+def verify_security_log(stream, ledger_id):
+    """Returns (count, head_seq, head_hash_hex) or raises Fail (its `offset` is the seq)."""
+    prev = hashlib.sha256(("security:" + ledger_id).encode("ascii")).digest()
+    expected = 1
+    head_hash = None
+    for lineno, raw in enumerate(stream, start=1):
+        text = raw.decode("utf-8", errors="strict").rstrip("\r\n")
+        if not text.strip():
+            continue
+        try:
+            entry = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        except ValueError as e:
+            raise Fail(expected, "line %d is not valid JSON: %s" % (lineno, e))
+        if not isinstance(entry, dict):
+            raise Fail(expected, "line %d is not a JSON object" % lineno)
+        seq = entry.get("seq")
+        if not is_int(seq) or seq != expected:
+            raise Fail(expected, "line %d has seq %r: entries must be contiguous from 1" % (lineno, seq))
+        stored = entry.pop("hash", None)
+        if not isinstance(stored, str) or not HEX64.fullmatch(stored):
+            raise Fail(seq, "no valid `hash` (64 lowercase hex digits)")
+        computed = hashlib.sha256(prev + canonical(entry)).hexdigest()
+        if computed != stored:
+            raise Fail(seq, "hash mismatch: stored %s, computed %s" % (stored, computed))
+        prev = bytes.fromhex(stored)
+        head_hash = stored
+        expected += 1
+    if head_hash is None:
+        raise Fail(0, "no entries: nothing to verify")
+    return expected - 1, expected - 1, head_hash
+
+
 def main(argv):
     parser = argparse.ArgumentParser(
         description="Recompute the hash chain of an alarm-ledger NDJSON export."
@@ -173,7 +211,32 @@ def main(argv):
         metavar="HEX",
         help="hash of the event just before the export's first line (for a partial export)",
     )
+    parser.add_argument(
+        "--security-log",
+        metavar="LEDGER_ID",
+        help="the file is a security log (GET /api/v1/security-log) of this ledger",
+    )
     args = parser.parse_args(argv)
+    if args.security_log is not None:
+        try:
+            lid = str(uuid.UUID(args.security_log))
+        except ValueError:
+            parser.error("--security-log needs the ledger id (a UUID)")
+        try:
+            if args.export == "-":
+                count, head, head_hash = verify_security_log(sys.stdin.buffer, lid)
+            else:
+                with open(args.export, "rb") as f:
+                    count, head, head_hash = verify_security_log(f, lid)
+        except OSError as e:
+            print("cannot read %s: %s" % (args.export, e), file=sys.stderr)
+            return 2
+        except (Fail, UnicodeDecodeError) as e:
+            seq, what = (e.offset, e.what) if isinstance(e, Fail) else (0, str(e))
+            print("FAIL seq %d: %s" % (seq, what))
+            return 1
+        print("ok %d entries, head %d %s" % (count, head, head_hash))
+        return 0
     prev = args.prev_hash
     if prev is not None:
         prev = prev.lower()

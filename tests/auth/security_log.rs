@@ -150,7 +150,7 @@ async fn everything_is_recorded_with_who_what_whom_and_where_and_the_chain_verif
         assert_eq!(s, 200, "{text}");
     }
 
-    // The WebSocket refresh is logged off the socket's task: give it a moment.
+    // The WebSocket refresh is recorded before its `ok`; the loop only tolerates a slow read.
     let mut log = Vec::new();
     for _ in 0..50 {
         log = security_log(&app).await;
@@ -212,6 +212,33 @@ async fn everything_is_recorded_with_who_what_whom_and_where_and_the_chain_verif
     assert!(log
         .iter()
         .any(|e| e["action"] == "history_read" && e["details"]["alarm_id"] == alarm_id.as_str()));
+    // Who pulled the audit trail, with which filters.
+    let export = log
+        .iter()
+        .find(|e| e["action"] == "audit_export" && e["user_agent"] == UA)
+        .unwrap();
+    assert_eq!(
+        (&export["target"], &export["details"]),
+        (&json!("events"), &json!({"from": 1})),
+        "{export}"
+    );
+    // The first-start admin is an entry too, made by the server itself.
+    let boot = &log[0];
+    assert_eq!(
+        (
+            &boot["action"],
+            &boot["actor"],
+            &boot["target"],
+            &boot["details"]
+        ),
+        (
+            &json!("user_created"),
+            &json!("server"),
+            &json!("admin"),
+            &json!({"role": "admin", "via": "bootstrap"})
+        ),
+        "{boot}"
+    );
     assert_eq!(
         find("user_created", Some("admin"), "sam")["details"]["role"],
         "operator"
@@ -294,6 +321,34 @@ async fn everything_is_recorded_with_who_what_whom_and_where_and_the_chain_verif
     let ledger_id = ledger["ledger_id"].as_str().unwrap();
     let head = verify_chain(ledger_id, &log).expect("the security log chain verifies");
     assert_eq!(head, log.last().unwrap()["hash"]);
+    // And by the independent Python script, from the served bytes.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &text).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/verify_chain.py");
+    let py = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["--security-log", ledger_id])
+        .arg(file.path())
+        .output()
+        .expect("python3 runs");
+    assert_eq!(
+        String::from_utf8_lossy(&py.stdout),
+        format!("ok {n} entries, head {n} {}\n", head, n = log.len()),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let mut tampered = text.clone().into_bytes();
+    let at = text.find("127.0.0.1").unwrap();
+    tampered[at] = b'2';
+    std::fs::write(file.path(), &tampered).unwrap();
+    let py = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["--security-log", ledger_id])
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert_eq!(py.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&py.stdout).starts_with("FAIL seq "));
     // The check is not vacuous: edits, deletions, reordering and another ledger are caught.
     let mut edited = log.clone();
     edited[2]["address"] = json!("192.0.2.66");
