@@ -1,5 +1,5 @@
 //! `alarm-ledger verify`: checks a data directory (a stopped server's, or a backup) end to end:
-//! offsets contiguous from 1, every record decodes, every hash chains, both indexes agree with
+//! offsets contiguous from 1, every record decodes, every hash chains, `at` never decreases, both indexes agree with
 //! the log, the stored projection snapshot equals the projection rebuilt from the log, and the
 //! security log chains.
 
@@ -51,6 +51,7 @@ fn verify_with(
 ) -> Result<VerifyReport> {
     let info = log.info();
     let mut prev = chain::genesis(info.ledger_id);
+    let mut prev_at = crate::time::Timestamp(i64::MIN);
     let mut expected = 1u64;
     let mut alarm_of: Vec<Uuid> = Vec::new();
     // (command_id, offset) of every event that carries one; sorted and searched after the walk
@@ -93,6 +94,19 @@ fn verify_with(
             },
         })?;
         check_link(&e, expected, &prev, info.ledger_id)?;
+        // The writer never lets `at` decrease (a clock stepping back keeps the last time);
+        // export's `--until` early stop and the as-of time search rely on it.
+        if e.at < prev_at {
+            return Err(Error::Corrupt {
+                offset: e.offset,
+                reason: format!(
+                    "time goes backwards: at {} is before the previous event's {}",
+                    e.at.to_rfc3339(),
+                    prev_at.to_rfc3339()
+                ),
+            });
+        }
+        prev_at = e.at;
         prev = e.hash;
         alarm_of.push(e.alarm_id);
         if let Some(c) = e.command_id {
