@@ -27,6 +27,11 @@ pub struct BackupReport {
 
 /// Copies `log` (offsets 1..=head), and the auxiliary trees of `db`, into `dest` (a new or empty
 /// directory). Each copied event is re-checked against the chain as it goes.
+///
+/// The copy is written into `<dest>.partial` and renamed to `dest` only once it is complete and
+/// durable, so a `dest` that exists is a complete backup: an interrupted one (crash, full disk)
+/// never looks like a shorter ledger that verifies. A failed copy removes its `.partial`; one
+/// left by a crash must be removed by hand (the next backup to the same name refuses to start).
 pub fn backup(
     log: &dyn EventLog,
     db: &sled::Db,
@@ -41,6 +46,51 @@ pub fn backup(
             dest.display()
         )));
     }
+    let name = dest.file_name().ok_or_else(|| {
+        Error::Other(format!("backup destination {} has no name", dest.display()))
+    })?;
+    let mut staging_name = name.to_os_string();
+    staging_name.push(".partial");
+    let staging = dest.with_file_name(staging_name);
+    if staging.exists() {
+        return Err(Error::Other(format!(
+            "{} exists: an earlier backup to this destination was interrupted; remove it first",
+            staging.display()
+        )));
+    }
+    let parent = staging
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    std::fs::create_dir_all(&parent)?;
+    let copied = copy_into(log, db, head, security_head, secret_file, &staging);
+    let (head, head_hash) = match copied {
+        Ok(done) => done,
+        Err(e) => {
+            // Its sled handles are closed: nothing half-written is left to look like a backup.
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&staging, dest)?;
+    std::fs::File::open(&parent)?.sync_all()?;
+    Ok(BackupReport {
+        path: dest.to_path_buf(),
+        head,
+        head_hash,
+    })
+}
+
+/// The copy itself, into `dest`; returns the head and its hash once everything is durable.
+fn copy_into(
+    log: &dyn EventLog,
+    db: &sled::Db,
+    head: u64,
+    security_head: u64,
+    secret_file: Option<&Path>,
+    dest: &Path,
+) -> Result<(u64, String)> {
     let info = log.info();
     let dir = DataDir::lock(dest)?;
     let out = SledLog::open_with(
@@ -96,11 +146,9 @@ pub fn backup(
         std::fs::File::open(&to)?.sync_all()?;
     }
     std::fs::File::open(dest)?.sync_all()?;
-    Ok(BackupReport {
-        path: dest.to_path_buf(),
-        head,
-        head_hash: prev.to_hex(),
-    })
+    drop(out);
+    drop(dir);
+    Ok((head, prev.to_hex()))
 }
 
 /// Copies a sled tree; with `upto`, only keys that are big-endian u64 ≤ `upto`.

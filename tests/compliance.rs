@@ -137,15 +137,16 @@ impl Server {
         self.events_text_result(query).await.unwrap()
     }
 
-    /// The NDJSON export, or the error that cut the stream short after its 200 header.
+    /// The NDJSON export, or the error that cut the stream short: after its 200 header, or
+    /// before it when the very first chunk failed (hyper sends the header with the first chunk,
+    /// and aborts the connection if the body fails first).
     async fn events_text_result(&self, query: &str) -> Result<String, reqwest::Error> {
         let r = self
             .client
             .get(self.url(&format!("/api/v1/events{query}")))
             .bearer_auth(&self.token)
             .send()
-            .await
-            .unwrap();
+            .await?;
         assert_eq!(r.status(), 200);
         r.text().await
     }
@@ -301,6 +302,24 @@ fn event_key(offset: u64) -> [u8; 9] {
 
 /// Flips one bit of the first occurrence of `needle` inside the record at `offset`, through
 /// sled directly (the server must be stopped).
+/// Waits (bounded, 10 s) until no one holds sled's lock on `<data>/ledger/db`: sled 0.34 lets go
+/// of its file only when its IO threads and deferred cleanups do, so a CLI started right after
+/// this process closed its own handle could find the directory "in use".
+fn wait_unlocked(data: &Path) {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::File::open(data.join("ledger/db")).expect("db file");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // SAFETY: flock on a descriptor we own; the lock is released at once.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "sled's lock still held after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+}
+
 fn tamper(data: &Path, offset: u64, needle: &[u8]) {
     let db = sled::Config::new()
         .path(data.join("ledger"))
@@ -319,6 +338,8 @@ fn tamper(data: &Path, offset: u64, needle: &[u8]) {
     v[at] ^= 0x01;
     tree.insert(event_key(offset), v).unwrap();
     db.flush().unwrap();
+    drop((tree, db));
+    wait_unlocked(data);
 }
 
 /// Runs `edit` on the stopped ledger's sled tree (the log and its indexes), then flushes.
@@ -329,6 +350,8 @@ fn edit_tree(data: &Path, edit: impl FnOnce(&sled::Tree)) {
         .expect("sled opens");
     edit(&db.open_tree("ledger").unwrap());
     db.flush().unwrap();
+    drop(db);
+    wait_unlocked(data);
 }
 
 /// `verify`'s stderr, asserting it failed.
@@ -850,6 +873,21 @@ async fn offline_backup_of_a_stopped_server_is_a_complete_ledger() {
     assert!(!again.status.success());
     let msg = String::from_utf8_lossy(&again.stderr);
     assert!(msg.contains("not empty"), "{msg}");
+
+    // Written as `copy.partial` and renamed when complete and durable: none is left behind,
+    // and one left by an interrupted backup stops the next one (it is never mistaken for a
+    // complete, shorter ledger).
+    assert!(!tmp.path().join("copy.partial").exists());
+    let dest2 = tmp.path().join("copy2");
+    std::fs::create_dir(tmp.path().join("copy2.partial")).unwrap();
+    let blocked = cli(&["backup", "--data", d(&data), "--to", d(&dest2)]);
+    assert!(!blocked.status.success());
+    let msg = String::from_utf8_lossy(&blocked.stderr);
+    assert!(
+        msg.contains("interrupted") && msg.contains("copy2.partial"),
+        "{msg}"
+    );
+    assert!(!dest2.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
