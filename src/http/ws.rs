@@ -77,6 +77,42 @@ fn transport_config(limit: usize) -> WebSocketConfig {
         .max_frame_size(Some(backstop))
 }
 
+/// When a connection's periodic duties are next due; one timer is armed for the earliest.
+struct Due {
+    ping: Instant,
+    recheck: Instant,
+    warn: Instant,
+    expiry: Instant,
+}
+
+impl Due {
+    fn new(now: Instant, ping_interval: Duration, expiry: Instant) -> Self {
+        let mut due = Due {
+            ping: now + ping_interval,
+            recheck: now + USER_RECHECK,
+            warn: expiry,
+            expiry,
+        };
+        due.set_expiry(expiry);
+        due
+    }
+
+    /// A refresh moved the expiry: the warning moves with it.
+    fn set_expiry(&mut self, expiry: Instant) {
+        self.expiry = expiry;
+        self.warn = expiry.checked_sub(EXPIRY_WARNING).unwrap_or(expiry);
+    }
+
+    /// The earliest duty still to do (the warning only once per token).
+    fn next(&self, warned: bool) -> Instant {
+        let mut t = self.ping.min(self.recheck).min(self.expiry);
+        if !warned {
+            t = t.min(self.warn);
+        }
+        t
+    }
+}
+
 /// Answers the upgrade request (101) and runs the connection once hyper hands the socket over.
 pub fn upgrade(
     state: State,
@@ -278,24 +314,17 @@ impl Connection {
         // signal's waiter list (shared by every connection, behind a lock) once per event sent.
         let shutdown_signal = shutdown.changed();
         tokio::pin!(shutdown_signal);
-        let mut ping = tokio::time::interval_at(
-            Instant::now() + settings.ws_ping_interval,
-            settings.ws_ping_interval,
-        );
-        let mut recheck = tokio::time::interval_at(Instant::now() + USER_RECHECK, USER_RECHECK);
+        // One timer for the four periodic duties (ping + idle check, user re-check, expiry
+        // warning, expiry), armed for the earliest: it is polled on every iteration, before the
+        // socket and the subscription, so one timer costs one poll where four cost four.
+        let mut due = Due::new(Instant::now(), settings.ws_ping_interval, self.expires_at);
         let mut last_seen = Instant::now();
-        // The expiry timers live across iterations and are re-armed only when a refresh moves
-        // the expiry: creating them per iteration cost two timer-wheel inserts per event sent.
-        let warn_at = |exp: Instant| exp.checked_sub(EXPIRY_WARNING).unwrap_or(exp);
-        let mut armed_for = self.expires_at;
-        let warn_timer = sleep_until(warn_at(armed_for));
-        let expiry_timer = sleep_until(armed_for);
-        tokio::pin!(warn_timer, expiry_timer);
+        let timer = sleep_until(due.next(self.warned));
+        tokio::pin!(timer);
         loop {
-            if self.expires_at != armed_for {
-                armed_for = self.expires_at;
-                warn_timer.as_mut().reset(warn_at(armed_for));
-                expiry_timer.as_mut().reset(armed_for);
+            if self.expires_at != due.expiry {
+                due.set_expiry(self.expires_at);
+                timer.as_mut().reset(due.next(self.warned));
             }
             tokio::select! {
                 biased;
@@ -305,36 +334,42 @@ impl Connection {
                 // Timers before frames and events: a long replay or a flooding client always
                 // has a next chunk or frame ready, and must not hold off the ping, the idle
                 // check, the user re-check or the token expiry.
-                _ = ping.tick() => {
-                    if last_seen.elapsed() > settings.ws_idle_timeout {
-                        tracing::info!("peer silent beyond the idle timeout; dropping");
-                        return End::Gone;
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if now >= due.expiry {
+                        return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
                     }
-                    if let Err(fail) = send_msg(ws, Message::Ping(Default::default()), stall).await {
-                        return self.ended(fail);
-                    }
-                }
-                _ = recheck.tick() => {
-                    match self.state.auth.users.check_token_still_valid(&self.principal.claims) {
-                        Ok(_) => {}
-                        Err(e) if e.is_client_fault() => {
-                            return End::Close(CLOSE_UNAUTHORIZED, format!("token revoked: {e}"));
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "user re-check failed");
-                            return End::Close(CLOSE_INTERNAL, "internal error".into());
+                    if !self.warned && now >= due.warn {
+                        self.warned = true;
+                        let text = protocol::token_expiring(&self.expires_at_text);
+                        if let Err(fail) = send(ws, vec![text.into()], stall).await {
+                            return self.ended(fail);
                         }
                     }
-                }
-                _ = &mut warn_timer, if !self.warned => {
-                    self.warned = true;
-                    let text = protocol::token_expiring(&self.expires_at_text);
-                    if let Err(fail) = send(ws, vec![text.into()], stall).await {
-                        return self.ended(fail);
+                    if now >= due.recheck {
+                        due.recheck = now + USER_RECHECK;
+                        match self.state.auth.users.check_token_still_valid(&self.principal.claims) {
+                            Ok(_) => {}
+                            Err(e) if e.is_client_fault() => {
+                                return End::Close(CLOSE_UNAUTHORIZED, format!("token revoked: {e}"));
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "user re-check failed");
+                                return End::Close(CLOSE_INTERNAL, "internal error".into());
+                            }
+                        }
                     }
-                }
-                _ = &mut expiry_timer => {
-                    return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
+                    if now >= due.ping {
+                        due.ping = now + settings.ws_ping_interval;
+                        if last_seen.elapsed() > settings.ws_idle_timeout {
+                            tracing::info!("peer silent beyond the idle timeout; dropping");
+                            return End::Gone;
+                        }
+                        if let Err(fail) = send_msg(ws, Message::Ping(Default::default()), stall).await {
+                            return self.ended(fail);
+                        }
+                    }
+                    timer.as_mut().reset(due.next(self.warned));
                 }
                 // Polled only while a command waits (most connections are subscribers only),
                 // and before new frames: answers that are ready go out before more commands
