@@ -293,3 +293,102 @@ async fn real_output_matches_the_schemas() {
     bad["created_at"] = json!("2026-01-01T00:00:00Z");
     assert!(!alarm_v.is_valid(&bad), "timestamp without milliseconds");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_users_backup_health_and_security_log_match_the_openapi_schemas() {
+    let app = spawn_app().await;
+    let api = |name: &str| validator(&format!("openapi.json#/components/schemas/{name}"));
+    let admin = app.admin_token.clone();
+
+    let r = app
+        .client
+        .post(app.url("/api/v1/login"))
+        .json(&json!({"username": "admin", "password": ADMIN_PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let login: Value = r.json().await.unwrap();
+    assert_valid(&api("TokenAnswer"), "POST /login", &login);
+
+    let (s, created) = app
+        .post(
+            &admin,
+            "/api/v1/users",
+            json!({"username": "sam", "password": USER_PASSWORD, "role": "operator"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{created}");
+    assert_valid(&api("User"), "POST /users", &created);
+    let r = app
+        .client
+        .patch(app.url("/api/v1/users/sam"))
+        .bearer_auth(&admin)
+        .json(&json!({"role": "viewer", "disabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let patched: Value = r.json().await.unwrap();
+    assert_valid(&api("User"), "PATCH /users/{name}", &patched);
+    assert_eq!(
+        (&patched["role"], &patched["disabled"]),
+        (&json!("viewer"), &json!(true))
+    );
+    let (s, users) = app.get(&admin, "/api/v1/users").await;
+    assert_eq!(s, 200);
+    let users = users.as_array().expect("an array of users");
+    assert_eq!(users.len(), 2);
+    for u in users {
+        assert_valid(&api("User"), "GET /users item", u);
+    }
+
+    let (s, backup) = app.post(&admin, "/api/v1/admin/backup", json!({})).await;
+    assert_eq!(s, 200, "{backup}");
+    assert_valid(&api("Backup"), "POST /admin/backup", &backup);
+
+    for (path, schema) in [("/healthz", "Health"), ("/readyz", "Ready")] {
+        let (s, v) = app.get("", path).await;
+        assert_eq!(s, 200, "{path}: {v}");
+        assert_valid(&api(schema), path, &v);
+    }
+
+    let (s, text) = app.get_text(&admin, "/api/v1/security-log").await;
+    assert_eq!(s, 200);
+    let entry = api("SecurityEntry");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 5, "{text}");
+    for e in &lines {
+        assert_valid(&entry, "security-log line", e);
+    }
+    // Throttled: the 429 body is an Error too.
+    for _ in 0..5 {
+        let _ = app
+            .client
+            .post(app.url("/api/v1/login"))
+            .json(&json!({"username": "ghost", "password": "wrong-password-x"}))
+            .send()
+            .await
+            .unwrap();
+    }
+    let r = app
+        .client
+        .post(app.url("/api/v1/login"))
+        .json(&json!({"username": "ghost", "password": "wrong-password-x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.unwrap();
+    assert_valid(&api("Error"), "429", &body);
+    // The validators bite.
+    let mut bad = patched.clone();
+    bad["role"] = json!("root");
+    assert!(!api("User").is_valid(&bad), "unknown role");
+    let mut bad = lines[0].clone();
+    bad.as_object_mut().unwrap().remove("hash");
+    assert!(!entry.is_valid(&bad), "entry without hash");
+}
