@@ -763,3 +763,82 @@ async fn retry_of_an_already_answer_appends_nothing_later() {
     );
     assert_eq!(retry["offset"], lost["offset"], "{retry}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_write_queue_answers_overloaded_over_http_and_websocket() {
+    // A queue of one command: a burst overflows it. Each refused command gets `overloaded`
+    // (HTTP 503 with Retry-After; a WebSocket `error` with its req), nothing refused is
+    // appended, and the server goes on serving.
+    let app = spawn_app_with(&["--queue-capacity", "1"]).await;
+    let tok = app.admin_token.clone();
+    let http = futures_util::future::join_all((0..100).map(|i| {
+        let (client, url, tok) = (app.client.clone(), app.url("/api/v1/alarms"), tok.clone());
+        async move {
+            let r = client
+                .post(url)
+                .bearer_auth(tok)
+                .json(&json!({"name": format!("h{i}")}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: Value = r.json().await.unwrap();
+            (status, retry, body)
+        }
+    }));
+    let ws_side = async {
+        let (mut ws, _) = app.ws(&tok).await;
+        for i in 0..100 {
+            send_json(
+                &mut ws,
+                json!({"type": "create", "req": i, "alarm": {"name": format!("w{i}")}}),
+            )
+            .await;
+        }
+        let mut answers = Vec::new();
+        while answers.len() < 100 {
+            answers.push(next_json(&mut ws, STEP).await);
+        }
+        answers
+    };
+    let (http, ws) = tokio::join!(http, ws_side);
+    let mut appended = 0;
+    let mut refused = 0;
+    for (status, retry, body) in &http {
+        match status {
+            200 => appended += 1,
+            503 => {
+                assert_eq!(body["error"]["code"], "overloaded", "{body}");
+                assert!(retry.is_some(), "503 carries Retry-After: {body}");
+                refused += 1;
+            }
+            _ => panic!("{status}: {body}"),
+        }
+    }
+    for v in &ws {
+        match v["type"].as_str() {
+            Some("ok") => appended += 1,
+            Some("error") => {
+                assert_eq!(v["code"], "overloaded", "{v}");
+                assert!(v["req"].is_u64(), "the error names its request: {v}");
+                refused += 1;
+            }
+            _ => panic!("{v}"),
+        }
+    }
+    assert_eq!(appended + refused, 200);
+    assert!(
+        refused > 0,
+        "a queue of 1 under 200 concurrent commands overflows"
+    );
+    assert_eq!(
+        head(&app).await,
+        appended as u64,
+        "nothing refused was appended"
+    );
+    assert_serves(&app).await;
+}
