@@ -264,9 +264,10 @@ async fn read_body(
     while let Some(chunk) = body.next().await {
         let mut chunk = chunk.map_err(|e| ApiError::bad_request(format!("body: {e}")))?;
         if out.len() + chunk.remaining() > MAX_BODY {
-            let mut e = ApiError::bad_request(format!("request body larger than {MAX_BODY} bytes"));
-            e.status = warp::http::StatusCode::PAYLOAD_TOO_LARGE;
-            return Err(e);
+            // 400 like every `bad_request` (PROTOCOL.md fixes the status of each code), not 413.
+            return Err(ApiError::bad_request(format!(
+                "request body larger than {MAX_BODY} bytes"
+            )));
         }
         while chunk.has_remaining() {
             let c = chunk.chunk();

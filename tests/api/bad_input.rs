@@ -368,15 +368,22 @@ async fn malformed_http_bodies_and_queries_are_400() {
             "{path}: {v}"
         );
     }
-    // A body over 1 MiB is refused (413) with the same error shape.
+    // A body over 1 MiB is refused: 400 `bad_request`, as PROTOCOL.md maps that code.
     let big = format!(r#"{{"name": "{}"}}"#, "x".repeat(1024 * 1024 + 10));
     let r = timeout(STEP, raw("POST", &alarms, &big))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(r.status().as_u16(), 413);
+    assert_eq!(r.status().as_u16(), 400);
     let v: Value = r.json().await.unwrap_or(Value::Null);
     assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than"),
+        "{v}"
+    );
     // Missing or invalid bearer on HTTP: 401 with the error shape.
     let r = app
         .client
