@@ -10,10 +10,13 @@
 //! 5. answers every command of the batch.
 //!
 //! Nothing is visible or answered before step 2 returns. If step 2 fails, every command of the
-//! batch gets a storage error, the ledger is marked degraded, and before the next batch the writer
-//! retries the sync and re-reads the log's head: events that did reach the disk are then applied
-//! and published (a client retrying with the same command_id gets `duplicate`), so the offsets
-//! clients see never repeat.
+//! batch gets a storage error and the ledger is marked failed **for the life of the process**:
+//! every later command gets the same error, reads go on, `/healthz` answers 503 so that the
+//! orchestrator restarts the server. No retry: after a failed `fdatasync` Linux may have marked
+//! the unwritten pages clean, so a second `fdatasync` that succeeds proves nothing ("fsyncgate"),
+//! and sled keeps an I/O error for the life of the process anyway. At the restart, start-up
+//! verifies and adopts whatever the disk holds; a client retrying with the same command_id then
+//! learns whether its command was applied (`duplicate`) or not.
 
 use super::hub::Published;
 use super::Ledger;
@@ -131,6 +134,8 @@ enum Plan {
 struct Writer {
     ledger: Arc<Ledger>,
     since_snapshot: u64,
+    /// Set by the first failed append: the storage error every later command gets.
+    failed: Option<String>,
 }
 
 impl Writer {
@@ -138,6 +143,7 @@ impl Writer {
         Writer {
             ledger,
             since_snapshot: 0,
+            failed: None,
         }
     }
 
@@ -192,15 +198,14 @@ impl Writer {
             }
             return;
         }
-        if self.ledger.is_degraded() {
-            if let Err(e) = self.recover() {
-                let msg = e.to_string();
-                for r in reqs {
-                    self.ledger.metrics.rejected("internal");
-                    let _ = r.reply.send(Err(CommandError::Storage(msg.clone())));
-                }
-                return;
+        if let Some(why) = &self.failed {
+            for r in reqs {
+                self.ledger.metrics.rejected("internal");
+                let _ = r.reply.send(Err(CommandError::Storage(format!(
+                    "storage failed earlier ({why}); appends stay refused until the server restarts"
+                ))));
             }
+            return;
         }
         let Batch {
             events,
@@ -211,9 +216,10 @@ impl Writer {
         if n > 0 || !outcomes.is_empty() {
             let t = Instant::now();
             if let Err(e) = self.ledger.log.append_with_outcomes(&events, &outcomes) {
-                tracing::error!(error = %e, events = n, "durable append failed; batch not acknowledged");
+                tracing::error!(error = %e, events = n, "durable append failed; batch not acknowledged; appends refused until restart");
                 self.ledger.set_degraded(true);
                 let msg = e.to_string();
+                self.failed = Some(msg.clone());
                 for r in reqs {
                     let err = CommandError::Storage(msg.clone());
                     self.ledger.metrics.rejected(err.code());
@@ -410,35 +416,5 @@ impl Writer {
                 tracing::warn!(error = %e, "projection snapshot failed (the log is unaffected)");
             }
         }
-    }
-
-    /// After a failed append: make whatever reached sled durable, and adopt it.
-    fn recover(&mut self) -> Result<()> {
-        self.ledger.log.sync()?;
-        let stored = self.ledger.log.head()?;
-        let ours = self.ledger.head();
-        if stored.offset > ours.offset {
-            let mut adopted = Vec::new();
-            let mut prev = ours.hash;
-            for item in self.ledger.log.iter_from(ours.offset + 1) {
-                let e = item?;
-                super::check_link(
-                    &e,
-                    ours.offset + 1 + adopted.len() as u64,
-                    &prev,
-                    self.ledger.info.ledger_id,
-                )?;
-                prev = e.hash;
-                adopted.push(e);
-            }
-            tracing::warn!(
-                events = adopted.len(),
-                "adopting events that became durable after a failed append"
-            );
-            self.publish(adopted);
-        }
-        self.ledger.set_degraded(false);
-        tracing::info!("storage recovered");
-        Ok(())
     }
 }
