@@ -12,15 +12,22 @@
 //!
 //! Durability: sled's `flush()` writes with `sync_file_range`, which is not power-loss durable
 //! (sled #1452), so after each flush we `fdatasync` the `db` file ourselves. That is one
-//! flush + one fdatasync per batch: the group commit.
+//! flush + one fdatasync per batch: the group commit. sled also writes a page image larger than
+//! ~128 KiB (a leaf of large records) to a file of its own in `blobs/`, with no fsync at all; the
+//! `db` file then points at it. So between the flush and the `fdatasync` of `db`, new blob files
+//! and the `blobs/` directory are synced (`sync_blobs`): the pointer is never durable before
+//! what it points at.
 
 use super::codec::{self, decode_event, encode_event, FORMAT_VERSION};
 use super::{chain, CommandOutcome, EventLog, Head, LedgerInfo, OutcomeKind};
 use crate::domain::Event;
 use crate::error::{Error, Result};
 use crate::time::Timestamp;
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use uuid::Uuid;
 
 const EVENT: u8 = b'e';
@@ -55,6 +62,8 @@ pub struct SledLog {
     tree: sled::Tree,
     /// The sled `db` file, kept open to `fdatasync` it after each flush.
     db_file: File,
+    /// Names in `blobs/` already synced (pruned to what the directory holds at each sync).
+    blobs_synced: Mutex<HashSet<OsString>>,
     info: LedgerInfo,
     dir: PathBuf,
 }
@@ -256,6 +265,7 @@ impl SledLog {
             db,
             tree,
             db_file,
+            blobs_synced: Mutex::new(HashSet::new()),
             info,
             dir: dir.to_path_buf(),
         })
@@ -354,6 +364,42 @@ impl SledLog {
         Ok(())
     }
 
+    /// fsyncs the blob files sled wrote since the last sync, then the `blobs/` directory. Usually
+    /// one empty directory read; sled removes a blob file when its page is rewritten (a file gone
+    /// by the time it is opened needs nothing).
+    fn sync_blobs(&self) -> Result<()> {
+        let dir = self.dir.join("blobs");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut synced = self
+            .blobs_synced
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut present = HashSet::with_capacity(synced.len());
+        let mut new = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                match File::open(entry.path()) {
+                    Ok(f) => f.sync_data()?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        *synced = present;
+        if new {
+            File::open(&dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
     fn event_range(&self, from: u64) -> sled::Iter {
         self.tree.range(event_key(from)..=event_key(u64::MAX))
     }
@@ -397,6 +443,7 @@ impl EventLog for SledLog {
 
     fn sync(&self) -> Result<()> {
         self.db.flush()?;
+        self.sync_blobs()?;
         self.db_file.sync_data()?;
         Ok(())
     }
