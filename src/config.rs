@@ -110,7 +110,8 @@ pub struct ServeArgs {
     /// A client that cannot take a message for this long is closed with 4008.
     #[arg(long, env = "ALARM_LEDGER_WS_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub ws_stall_timeout: Duration,
-    /// Commands per second per connection (burst = the same number) before `rate_limited`.
+    /// Commands and subscribes per second per connection (burst = the same number) before
+    /// `rate_limited`.
     #[arg(long, env = "ALARM_LEDGER_WS_COMMAND_RATE", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub ws_command_rate: u32,
     /// Grace period for in-flight work at shutdown.

@@ -476,8 +476,20 @@ impl Connection {
                 from_hash,
                 snapshot,
             } => {
-                self.subscribe(&req, from, ledger_id, from_hash, snapshot)
-                    .await
+                // A subscribe starts a log read (or a snapshot of every alarm): it spends the
+                // same per-connection budget as a command, so a subscribe flood cannot pile up
+                // reads on the blocking pool.
+                if self.take_token() {
+                    self.subscribe(&req, from, ledger_id, from_hash, snapshot)
+                        .await
+                } else {
+                    self.state.metrics.rejected("rate_limited");
+                    Some(protocol::error(
+                        &req,
+                        "rate_limited",
+                        "too many subscribes and commands on this connection; slow down",
+                    ))
+                }
             }
             ClientMessage::Unsubscribe {} => {
                 self.stop_subscription();

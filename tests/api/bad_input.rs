@@ -267,6 +267,47 @@ async fn command_flood_is_rate_limited_per_connection() {
     );
     assert_eq!(ok + limited.len(), N);
     assert!(limited.len() >= N - 10, "{} limited", limited.len());
+    // A subscribe flood spends the same budget (each one starts a log read). An accepted
+    // subscribe answers with its replay, and the next one replaces it, so count the refusals
+    // up to a ping sent after the flood.
+    for i in 0..N {
+        send_json(&mut ws, json!({"type": "subscribe", "req": i, "from": 0})).await;
+    }
+    send_json(&mut ws, json!({"type": "ping", "req": "end"})).await;
+    let mut limited_subs = 0;
+    loop {
+        let v = next_json(&mut ws, STEP).await;
+        match v["type"].as_str() {
+            Some("error") => {
+                assert_eq!(v["code"], "rate_limited", "{v}");
+                limited_subs += 1;
+            }
+            Some("pong") if v["req"] == "end" => break,
+            Some("live") | Some("event") => {}
+            _ => panic!("{v}"),
+        }
+    }
+    assert!(
+        limited_subs >= N - 10,
+        "{limited_subs} of {N} subscribes limited"
+    );
+    // Once the budget refills (5 per second here), subscribing works again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    send_json(
+        &mut ws,
+        json!({"type": "subscribe", "req": "again", "from": 0}),
+    )
+    .await;
+    loop {
+        let v = next_json(&mut ws, STEP).await;
+        match v["type"].as_str() {
+            Some("live") => break,
+            Some("event") => {}
+            _ => panic!("a subscribe after the refill: {v}"),
+        }
+    }
+    let v = ask(&mut ws, json!({"type": "unsubscribe", "req": "u"})).await;
+    assert_eq!(v["type"], "ok", "{v}");
     // Not a command: ping is never limited; the connection stays open.
     assert_eq!(
         ask(&mut ws, json!({"type": "ping", "req": "p"})).await["type"],
