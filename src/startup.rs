@@ -150,6 +150,7 @@ impl Application {
             metrics,
             shutdown: shutdown_rx,
             accepting: AtomicBool::new(true),
+            connections: Default::default(),
         });
         Ok(Application {
             addr,
@@ -208,6 +209,9 @@ impl Application {
         let _ = shutdown_tx.send(true);
         let drain = async {
             let _ = server.await;
+            // WebSocket connections answer what they already sent to the writer (which runs
+            // until `stop`), then close with 1001.
+            state.connections.all_closed().await;
             let l = ledger.clone();
             let _ = tokio::task::spawn_blocking(move || l.stop()).await;
         };

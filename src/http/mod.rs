@@ -146,6 +146,53 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Cleared at shutdown so `/readyz` turns 503 before the listener closes.
     pub accepting: AtomicBool,
+    /// Live WebSocket connections: shutdown waits for them (they answer the commands they
+    /// already sent to the writer, then close with 1001) before it stops the writer.
+    pub connections: Arc<Connections>,
+}
+
+/// Counts live WebSocket connection tasks (they are spawned apart from the HTTP server's).
+#[derive(Default)]
+pub struct Connections {
+    live: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl Connections {
+    /// Counts a connection until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> ConnectionGuard {
+        self.live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ConnectionGuard(self.clone())
+    }
+
+    /// Resolves once no connection is live.
+    pub async fn all_closed(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check: a close between the check and the await still wakes.
+            changed.as_mut().enable();
+            if self.live.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+pub struct ConnectionGuard(Arc<Connections>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .live
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.changed.notify_waiters();
+        }
+    }
 }
 
 pub type State = Arc<AppState>;

@@ -162,8 +162,10 @@ pub fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let conn_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let span = tracing::info_span!("ws", conn = %conn_id, user = tracing::field::Empty, ip = ?ip);
+    let counted = state.connections.enter();
     tokio::spawn(
         async move {
+            let _counted = counted;
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
                 Err(e) => {
@@ -288,7 +290,18 @@ impl Connection {
                 format!("closed {code} {reason}")
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), SinkExt::close(&mut socket)).await;
+        // The closing handshake: read (and drop) what the client still sends until its Close
+        // comes back. Closing a TCP socket with unread input sends a reset, which can destroy
+        // the answers and the Close frame still on their way to the client.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = SinkExt::close(&mut socket).await;
+            while let Some(Ok(msg)) = socket.next().await {
+                if msg.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
         metrics.ws_connections.dec();
         tracing::info!(end = %how, "websocket disconnected");
     }
@@ -329,6 +342,14 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = &mut shutdown_signal => {
+                    // Commands already handed to the writer are committed (it finishes its
+                    // queue before it stops): answer them before closing, or a client that
+                    // sent no command_id could not tell whether its command was applied.
+                    while let Some(answer) = self.answers.next().await {
+                        if send(ws, vec![answer.into()], stall).await.is_err() {
+                            return End::Gone;
+                        }
+                    }
                     return End::Close(CLOSE_GOING_AWAY, "server shutting down".into());
                 }
                 // Timers before frames and events: a long replay or a flooding client always

@@ -6,6 +6,7 @@ use crate::support::*;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Barrier;
 use tokio::time::timeout;
 
@@ -841,4 +842,52 @@ async fn a_full_write_queue_answers_overloaded_over_http_and_websocket() {
         "nothing refused was appended"
     );
     assert_serves(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_shutdown_every_command_the_server_took_is_answered_before_1001() {
+    // Commands pipelined on a socket while the server stops: the writer finishes its queue, so
+    // each command it took must reach its client as `ok` (or an error) before the 1001 close;
+    // none may be appended unanswered.
+    let mut app = spawn_app().await;
+    let (mut ws, _) = app.ws(&app.admin_token).await;
+    const N: usize = 300;
+    let ids: Vec<String> = (0..N).map(|_| uuid()).collect();
+    for (i, cid) in ids.iter().enumerate() {
+        send_json(
+            &mut ws,
+            json!({"type": "create", "req": i, "command_id": cid, "alarm": {"name": format!("s{i}")}}),
+        )
+        .await;
+    }
+    let reader = async {
+        let mut answered = std::collections::HashSet::new();
+        loop {
+            match next_frame(&mut ws, Duration::from_secs(20)).await {
+                Got::Json(v) if v["type"] == "ok" => {
+                    answered.insert(v["req"].as_u64().unwrap() as usize);
+                }
+                Got::Json(v) if v["type"] == "error" => {}
+                Got::Ping => {}
+                Got::Close(code) => return (answered, code),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let ((), (answered, code)) = tokio::join!(app.stop(), reader);
+    assert_eq!(code, Some(1001));
+    let app = app.reopen().await;
+    let (s, lines) = events(&app, "").await;
+    assert_eq!(s, 200);
+    let mut appended = 0;
+    for e in &lines {
+        if let Some(i) = ids.iter().position(|c| e["command_id"] == c.as_str()) {
+            appended += 1;
+            assert!(
+                answered.contains(&i),
+                "command {i} was appended but not answered"
+            );
+        }
+    }
+    println!("{appended} of {N} appended before the stop, all answered");
 }
