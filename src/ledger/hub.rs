@@ -37,6 +37,12 @@ impl Published {
 
 pub type Batch = Arc<Vec<Arc<Published>>>;
 
+/// Most events in one ring slot. The ring keeps its last `capacity` slots until they are
+/// overwritten, read or not, so slots are bounded in events, not only in number: with the
+/// default 1,024 slots at most 65,536 events stay referenced (a large group commit is published
+/// as several slots).
+pub const MAX_EVENTS_PER_SLOT: usize = 64;
+
 pub struct Hub {
     tx: broadcast::Sender<Batch>,
 }
@@ -52,8 +58,55 @@ impl Hub {
         self.tx.subscribe()
     }
 
-    pub fn publish(&self, batch: Batch) {
-        // No receivers is fine: nobody is live.
-        let _ = self.tx.send(batch);
+    /// Publishes durable events, in order, in slots of at most `MAX_EVENTS_PER_SLOT`.
+    pub fn publish(&self, events: Vec<Arc<Published>>) {
+        let send = |slot: Vec<Arc<Published>>| {
+            // No receivers is fine: nobody is live.
+            let _ = self.tx.send(Arc::new(slot));
+        };
+        if events.len() <= MAX_EVENTS_PER_SLOT {
+            send(events);
+        } else {
+            for chunk in events.chunks(MAX_EVENTS_PER_SLOT) {
+                send(chunk.to_vec());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{EventData, Hash};
+    use crate::time::Timestamp;
+    use uuid::Uuid;
+
+    fn event(offset: u64) -> Arc<Published> {
+        Published::new(Event {
+            offset,
+            id: Uuid::now_v7(),
+            at: Timestamp(0),
+            actor: "a".into(),
+            alarm_id: Uuid::nil(),
+            command_id: None,
+            data: EventData::Rearmed,
+            hash: Hash::default(),
+        })
+    }
+
+    #[test]
+    fn a_large_batch_is_published_in_bounded_slots_in_order() {
+        let hub = Hub::new(16);
+        let mut rx = hub.subscribe();
+        hub.publish((1..=150).map(event).collect());
+        hub.publish(vec![event(151)]);
+        let mut sizes = Vec::new();
+        let mut offsets = Vec::new();
+        while let Ok(slot) = rx.try_recv() {
+            sizes.push(slot.len());
+            offsets.extend(slot.iter().map(|p| p.event.offset));
+        }
+        assert_eq!(sizes, [64, 64, 22, 1]);
+        assert_eq!(offsets, (1..=151).collect::<Vec<_>>());
     }
 }

@@ -405,7 +405,7 @@ impl Writer {
             self.ledger.metrics.head_offset.set(last.offset as i64);
         }
         let batch: Vec<Arc<Published>> = events.into_iter().map(Published::new).collect();
-        self.ledger.hub.publish(Arc::new(batch));
+        self.ledger.hub.publish(batch);
         self.since_snapshot += n;
         let every = self.ledger.opts.snapshot_every;
         if every > 0 && self.since_snapshot >= every {
