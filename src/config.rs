@@ -79,7 +79,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ALARM_LEDGER_LOGIN_MAX_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub login_max_failures: u32,
     /// Login throttle window.
-    #[arg(long, env = "ALARM_LEDGER_LOGIN_WINDOW", default_value = "15m", value_parser = parse_duration)]
+    #[arg(long, env = "ALARM_LEDGER_LOGIN_WINDOW", default_value = "15m", value_parser = parse_login_window)]
     pub login_window: Duration,
     /// Peers whose `X-Forwarded-For` is believed (comma-separated IPs or CIDRs). Default: none.
     #[arg(long, env = "ALARM_LEDGER_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
@@ -99,23 +99,24 @@ pub struct ServeArgs {
     #[arg(long, env = "ALARM_LEDGER_CACHE_MB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(8..=65_536))]
     pub cache_mb: u64,
     /// Server WebSocket ping interval.
-    #[arg(long, env = "ALARM_LEDGER_WS_PING_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "ALARM_LEDGER_WS_PING_INTERVAL", default_value = "20s", value_parser = parse_ping_interval)]
     pub ws_ping_interval: Duration,
-    /// A peer silent for this long (no frame, no pong) is dropped.
-    #[arg(long, env = "ALARM_LEDGER_WS_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    /// A peer silent for this long (no frame, no pong) is dropped. Longer than the ping interval
+    /// (a quiet client is only heard from when it answers a ping).
+    #[arg(long, env = "ALARM_LEDGER_WS_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_idle_timeout)]
     pub ws_idle_timeout: Duration,
     /// Largest WebSocket message accepted, bytes; larger closes with 1008.
     #[arg(long, env = "ALARM_LEDGER_WS_MAX_MESSAGE", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1024..=16_777_216))]
     pub ws_max_message: u64,
     /// A client that cannot take a message for this long is closed with 4008.
-    #[arg(long, env = "ALARM_LEDGER_WS_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "ALARM_LEDGER_WS_STALL_TIMEOUT", default_value = "30s", value_parser = parse_stall_timeout)]
     pub ws_stall_timeout: Duration,
     /// Commands and subscribes per second per connection (burst = the same number) before
     /// `rate_limited`.
     #[arg(long, env = "ALARM_LEDGER_WS_COMMAND_RATE", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub ws_command_rate: u32,
     /// Grace period for in-flight work at shutdown.
-    #[arg(long, env = "ALARM_LEDGER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "ALARM_LEDGER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_shutdown_timeout)]
     pub shutdown_timeout: Duration,
 }
 
@@ -225,9 +226,8 @@ fn parse_secret(s: &str) -> Result<String, String> {
 }
 
 fn parse_admin_password(s: &str) -> Result<String, String> {
-    if s.chars().count() < 12 {
-        return Err("expected at least 12 characters".into());
-    }
+    // The account policy itself (12 to 1,024 characters), checked before anything is opened.
+    crate::auth::password::validate_password(s).map_err(|e| e.to_string())?;
     Ok(s.to_string())
 }
 
@@ -250,7 +250,81 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if d.is_zero() {
         return Err(format!("expected a duration greater than zero (got {s:?})"));
     }
+    if d > MAX_DURATION {
+        return Err(format!(
+            "expected at most {} (got {s:?})",
+            show(MAX_DURATION)
+        ));
+    }
     Ok(d)
+}
+
+/// No setting needs more; and deadlines computed as `now + setting` cannot overflow.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A duration in the unit it is most naturally written in (`500ms`, `30s`, `15m`, `720h`).
+fn show(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// `parse_duration` within `[min, max]`: values outside make the setting misbehave (a 1 ms
+/// login window is no throttle; a 1 ms stall limit closes healthy clients).
+fn ranged(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < min || d > max {
+        return Err(format!(
+            "expected a duration between {} and {} (got {s:?})",
+            show(min),
+            show(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_ping_interval(s: &str) -> Result<Duration, String> {
+    ranged(s, Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    ranged(s, Duration::from_secs(2), Duration::from_secs(24 * 3600))
+}
+
+fn parse_stall_timeout(s: &str) -> Result<Duration, String> {
+    ranged(s, Duration::from_millis(100), Duration::from_secs(600))
+}
+
+fn parse_login_window(s: &str) -> Result<Duration, String> {
+    ranged(
+        s,
+        Duration::from_secs(1),
+        Duration::from_secs(7 * 24 * 3600),
+    )
+}
+
+fn parse_shutdown_timeout(s: &str) -> Result<Duration, String> {
+    ranged(s, Duration::from_secs(1), Duration::from_secs(600))
+}
+
+/// Relations between settings that each parser alone cannot see.
+fn check_serve(args: &ServeArgs) -> Result<(), String> {
+    if args.ws_idle_timeout <= args.ws_ping_interval {
+        return Err(format!(
+            "ALARM_LEDGER_WS_IDLE_TIMEOUT ({}) must be longer than ALARM_LEDGER_WS_PING_INTERVAL ({}): \
+             a quiet client is only heard from when it answers a ping",
+            show(args.ws_idle_timeout),
+            show(args.ws_ping_interval)
+        ));
+    }
+    Ok(())
 }
 
 fn parse_token_ttl(s: &str) -> Result<Duration, String> {
@@ -280,7 +354,15 @@ fn parse_time(s: &str) -> Result<crate::time::Timestamp, String> {
 pub fn parse_cli() -> Cli {
     use clap::CommandFactory;
     match Cli::try_parse() {
-        Ok(cli) => cli,
+        Ok(cli) => {
+            if let Command::Serve(args) = &cli.command {
+                if let Err(why) = check_serve(args) {
+                    eprintln!("error: invalid configuration: {why}");
+                    std::process::exit(2);
+                }
+            }
+            cli
+        }
         Err(e) => {
             use clap::error::{ContextKind, ContextValue, ErrorKind};
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
@@ -306,7 +388,13 @@ pub fn parse_cli() -> Cli {
                         .next()
                         .unwrap_or("")
                         .trim_start_matches("error: ");
-                    let why = why.rsplit(": ").next().unwrap_or(why);
+                    // clap says "invalid value '<value>' for '<arg>': <reason>"; the value may
+                    // itself contain ": ", so cut after the argument's name.
+                    let marker = format!("'{arg}': ");
+                    let why = match why.find(&marker) {
+                        Some(i) => &why[i + marker.len()..],
+                        None => why.rsplit(": ").next().unwrap_or(why),
+                    };
                     eprintln!("error: invalid configuration {source}: {why}");
                     std::process::exit(2);
                 }
@@ -376,6 +464,18 @@ mod tests {
         assert!(parse_duration("15x").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_token_ttl("10s").is_err());
+        assert!(
+            parse_duration("2562047788015217h").is_err(),
+            "would overflow an Instant"
+        );
+        assert!(parse_duration("721h").is_err());
+        assert_eq!(parse_duration("720h"), Ok(MAX_DURATION));
+        assert!(parse_ping_interval("500ms").is_err());
+        assert!(parse_login_window("1ms").is_err());
+        assert!(parse_stall_timeout("99ms").is_err());
+        assert_eq!(show(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(show(Duration::from_secs(90)), "90s");
+        assert_eq!(show(Duration::from_secs(7200)), "2h");
     }
 
     #[test]

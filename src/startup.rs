@@ -86,9 +86,13 @@ impl Application {
         let first_start = users
             .is_empty()
             .map_err(|e| Error::Storage(e.to_string()))?;
-        let generated_admin_password = users
-            .bootstrap_admin(admin_pw.as_deref())
-            .map_err(|e| Error::Config(format!("ALARM_LEDGER_ADMIN_PASSWORD: {e}")))?;
+        let generated_admin_password = users.bootstrap_admin(admin_pw.as_deref()).map_err(|e| {
+            if e.is_client_fault() {
+                Error::Config(format!("ALARM_LEDGER_ADMIN_PASSWORD: {e}"))
+            } else {
+                Error::Storage(format!("cannot create the first admin: {e}"))
+            }
+        })?;
         let security =
             SecurityLog::open(&db, info.ledger_id).map_err(|e| Error::Storage(e.to_string()))?;
         if first_start {

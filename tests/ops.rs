@@ -85,6 +85,26 @@ fn bad_configuration_exits_2_naming_the_variable_before_opening_anything() {
         ("ALARM_LEDGER_WS_MAX_MESSAGE", "12", "1024"),
         ("ALARM_LEDGER_TRUSTED_PROXIES", "10.0.0.0/99", "CIDR"),
         ("ALARM_LEDGER_QUEUE_CAPACITY", "zero", "zero"),
+        // Far beyond any deadline a clock can hold: refused, not a panic per connection.
+        (
+            "ALARM_LEDGER_WS_PING_INTERVAL",
+            "2562047788015217h",
+            "at most 720h",
+        ),
+        ("ALARM_LEDGER_WS_PING_INTERVAL", "1: 2", "duration like"),
+        ("ALARM_LEDGER_LOGIN_WINDOW", "1ms", "between 1s and 168h"),
+        (
+            "ALARM_LEDGER_WS_STALL_TIMEOUT",
+            "1ms",
+            "between 100ms and 10m",
+        ),
+        // Idle timeout not longer than the ping interval: quiet clients would be dropped.
+        ("ALARM_LEDGER_WS_IDLE_TIMEOUT", "20s", "must be longer than"),
+        (
+            "ALARM_LEDGER_ADMIN_PASSWORD",
+            &"x".repeat(1025),
+            "at most 1024",
+        ),
     ];
     for (var, value, expect) in cases {
         let out = run_bin(&["serve", "--data", &data_s], &[(var, value)]);
@@ -92,7 +112,7 @@ fn bad_configuration_exits_2_naming_the_variable_before_opening_anything() {
         assert_eq!(out.status.code(), Some(2), "{var}={value}: {err}");
         assert!(err.contains(var), "{var} not named: {err}");
         assert!(err.contains(expect), "{var}: expected {expect:?} in {err}");
-        if var.ends_with("SECRET") {
+        if var.ends_with("SECRET") || var.ends_with("PASSWORD") {
             assert!(!err.contains(value), "secret value echoed: {err}");
         }
         assert!(

@@ -205,8 +205,21 @@ impl SecurityLog {
         let tree = db.open_tree(SECURITY_LOG_TREE)?;
         let genesis = genesis_hash(ledger_id);
         let head = match tree.last()? {
-            Some((_, value)) => {
+            Some((key, value)) => {
                 let last = decode(&value)?;
+                // The key is the sequence number; the entry must say the same, or appends
+                // would continue from a wrong number (and could overwrite entries).
+                let key_seq = <[u8; 8]>::try_from(key.as_ref())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| {
+                        AuthError::Storage("security log key is not a sequence number".into())
+                    })?;
+                if last.seq != key_seq {
+                    return Err(AuthError::Storage(format!(
+                        "security log entry under key {key_seq} says seq {}: the log is damaged",
+                        last.seq
+                    )));
+                }
                 Head {
                     seq: last.seq,
                     hash: parse_hash(&last.hash)?,
@@ -247,7 +260,10 @@ impl SecurityLog {
             cut_strings(value);
         }
         let mut stored = SecurityEntry {
-            seq: head.seq + 1,
+            seq: head
+                .seq
+                .checked_add(1)
+                .ok_or_else(|| AuthError::Storage("security log sequence exhausted".into()))?,
             at: now_ms.max(head.at),
             actor: entry.actor.map(cut),
             action: entry.action.as_str().to_owned(),
@@ -585,6 +601,23 @@ mod tests {
         log.verify().unwrap();
         log.tree.remove(key).unwrap();
         assert!(log.verify().unwrap_err().contains("expected entry 2"));
+    }
+
+    #[test]
+    fn a_last_entry_whose_seq_disagrees_with_its_key_fails_open() {
+        let (_dir, db, id, log) = open();
+        log.append(login("alice")).unwrap();
+        log.append(login("bob")).unwrap();
+        drop(log);
+        let tree = db.open_tree(SECURITY_LOG_TREE).unwrap();
+        let mut entry = decode(&tree.get(2u64.to_be_bytes()).unwrap().unwrap()).unwrap();
+        entry.seq = 1;
+        tree.insert(2u64.to_be_bytes(), encode(&entry).unwrap())
+            .unwrap();
+        match SecurityLog::open(&db, id) {
+            Err(AuthError::Storage(why)) => assert!(why.contains("key 2 says seq 1"), "{why}"),
+            other => panic!("expected a storage error, got {other:?}"),
+        }
     }
 
     #[test]
