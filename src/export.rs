@@ -56,6 +56,22 @@ impl EventFilter {
     }
 }
 
+/// The event an alarm-index entry points at. A missing record, or one of another alarm, is
+/// corruption, never a silent skip: a filtered audit extract must not quietly lose events.
+pub fn indexed_event(log: &dyn EventLog, alarm_id: Uuid, offset: u64) -> Result<Event> {
+    let corrupt = |reason: String| crate::error::Error::Corrupt { offset, reason };
+    match log.event_at(offset)? {
+        Some(e) if e.alarm_id == alarm_id => Ok(e),
+        Some(e) => Err(corrupt(format!(
+            "the alarm index entry of {alarm_id} points at an event of {}",
+            e.alarm_id
+        ))),
+        None => Err(corrupt(format!(
+            "the alarm index entry of {alarm_id} points at a missing record"
+        ))),
+    }
+}
+
 /// Calls `f` for every matching event with offset ≤ `head`, in order, until `f` returns false.
 /// With `alarm_id` it walks that alarm's index instead of the whole log.
 pub fn for_each(
@@ -72,19 +88,16 @@ pub fn for_each(
         return Ok(0);
     }
     if let Some(alarm) = filter.alarm_id {
-        for off in log.alarm_offsets(alarm)? {
-            if off < from {
-                continue;
-            }
+        for off in log.alarm_offsets(alarm, from) {
+            let off = off?;
             if off > to {
                 break;
             }
-            if let Some(e) = log.event_at(off)? {
-                if filter.matches(&e) {
-                    sent += 1;
-                    if !f(&e) || sent >= limit {
-                        break;
-                    }
+            let e = indexed_event(log, alarm, off)?;
+            if filter.matches(&e) {
+                sent += 1;
+                if !f(&e) || sent >= limit {
+                    break;
                 }
             }
         }

@@ -1489,3 +1489,27 @@ async fn offline_tools_never_found_a_new_ledger() {
     assert!(!out.status.success());
     assert!(!gone.join("ledger/db").exists(), "nothing was created");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alarm_filtered_export_fails_on_a_damaged_index_instead_of_skipping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let k = known_ledger(&data).await;
+    let a: Uuid = k.alarm_a.parse().unwrap();
+    // Alarm a's events are 1, 3, 4, 6; point one more entry of a at offset 5 (alarm b's).
+    edit_tree(&data, |tree| {
+        let mut key = vec![b'a'];
+        key.extend_from_slice(a.as_bytes());
+        key.extend_from_slice(&5u64.to_be_bytes());
+        tree.insert(key, vec![]).unwrap();
+    });
+    let out = cli(&["export", "--data", d(&data), "--alarm", &k.alarm_a]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("offset 5") && err.contains("points at an event of"),
+        "{err}"
+    );
+    // The unfiltered export does not use the index and is unaffected.
+    cli_ok(&["export", "--data", d(&data)]);
+}

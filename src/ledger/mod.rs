@@ -362,13 +362,16 @@ impl Ledger {
     pub fn history(&self, alarm_id: Uuid) -> Result<Vec<Event>> {
         let head = self.head().offset;
         let mut out = Vec::new();
-        for off in self.log.alarm_offsets(alarm_id)? {
+        for off in self.log.alarm_offsets(alarm_id, 1) {
+            let off = off?;
             if off > head {
                 break; // written but not yet durable: not visible
             }
-            if let Some(e) = self.log.event_at(off)? {
-                out.push(e);
-            }
+            out.push(crate::export::indexed_event(
+                self.log.as_ref(),
+                alarm_id,
+                off,
+            )?);
         }
         Ok(out)
     }

@@ -85,8 +85,12 @@ pub trait EventLog: Send + Sync + 'static {
 
     fn event_at(&self, offset: u64) -> Result<Option<Event>>;
 
-    /// Offsets of one alarm's events, oldest first.
-    fn alarm_offsets(&self, alarm_id: Uuid) -> Result<Vec<u64>>;
+    /// Offsets ≥ `from` of one alarm's events, oldest first, read as iterated (constant memory).
+    fn alarm_offsets(
+        &self,
+        alarm_id: Uuid,
+        from: u64,
+    ) -> Box<dyn Iterator<Item = Result<u64>> + Send + '_>;
 
     fn command_outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>>;
 

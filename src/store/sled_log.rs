@@ -471,17 +471,18 @@ impl EventLog for SledLog {
         }
     }
 
-    fn alarm_offsets(&self, alarm_id: Uuid) -> Result<Vec<u64>> {
-        let mut prefix = vec![ALARM];
-        prefix.extend_from_slice(alarm_id.as_bytes());
-        let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(prefix) {
-            let (k, _) = kv?;
-            if let Some(o) = offset_of(&k) {
-                out.push(o);
-            }
-        }
-        Ok(out)
+    fn alarm_offsets(
+        &self,
+        alarm_id: Uuid,
+        from: u64,
+    ) -> Box<dyn Iterator<Item = Result<u64>> + Send + '_> {
+        let range = self
+            .tree
+            .range(alarm_key(alarm_id, from)..=alarm_key(alarm_id, u64::MAX));
+        Box::new(range.filter_map(|kv| match kv {
+            Ok((k, _)) => offset_of(&k).map(Ok),
+            Err(e) => Some(Err(e.into())),
+        }))
     }
 
     fn command_outcome(&self, command_id: Uuid) -> Result<Option<CommandOutcome>> {
