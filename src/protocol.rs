@@ -95,6 +95,9 @@ pub enum ClientMessage {
         alarm: NewAlarm,
         #[serde(default)]
         command_id: Option<Uuid>,
+        /// `0`: the alarm must not exist yet (PRODUCT.md: any command may carry it).
+        #[serde(default)]
+        expected_version: Option<u64>,
     },
     Trigger {
         alarm_id: Uuid,
@@ -225,6 +228,7 @@ impl NewAlarm {
         self,
         actor: &str,
         command_id: Option<Uuid>,
+        expected_version: Option<u64>,
     ) -> Result<Command, BadRequest> {
         let spec = AlarmSpec {
             name: name(self.name)?,
@@ -239,7 +243,7 @@ impl NewAlarm {
             kind: CommandKind::Create(spec),
             actor: actor.to_string(),
             command_id,
-            expected_version: None,
+            expected_version,
         })
     }
 }
@@ -274,7 +278,11 @@ pub fn command_of(msg: ClientMessage, actor: &str) -> Option<Result<Command, Bad
         })
     };
     Some(match msg {
-        ClientMessage::Create { alarm, command_id } => alarm.into_command(actor, command_id),
+        ClientMessage::Create {
+            alarm,
+            command_id,
+            expected_version,
+        } => alarm.into_command(actor, command_id, expected_version),
         ClientMessage::Trigger {
             alarm_id,
             value,

@@ -148,7 +148,9 @@ fn expected(current: Option<&Alarm>, cmd: &Command) -> Out {
     let version = current.map_or(0, |a| a.version);
     let live = matches!(s, S::Armed | S::Triggered | S::Acknowledged);
     let absent_create = s == S::Absent && c == C::Create;
-    if (live && c != C::Create) || absent_create {
+    // Any command may carry expected_version (PRODUCT.md), a create too: on a live alarm a
+    // mismatch is version_conflict before "already exists"; on an absent one, 0 is expected.
+    if live || absent_create {
         if let Some(ev) = cmd.expected_version {
             if ev != version {
                 return Out::Reject("version_conflict");

@@ -132,6 +132,13 @@ pub fn decide(current: Option<&Alarm>, cmd: &Command) -> Result<Decision, Reject
             if a.state == AlarmState::Deleted {
                 return Err(Rejection::AlarmDeleted(a.id));
             }
+            // `expected_version: 0` says "must not exist yet": a mismatch like any other.
+            if let Some(expected) = cmd.expected_version.filter(|v| *v != a.version) {
+                return Err(Rejection::VersionConflict {
+                    expected,
+                    actual: a.version,
+                });
+            }
             return Err(Rejection::AlreadyExists(a.id));
         }
         (None, _) => return Err(Rejection::NotFound(cmd.alarm_id)),

@@ -80,10 +80,14 @@ pub async fn create(state: &State, req: &Request) -> Result<Response, ApiError> 
         alarm: NewAlarm,
         #[serde(default)]
         command_id: Option<Uuid>,
+        #[serde(default)]
+        expected_version: Option<u64>,
     }
     let body: Body = req.json()?;
     let cid = command_id(req, body.command_id)?;
-    let cmd = body.alarm.into_command(&p.name, cid)?;
+    let cmd = body
+        .alarm
+        .into_command(&p.name, cid, body.expected_version)?;
     run(state, cmd).await
 }
 

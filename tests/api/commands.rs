@@ -448,6 +448,24 @@ async fn state_machine_roles_and_versions_over_ws_and_http() {
     assert_error(&v, "version_conflict", &json!(6));
     let ack = ask(&mut ws, json!({"type": "ack", "req": 7, "alarm_id": id, "expected_version": version, "comment": "on it"})).await;
     assert_eq!(ack["type"], "ok", "{ack}");
+    // create with expected_version 0: "must not exist yet" (PRODUCT.md: any command may carry
+    // it); an existing id is a version_conflict, a new one is created.
+    let v = ask(
+        &mut ws,
+        json!({"type": "create", "req": "c0", "alarm": {"id": id, "name": "again"}, "expected_version": 0}),
+    )
+    .await;
+    assert_error(&v, "version_conflict", &json!("c0"));
+    let (s, v) = http(
+        &app,
+        &op,
+        "POST",
+        "/api/v1/alarms",
+        json!({"id": id, "name": "again", "expected_version": 0}),
+        None,
+    )
+    .await;
+    assert_http_error(s, &v, 409, "version_conflict");
     // ack again → already, with the ack's offset; trigger of acknowledged → already (same firing)
     let (_, v) = http(&app, &op, "POST", &p("ack"), json!({}), None).await;
     assert_eq!(
