@@ -181,8 +181,14 @@ pub fn export(args: ExportArgs) -> Result<()> {
         );
         b
     });
+    // CSV records end with CRLF (RFC 4180); NDJSON lines with LF.
+    let eol: &[u8] = match args.format {
+        ExportFormat::Csv => b"\r\n",
+        ExportFormat::Ndjson => b"\n",
+    };
     if args.format == ExportFormat::Csv {
-        writeln!(out, "{}", export::CSV_HEADER)?;
+        out.write_all(export::CSV_HEADER.as_bytes())?;
+        out.write_all(eol)?;
     }
     let mut io_err = None;
     let mut n = 0u64;
@@ -193,7 +199,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
             ExportFormat::Ndjson => crate::protocol::write_export_line(&mut line, e, ledger_id),
             ExportFormat::Csv => line.extend_from_slice(export::csv_row(e, ledger_id).as_bytes()),
         }
-        line.push(b'\n');
+        line.extend_from_slice(eol);
         if let Err(err) = out.write_all(&line) {
             io_err = Some(err);
             return false;

@@ -185,11 +185,12 @@ pub struct ExportArgs {
     /// Write here instead of stdout.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Export the state of every alarm (JSON) instead of events.
-    #[arg(long)]
+    /// Export the state of every alarm (JSON) instead of events. The event filters and
+    /// `--format` do not apply to it and are refused with it.
+    #[arg(long, conflicts_with_all = ["from", "to", "since", "until", "alarm", "actor", "format"])]
     pub state: bool,
     /// With --state: an offset or an RFC 3339 time (default: head).
-    #[arg(long)]
+    #[arg(long, requires = "state")]
     pub as_of: Option<String>,
 }
 

@@ -103,20 +103,36 @@ pub fn for_each(
         }
         return Ok(sent);
     }
+    let mut expected = from;
     for item in log.iter_from(from) {
         let e = item?;
         if e.offset > to {
             break;
         }
+        // A filtered extract must not quietly lose a missing record.
+        if e.offset != expected {
+            return Err(Error::Corrupt {
+                offset: expected,
+                reason: format!("gap: next record has offset {}", e.offset),
+            });
+        }
+        expected += 1;
         if filter.until.is_some_and(|u| e.at > u) {
-            break; // `at` never decreases along the log
+            return Ok(sent); // `at` never decreases along the log
         }
         if filter.matches(&e) {
             sent += 1;
             if !f(&e) || sent >= limit {
-                break;
+                return Ok(sent);
             }
         }
+    }
+    // Reached only when the records ran out (or passed `to`): none may be missing below it.
+    if expected <= to {
+        return Err(Error::Corrupt {
+            offset: expected,
+            reason: "missing record below the head".into(),
+        });
     }
     Ok(sent)
 }

@@ -67,6 +67,14 @@ fn verify_with(
             })
         }
     };
+    if let Some(s) = &snap {
+        if s.ledger_id != info.ledger_id {
+            return Err(Error::Corrupt {
+                offset: s.offset,
+                reason: format!("projection snapshot is of ledger {}", s.ledger_id),
+            });
+        }
+    }
     let mut projection = Projection::new();
     let mut snapshot_checked = None;
     let compare = |p: &Projection, s: &snapshot::Snapshot| -> Result<()> {
@@ -119,6 +127,14 @@ fn verify_with(
                     return Err(Error::Corrupt {
                         offset: e.offset,
                         reason: "projection snapshot hash disagrees with the log".into(),
+                    });
+                }
+                // Start-up takes the head's time from the snapshot (new events are never
+                // stamped earlier): it must be the time of the event it names.
+                if s.head_at != e.at {
+                    return Err(Error::Corrupt {
+                        offset: e.offset,
+                        reason: "projection snapshot head time disagrees with the log".into(),
                     });
                 }
                 compare(&projection, s)?;

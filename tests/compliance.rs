@@ -572,7 +572,12 @@ async fn cli_export_has_exact_contents_in_every_form() {
 
     // CSV: the exact header, one row per event with the same fields (RFC 4180 quoting).
     let csv = cli_ok(&["export", "--data", dir, "--format", "csv"]);
-    assert!(csv.starts_with(&format!("{CSV_HEADER}\n")), "{csv}");
+    assert!(csv.starts_with(&format!("{CSV_HEADER}\r\n")), "{csv}");
+    assert_eq!(
+        csv.matches("\r\n").count(),
+        csv.matches('\n').count(),
+        "every CSV record ends with CRLF (RFC 4180)"
+    );
     let rows = parse_csv(&csv);
     assert_eq!(rows.len(), 9);
     for (row, e) in rows[1..].iter().zip(&ev) {
@@ -1512,4 +1517,40 @@ async fn an_alarm_filtered_export_fails_on_a_damaged_index_instead_of_skipping()
     );
     // The unfiltered export does not use the index and is unaffected.
     cli_ok(&["export", "--data", d(&data)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_refuses_ignored_options_and_fails_on_a_missing_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let k = known_ledger(&data).await;
+    let dir = d(&data);
+    // Options that would be silently ignored are usage errors (exit 2).
+    for args in [
+        vec!["export", "--data", dir, "--as-of", "3"],
+        vec!["export", "--data", dir, "--state", "--alarm", &k.alarm_a],
+        vec!["export", "--data", dir, "--state", "--format", "csv"],
+    ] {
+        let out = cli(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A record missing from the log: a filtered export fails naming it, instead of going on
+    // from 4 to 6 (only an unfiltered one would be caught by the chain).
+    edit_tree(&data, |tree| {
+        tree.remove(event_key(5)).unwrap().expect("record 5");
+    });
+    for args in [
+        vec!["export", "--data", dir, "--actor", "admin"],
+        vec!["export", "--data", dir, "--from", "3", "--to", "8"],
+    ] {
+        let out = cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains("offset 5"), "{args:?}: {err}");
+    }
 }

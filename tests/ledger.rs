@@ -299,6 +299,14 @@ fn untrusted_snapshots_are_discarded_and_the_projection_rebuilt() {
         "not a projection",
     ));
     cases.push(("another ledger", foreign, "snapshot is of ledger"));
+    // Right history, wrong head time: start-up would stamp new events from it.
+    let mut late = decoded.clone();
+    late.head_at = Timestamp(late.head_at.0 + 86_400_000);
+    cases.push((
+        "head time",
+        snapshot::encode(&late).unwrap(),
+        "head time at offset 20 disagrees",
+    ));
     for (what, bytes, why) in cases {
         std::fs::write(snap_path(root), &bytes).unwrap();
         let (l, restore) = open(root, true);
@@ -893,4 +901,29 @@ fn large_records_that_sled_writes_as_blob_files_are_synced_and_read_back() {
     assert_eq!(log.head().unwrap().offset, n);
     let report = alarm_ledger::verify::verify_log(&log, None).expect("verifies");
     assert_eq!(report.head, n);
+}
+
+#[test]
+fn verify_checks_the_snapshot_ledger_and_head_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    build(root, 10, "alice");
+    let good = snapshot::decode(&std::fs::read(snap_path(root)).unwrap()).unwrap();
+    let log = SledLog::open_after_close(&ledger_dir(root), &Default::default()).unwrap();
+    let path = snap_path(root);
+    alarm_ledger::verify::verify_log(&log, Some(&path)).expect("the real snapshot verifies");
+    let mut late = good.clone();
+    late.head_at = Timestamp(late.head_at.0 + 1);
+    let mut foreign = good.clone();
+    foreign.ledger_id = Uuid::new_v4();
+    for (snap, why) in [
+        (late, "head time disagrees"),
+        (foreign, "snapshot is of ledger"),
+    ] {
+        std::fs::write(&path, snapshot::encode(&snap).unwrap()).unwrap();
+        match alarm_ledger::verify::verify_log(&log, Some(&path)) {
+            Err(Error::Corrupt { reason, .. }) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("expected {why:?}, got {other:?}"),
+        }
+    }
 }

@@ -467,7 +467,13 @@ fn validate_snapshot(
         return Ok(());
     }
     match log.event_at(s.offset) {
-        Ok(Some(e)) if e.hash == s.head_hash => Ok(()),
+        Ok(Some(e)) if e.hash == s.head_hash && e.at == s.head_at => Ok(()),
+        // The log holds what the snapshot saw, but the snapshot's head time is not that
+        // event's (start-up would stamp new events from it): the snapshot is wrong, not the log.
+        Ok(Some(e)) if e.hash == s.head_hash => Err(SnapshotCheck::Untrusted(format!(
+            "snapshot head time at offset {} disagrees with the log",
+            s.offset
+        ))),
         Ok(Some(_)) => Err(SnapshotCheck::Contradicts(format!(
             "snapshot hash at offset {} disagrees with the log",
             s.offset
