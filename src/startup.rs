@@ -155,6 +155,7 @@ impl Application {
             shutdown: shutdown_rx,
             accepting: AtomicBool::new(true),
             connections: Default::default(),
+            streams: crate::http::stream::limiter(),
         });
         Ok(Application {
             addr,

@@ -12,7 +12,6 @@ use serde_json::json;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 use warp::reply::Response;
-use warp::Reply;
 
 /// A security-log entry with the request's client address and user agent.
 pub(super) fn entry(state: &State, req: &Request, action: SecurityAction) -> NewSecurityEntry {
@@ -294,21 +293,31 @@ pub async fn security_log(state: &State, req: &Request) -> Result<Response, ApiE
             .target("security-log"),
     )
     .await;
-    let st = state.clone();
-    let body = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
-        let mut out = String::new();
-        for e in st.auth.security.iter() {
-            let e = e?;
-            out.push_str(
-                &serde_json::to_string(&e).map_err(|e| ApiError::internal(e.to_string()))?,
-            );
-            out.push('\n');
+    let permit = super::stream::permit(state)?;
+    // Up to the entry that records this read: later entries belong to a later read.
+    let (head, _) = state.auth.security.head();
+    let entries = state.auth.security.iter();
+    Ok(super::stream::ndjson(state, permit, move |sink| {
+        for e in entries {
+            let e = e.map_err(|e| e.to_string())?;
+            if e.seq > head {
+                break;
+            }
+            let mut failed = None;
+            let more = sink.line(|buf| {
+                if let Err(err) = serde_json::to_writer(&mut *buf, &e) {
+                    failed = Some(err.to_string());
+                }
+            });
+            if let Some(err) = failed {
+                return Err(err);
+            }
+            if !more {
+                break;
+            }
         }
-        Ok(out)
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
-    Ok(warp::reply::with_header(body, "content-type", "application/x-ndjson").into_response())
+        Ok(())
+    }))
 }
 
 pub async fn backup(state: &State, req: &Request) -> Result<Response, ApiError> {

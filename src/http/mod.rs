@@ -13,6 +13,7 @@ pub mod health;
 pub mod queries;
 pub mod server;
 pub mod session;
+pub mod stream;
 pub mod ws;
 
 use crate::auth::{
@@ -149,6 +150,8 @@ pub struct AppState {
     /// Live WebSocket connections: shutdown waits for them (they answer the commands they
     /// already sent to the writer, then close with 1001) before it stops the writer.
     pub connections: Arc<Connections>,
+    /// Permits of the streamed answers (`stream::MAX_STREAMS`): each holds a blocking thread.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// Counts live WebSocket connection tasks (they are spawned apart from the HTTP server's).

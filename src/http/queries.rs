@@ -8,11 +8,9 @@ use crate::domain::AlarmState;
 use crate::export::{self, EventFilter};
 use crate::projection::StateFilter;
 use crate::time::Timestamp;
-use bytes::Bytes;
 use serde_json::json;
 use uuid::Uuid;
 use warp::reply::Response;
-use warp::Reply;
 
 pub async fn ledger(state: &State, req: &Request) -> Result<Response, ApiError> {
     authenticate(state, &req.headers)?;
@@ -203,50 +201,14 @@ pub async fn events(state: &State, req: &Request) -> Result<Response, ApiError> 
         filter.to_json(),
     )
     .await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let permit = super::stream::permit(state)?;
     let ledger = state.ledger.clone();
-    tokio::task::spawn_blocking(move || {
+    Ok(super::stream::ndjson(state, permit, move |sink| {
         let ledger_id = ledger.info().ledger_id;
-        let mut buf = Vec::with_capacity(64 * 1024);
-        let mut gone = false;
-        let result = export::for_each(ledger.log().as_ref(), head, &filter, |e| {
-            crate::protocol::write_export_line(&mut buf, e, ledger_id);
-            buf.push(b'\n');
-            if buf.len() >= 60 * 1024 {
-                let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(64 * 1024)));
-                if tx.blocking_send(Ok(chunk)).is_err() {
-                    gone = true; // client went away
-                    return false;
-                }
-            }
-            true
-        });
-        if gone {
-            return;
-        }
-        match result {
-            Ok(_) => {
-                if !buf.is_empty() {
-                    let _ = tx.blocking_send(Ok(Bytes::from(buf)));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "event export failed mid-stream");
-                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-            }
-        }
-    });
-    let stream = tokio_stream_from(rx);
-    let mut resp = warp::reply::stream(stream).into_response();
-    resp.headers_mut().insert(
-        "content-type",
-        warp::http::HeaderValue::from_static("application/x-ndjson"),
-    );
-    Ok(resp)
-}
-
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
-) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        export::for_each(ledger.log().as_ref(), head, &filter, |e| {
+            sink.line(|buf| crate::protocol::write_export_line(buf, e, ledger_id))
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }))
 }

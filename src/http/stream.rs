@@ -1,0 +1,146 @@
+//! Long NDJSON answers (`GET /api/v1/events`, `GET /api/v1/security-log`) streamed from a
+//! blocking reader in chunks, so that memory per request stays constant whatever the log's size.
+//!
+//! Each stream holds a thread of tokio's blocking pool while it runs, and that pool also serves
+//! security-log writes, replays and history reads; so streams are bounded three ways:
+//! - at most `MAX_STREAMS` run at once (beyond: `503 overloaded` with `Retry-After`);
+//! - a client that takes no chunk for `stall` (the `ws-stall-timeout` setting) is cut off;
+//! - a client that went away is noticed at the next line, not only when a chunk is full (a
+//!   selective filter on a large log may produce nothing for a long time).
+//!
+//! The stream also ends at shutdown.
+
+use super::errors::ApiError;
+use super::State;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use warp::reply::Response;
+use warp::Reply;
+
+/// Streamed answers running at once.
+pub const MAX_STREAMS: usize = 16;
+
+/// Bytes gathered before a chunk is handed to the connection.
+const CHUNK: usize = 60 * 1024;
+
+/// The permits of `MAX_STREAMS` (one per server, in `AppState`).
+pub fn limiter() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(MAX_STREAMS))
+}
+
+/// Where a producer writes its lines. `line` returns `false` once the stream is over (client
+/// gone or stalled, or shutdown): the producer must stop.
+pub struct LineSink {
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    buf: Vec<u8>,
+    stall: Duration,
+    rt: tokio::runtime::Handle,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    over: bool,
+}
+
+impl LineSink {
+    /// Appends one line (the producer writes it without its LF; the sink adds it).
+    pub fn line(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        if self.over || self.tx.is_closed() {
+            self.over = true;
+            return false;
+        }
+        write(&mut self.buf);
+        self.buf.push(b'\n');
+        if self.buf.len() >= CHUNK {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + 4096));
+            return self.send(Ok(Bytes::from(chunk)));
+        }
+        true
+    }
+
+    /// Hands `item` to the connection, waiting at most `stall` for room.
+    fn send(&mut self, item: Result<Bytes, std::io::Error>) -> bool {
+        if self.over || *self.shutdown.borrow() {
+            self.over = true;
+            return false;
+        }
+        let sent = self
+            .rt
+            .block_on(tokio::time::timeout(self.stall, self.tx.send(item)));
+        match sent {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => {
+                self.over = true; // the client went away
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    stall_ms = self.stall.as_millis() as u64,
+                    "streamed answer cut off: the client took no data within the stall timeout"
+                );
+                self.over = true;
+                false
+            }
+        }
+    }
+
+    /// Ends the stream: the rest of the buffer, or an error that cuts the stream (the client
+    /// sees an incomplete chunked body, never a clean end).
+    fn finish(mut self, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                if !self.buf.is_empty() {
+                    let rest = std::mem::take(&mut self.buf);
+                    self.send(Ok(Bytes::from(rest)));
+                }
+            }
+            Err(e) => {
+                if !self.over {
+                    tracing::error!(error = %e, "streamed answer failed mid-stream");
+                    self.send(Err(std::io::Error::other(e)));
+                }
+            }
+        }
+    }
+}
+
+/// Takes a stream permit, or answers `overloaded`.
+pub fn permit(state: &State) -> Result<OwnedSemaphorePermit, ApiError> {
+    state.streams.clone().try_acquire_owned().map_err(|_| {
+        let mut e = ApiError::new(
+            "overloaded",
+            format!("{MAX_STREAMS} streamed exports are already running; retry shortly"),
+        );
+        e.retry_after = Some(Duration::from_secs(1));
+        e
+    })
+}
+
+/// Runs `produce` on the blocking pool and streams what it writes as `application/x-ndjson`.
+/// `produce` returns `Err` with a message to cut the stream (a read failure mid-way).
+pub fn ndjson(
+    state: &State,
+    permit: OwnedSemaphorePermit,
+    produce: impl FnOnce(&mut LineSink) -> Result<(), String> + Send + 'static,
+) -> Response {
+    let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let mut sink = LineSink {
+        tx,
+        buf: Vec::with_capacity(CHUNK + 4096),
+        stall: state.settings.ws_stall_timeout,
+        rt: tokio::runtime::Handle::current(),
+        shutdown: state.shutdown.clone(),
+        over: false,
+    };
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let result = produce(&mut sink);
+        sink.finish(result);
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut resp = warp::reply::stream(stream).into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        warp::http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
