@@ -175,12 +175,18 @@ impl LoginThrottle {
 }
 
 /// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`, from dual-stack sockets) count as the IPv4
-/// address, so one client cannot get two budgets.
+/// address, so one client cannot get two budgets. An IPv6 address counts as its /64: one
+/// subscriber usually holds a whole /64 (2^64 addresses), and keying on the full address would
+/// give it as many budgets against one account.
 fn key(user: &str, ip: IpAddr) -> (String, IpAddr) {
-    (
-        user.chars().take(MAX_KEY_NAME_CHARS).collect(),
-        ip.to_canonical(),
-    )
+    let ip = match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    };
+    (user.chars().take(MAX_KEY_NAME_CHARS).collect(), ip)
 }
 
 #[cfg(test)]
@@ -218,6 +224,22 @@ mod tests {
         );
         assert!(t.begin("alice", a, t0 + WINDOW).is_ok(), "a new window");
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn one_ipv6_slash_64_shares_one_budget() {
+        let t = LoginThrottle::new(2, WINDOW, 100);
+        let t0 = Instant::now();
+        t.begin("alice", ip("2001:db8:1:2::1"), t0).unwrap();
+        t.begin("alice", ip("2001:db8:1:2:ffff::9"), t0).unwrap();
+        assert!(
+            t.begin("alice", ip("2001:db8:1:2:abcd::1"), t0).is_err(),
+            "another address of the same /64 has no budget of its own"
+        );
+        assert!(
+            t.begin("alice", ip("2001:db8:1:3::1"), t0).is_ok(),
+            "another /64 is another client"
+        );
     }
 
     #[test]

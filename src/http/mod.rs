@@ -225,8 +225,18 @@ impl Request {
             .map(|s| s.chars().take(256).collect())
     }
 
-    pub fn query_pairs(&self) -> Vec<(String, String)> {
-        parse_query(&self.query)
+    /// The query's parameters, decoded; a name given twice is refused (which one would count
+    /// is a guess the client should not have to make).
+    pub fn query_pairs(&self) -> Result<Vec<(String, String)>, ApiError> {
+        let pairs = parse_query(&self.query).map_err(ApiError::bad_request)?;
+        for (i, (k, _)) in pairs.iter().enumerate() {
+            if pairs[..i].iter().any(|(n, _)| n == k) {
+                return Err(ApiError::bad_request(format!(
+                    "parameter {k:?} is given more than once"
+                )));
+            }
+        }
+        Ok(pairs)
     }
 
     /// The body as JSON; an empty body reads as `{}`.
@@ -242,68 +252,107 @@ impl Request {
 }
 
 /// `X-Forwarded-For` is believed only from trusted proxies; walking it right to left, the first
-/// address that is not itself a trusted proxy is the client.
+/// address that is not itself a trusted proxy is the client. Every `X-Forwarded-For` line counts,
+/// in order (a proxy may add a line of its own instead of appending to the client's, and the
+/// client's line then comes first). Addresses are compared in canonical form, so an IPv4 proxy
+/// seen through a dual-stack socket (`::ffff:10.0.0.1`) matches `10.0.0.0/8`. A hop may carry a
+/// port (`1.2.3.4:5678`, `[2001:db8::1]:443`), as some proxies write it.
 pub fn client_ip(
     peer: Option<SocketAddr>,
     headers: &HeaderMap,
     trusted: &[IpNet],
 ) -> Option<IpAddr> {
-    let peer = peer?.ip();
+    let peer = peer?.ip().to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return Some(peer);
     }
-    let Some(xff) = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) else {
+    let mut lines = headers.get_all("x-forwarded-for").iter().peekable();
+    if lines.peek().is_none() {
         return Some(peer);
-    };
+    }
+    let mut hops = Vec::new();
+    for line in lines {
+        // A line that is not ASCII cannot be walked: stop at the proxy, as for any bad hop.
+        let Ok(line) = line.to_str() else {
+            return Some(peer);
+        };
+        hops.extend(line.split(','));
+    }
     let mut client = peer;
-    for part in xff.rsplit(',') {
-        match part.trim().parse::<IpAddr>() {
-            Ok(ip) => {
+    for part in hops.iter().rev() {
+        match parse_hop(part) {
+            Some(ip) => {
                 client = ip;
                 if !is_trusted(&ip) {
                     break;
                 }
             }
-            Err(_) => break,
+            None => break,
         }
     }
     Some(client)
 }
 
-pub fn parse_query(q: &str) -> Vec<(String, String)> {
+/// One `X-Forwarded-For` element: an address, optionally with a port.
+fn parse_hop(part: &str) -> Option<IpAddr> {
+    let part = part.trim();
+    let ip = part
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| part.parse::<SocketAddr>().ok().map(|s| s.ip()))?;
+    Some(ip.to_canonical())
+}
+
+/// Splits and decodes a query string. A malformed escape (`%` not followed by two hex digits)
+/// or a name or value that is not UTF-8 once decoded is refused, never guessed at.
+pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
+            Ok((percent_decode(k)?, percent_decode(v)?))
         })
         .collect()
 }
 
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
 /// Percent-decoding. A `+` stays a `+` (not a space): no parameter of this API contains spaces,
 /// and clients such as Qt's QUrlQuery send the `+` of a time offset (`+02:00`) unencoded.
-fn percent_decode(s: &str) -> String {
+fn percent_decode(s: &str) -> Result<String, String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
+        if bytes[i] == b'%' {
+            let hi = bytes.get(i + 1).copied().and_then(hex_digit);
+            let lo = bytes.get(i + 2).copied().and_then(hex_digit);
+            match (hi, lo) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 3;
+                }
+                _ => {
+                    return Err(format!(
+                        "malformed percent-escape in the query string near {:?}",
+                        String::from_utf8_lossy(&bytes[i..bytes.len().min(i + 3)])
+                    ))
                 }
             }
-            b => out.push(b),
+        } else {
+            out.push(bytes[i]);
+            i += 1;
         }
-        i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8(out).map_err(|_| "the query string does not decode to UTF-8".to_string())
 }
 
 /// Reads the body, refusing more than `MAX_BODY` bytes.
@@ -444,4 +493,87 @@ async fn dispatch(state: &State, req: &Request) -> (&'static str, Response) {
 /// A JSON response with status 200.
 pub fn json_ok(v: &serde_json::Value) -> Response {
     warp::reply::json(v).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().expect("net")).collect()
+    }
+
+    fn headers(xff: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for line in xff {
+            h.append(
+                "x-forwarded-for",
+                warp::http::HeaderValue::from_str(line).expect("header"),
+            );
+        }
+        h
+    }
+
+    fn peer(s: &str) -> Option<SocketAddr> {
+        Some(s.parse().expect("socket address"))
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().expect("ip"))
+    }
+
+    #[test]
+    fn every_forwarded_for_line_counts_right_to_left() {
+        let trusted = nets(&["127.0.0.1/32"]);
+        // The client's own (forged) line first, the proxy's line after it.
+        let h = headers(&["203.0.113.7", "10.0.0.1"]);
+        assert_eq!(client_ip(peer("127.0.0.1:9"), &h, &trusted), ip("10.0.0.1"));
+        let h = headers(&["203.0.113.7, 10.0.0.1"]);
+        assert_eq!(client_ip(peer("127.0.0.1:9"), &h, &trusted), ip("10.0.0.1"));
+        // From an untrusted peer the header is ignored.
+        assert_eq!(
+            client_ip(peer("192.0.2.1:9"), &h, &trusted),
+            ip("192.0.2.1")
+        );
+    }
+
+    #[test]
+    fn mapped_addresses_and_ports_are_understood() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        // An IPv4 proxy seen through a dual-stack socket is still the trusted proxy.
+        let h = headers(&["198.51.100.4"]);
+        assert_eq!(
+            client_ip(peer("[::ffff:10.1.2.3]:443"), &h, &trusted),
+            ip("198.51.100.4")
+        );
+        // Hops with ports, and a trusted hop skipped on the way left.
+        let h = headers(&["198.51.100.4:5678, 10.9.9.9:80"]);
+        assert_eq!(
+            client_ip(peer("10.0.0.2:1"), &h, &trusted),
+            ip("198.51.100.4")
+        );
+        let h = headers(&["[2001:db8::1]:443"]);
+        assert_eq!(
+            client_ip(peer("10.0.0.2:1"), &h, &trusted),
+            ip("2001:db8::1")
+        );
+        // A hop that is not an address stops the walk at the last good one.
+        let h = headers(&["garbage"]);
+        assert_eq!(client_ip(peer("10.0.0.2:1"), &h, &trusted), ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn query_strings_are_decoded_strictly() {
+        assert_eq!(
+            parse_query("a=1&as_of=2026-11-21T10:00:00+01:00&b=%41%2b").expect("valid"),
+            vec![
+                ("a".to_string(), "1".to_string()),
+                ("as_of".to_string(), "2026-11-21T10:00:00+01:00".to_string()),
+                ("b".to_string(), "A+".to_string()),
+            ]
+        );
+        for bad in ["actor=%+0", "actor=%4", "actor=%", "actor=%zz", "actor=%FF"] {
+            assert!(parse_query(bad).is_err(), "{bad} must be refused");
+        }
+    }
 }

@@ -25,9 +25,17 @@ pub async fn ledger(state: &State, req: &Request) -> Result<Response, ApiError> 
     })))
 }
 
+/// A non-negative decimal integer, digits only (`u64::from_str` would also take `+5`).
+fn parse_offset(v: &str) -> Option<u64> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
 /// `as_of`: an offset, or an RFC 3339 time (the last event with `at` ≤ it).
 pub fn parse_as_of(state: &State, v: &str) -> Result<u64, ApiError> {
-    if let Ok(n) = v.parse::<u64>() {
+    if let Some(n) = parse_offset(v) {
         return Ok(n);
     }
     let t = Timestamp::parse_rfc3339(v).ok_or_else(|| {
@@ -51,7 +59,14 @@ fn state_filter(v: Option<&str>) -> Result<StateFilter, ApiError> {
 
 pub async fn alarms(state: &State, req: &Request) -> Result<Response, ApiError> {
     authenticate(state, &req.headers)?;
-    let q = req.query_pairs();
+    let q = req.query_pairs()?;
+    // Refused rather than ignored: a misspelt `as_of` would answer the current state as if it
+    // were the historical one.
+    if let Some((k, _)) = q.iter().find(|(k, _)| k != "as_of" && k != "state") {
+        return Err(ApiError::bad_request(format!(
+            "unknown parameter {k:?}: the parameters are as_of and state"
+        )));
+    }
     let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let filter = state_filter(get("state"))?;
     let (offset, alarms) = match get("as_of") {
@@ -144,9 +159,9 @@ pub async fn history(state: &State, req: &Request, id: &str) -> Result<Response,
 
 fn parse_filter(req: &Request) -> Result<EventFilter, ApiError> {
     let mut f = EventFilter::default();
-    for (k, v) in req.query_pairs() {
+    for (k, v) in req.query_pairs()? {
         let num = |v: &str| {
-            v.parse::<u64>().map_err(|_| {
+            parse_offset(v).ok_or_else(|| {
                 ApiError::bad_request(format!("{k} must be a non-negative integer, got {v:?}"))
             })
         };

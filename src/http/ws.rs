@@ -142,7 +142,9 @@ pub fn upgrade(
         .unwrap_or_default();
     let query = req.uri().query().unwrap_or("").to_string();
     let token = bearer(&headers).map(str::to_string).or_else(|| {
+        // A malformed query reads as no token: the socket is then closed with 4001.
         super::parse_query(&query)
+            .unwrap_or_default()
             .into_iter()
             .find(|(k, _)| k == "access_token")
             .map(|(_, v)| v)

@@ -6,7 +6,7 @@ use crate::support::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tokio::time::sleep;
+use tokio::time::{sleep, timeout};
 
 /// Canonical JSON as PRODUCT.md describes it (sorted keys, no whitespace), written here
 /// independently of the server's code.
@@ -336,4 +336,148 @@ async fn event_export_streams_a_large_log_in_order() {
     );
     let (_, lines) = events(&app, "?from=350&limit=20").await;
     assert_eq!(offsets(&lines), (350..370).collect::<Vec<_>>());
+}
+
+/// A misspelt, repeated or malformed parameter is refused with `bad_request`: answering the
+/// current state to `?asof=5`, or picking one of two `as_of`, would look like the answer asked
+/// for. A `+` in a time offset may be sent unencoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_parameters_are_refused_when_misspelt_repeated_or_malformed() {
+    let app = spawn_app().await;
+    let tok = app.admin_token.clone();
+    app.create_alarm("q1").await;
+    app.create_alarm("q2").await;
+    for path in [
+        "/api/v1/alarms?asof=1",
+        "/api/v1/alarms?as_of=1&as_of=2",
+        "/api/v1/alarms?as_of=+1",
+        "/api/v1/alarms?state=armed&state=deleted",
+        "/api/v1/events?from=+1",
+        "/api/v1/events?limit=1&limit=2",
+        "/api/v1/events?actor=%+0",
+        "/api/v1/events?actor=%FF",
+        "/api/v1/events?actor=%4",
+    ] {
+        let (s, v) = app.get(&tok, path).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{path}: {v}"
+        );
+    }
+    let (s, v) = app.get(&tok, "/api/v1/alarms?as_of=1").await;
+    assert_eq!((s, v["offset"].as_u64()), (200, Some(1)), "{v}");
+    assert_eq!(v["alarms"].as_array().map(Vec::len), Some(1), "{v}");
+    // An RFC 3339 time with an unencoded `+02:00`: two hours ahead of UTC, so the local time
+    // below is the UTC time of now, which is after both events.
+    let local = (chrono::Utc::now() + chrono::Duration::hours(2))
+        .format("%Y-%m-%dT%H:%M:%S%.3f+02:00")
+        .to_string();
+    let (s, v) = app
+        .get(&tok, &format!("/api/v1/alarms?as_of={local}"))
+        .await;
+    assert_eq!((s, v["offset"].as_u64()), (200, Some(2)), "{local}: {v}");
+    assert_serves(&app).await;
+}
+
+/// Streamed answers are bounded: 16 at once (each holds a blocking thread), and a client that
+/// stops reading is cut off after the stall timeout, which frees its place. Clients that read
+/// are answered in chunks (no `content-length`: nothing is built whole in memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_answers_are_bounded_and_a_stalled_reader_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(&["--ws-command-rate", "100000", "--ws-stall-timeout", "5s"]).await;
+    let tok = app.admin_token.clone();
+    // ~13 MB of events: more than one stalled connection's buffers (socket buffers of at
+    // most 4 MiB here, the stream's 8 chunks of 60 KiB, hyper's) can absorb, so its reader
+    // blocks.
+    let n = 2000;
+    assert_eq!(blast(&app, &tok, "stall", n, 64).await.len(), n);
+    for path in ["/api/v1/events", "/api/v1/security-log"] {
+        let r = app
+            .client
+            .get(app.url(path))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        assert!(
+            r.headers().get("content-length").is_none(),
+            "{path} is streamed, not built whole"
+        );
+        assert_eq!(
+            r.headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some("application/x-ndjson")
+        );
+        let text = r.text().await.expect("body");
+        assert!(text.lines().count() >= 2, "{path}");
+    }
+    // 16 exports that never read, on sockets with a small receive buffer.
+    let mut stalled = Vec::new();
+    for _ in 0..16 {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut s = sock.connect(app.addr).await.expect("connect");
+        let req = format!(
+            "GET /api/v1/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {tok}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        // Read the status line (so this one holds its place before the next is asked), then
+        // stop reading.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = timeout(STEP, s.read(&mut byte))
+                .await
+                .expect("answer head in time")
+                .expect("read");
+            assert_eq!(n, 1, "connection closed before the answer head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        stalled.push(s);
+    }
+    // The 17th is refused while they hold their places...
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let r = app
+            .client
+            .get(app.url("/api/v1/events?limit=1"))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .expect("get");
+        if r.status().as_u16() == 503 {
+            break Some(r);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        sleep(Duration::from_millis(20)).await;
+    };
+    let refused = refused.expect("a 17th stream is refused while 16 are held");
+    assert!(refused.headers().get("retry-after").is_some());
+    let v: Value = refused.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "overloaded", "{v}");
+    // ...and served once the stall timeout has cut them off.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, text) = app.get_text(&tok, "/api/v1/events?limit=1").await;
+        if s == 200 {
+            assert_eq!(text.lines().count(), 1);
+            break;
+        }
+        assert_eq!(s, 503, "{text}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stalled streams were never cut off"
+        );
+        sleep(Duration::from_millis(200)).await;
+    }
+    drop(stalled);
+    assert_serves(&app).await;
 }
