@@ -49,6 +49,13 @@ pub struct Claims {
     pub exp: i64,
     /// Unique token id (UUID v4), for audit lines.
     pub jti: Uuid,
+    /// Issued at, milliseconds since the Unix epoch (a private claim; `iat` has whole seconds).
+    /// Revocation compares it with the user's `tokens_valid_after`, which has milliseconds: at
+    /// second precision a token issued in the same second before a password change survived it,
+    /// and refreshing kept it alive for good. Tokens without it (from a gateway, or from before
+    /// this claim) are judged by their second, conservatively.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat_ms: Option<i64>,
 }
 
 /// A freshly signed token: the string for the client plus what it says.
@@ -174,6 +181,7 @@ impl TokenService {
             iat,
             exp,
             jti: Uuid::new_v4(),
+            iat_ms: Some(now.timestamp_millis()),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| TokenError::Internal(e.to_string()))?;
@@ -203,6 +211,11 @@ impl TokenService {
         }
         if claims.iat > now.saturating_add(LEEWAY_SECS) {
             return Err(TokenError::Invalid("issued in the future".into()));
+        }
+        if let Some(ms) = claims.iat_ms {
+            if ms.div_euclid(1000) != claims.iat {
+                return Err(TokenError::Invalid("iat_ms disagrees with iat".into()));
+            }
         }
         Ok(claims)
     }

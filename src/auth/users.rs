@@ -327,11 +327,12 @@ impl UserStore {
     /// must exist (`UnknownUser`), be enabled (`Disabled`), still have the token's role and not
     /// have had a password change, role change or disable since it was issued (`TokenRevoked`).
     ///
-    /// `iat` has whole seconds, `tokens_valid_after` milliseconds: a token counts as issued
-    /// after the change when its second is not earlier than the change's second. So a token
-    /// issued right after a change (same second) works, and an old token survives only if it was
-    /// issued within the same wall-clock second before the change — rejecting those too would
-    /// also reject the fresh login that usually follows a change.
+    /// Revocation is judged in milliseconds: a change sets `tokens_valid_after` to the
+    /// millisecond after it, and a token issued (`iat_ms`) before that is revoked, including one
+    /// issued in the change's own millisecond (before or after it: they cannot be told apart, so
+    /// neither is trusted; a fresh login hashes a password for ~150 ms first anyway). A token
+    /// without `iat_ms` (a gateway's) is judged by the start of its second, so one issued in the
+    /// same second as the change is refused rather than trusted.
     pub fn check_token_still_valid(&self, claims: &Claims) -> Result<UserInfo, AuthError> {
         let record = self
             .get(&claims.sub)?
@@ -342,7 +343,10 @@ impl UserStore {
         if record.role != claims.role {
             return Err(AuthError::TokenRevoked);
         }
-        if claims.iat < record.tokens_valid_after.div_euclid(1000) {
+        let issued_ms = claims
+            .iat_ms
+            .unwrap_or_else(|| claims.iat.saturating_mul(1000));
+        if issued_ms < record.tokens_valid_after {
             return Err(AuthError::TokenRevoked);
         }
         Ok(record.info())
@@ -386,7 +390,10 @@ impl UserStore {
             .ok_or_else(|| AuthError::UnknownUser(name.to_owned()))?;
         let before = record.clone();
         if change(self, &mut record)? {
-            record.tokens_valid_after = to_millis(Utc::now()).max(record.tokens_valid_after);
+            // The millisecond after the change: see `check_token_still_valid`.
+            record.tokens_valid_after = to_millis(Utc::now())
+                .saturating_add(1)
+                .max(record.tokens_valid_after);
         }
         if record != before {
             self.tree.insert(name.as_bytes(), encode(&record)?)?;
@@ -661,6 +668,7 @@ mod tests {
             verify(&old_same_role),
             Err(AuthError::TokenRevoked)
         ));
+        std::thread::sleep(std::time::Duration::from_millis(2));
         let fresh = t.issue("alice", Role::Viewer, Utc::now()).unwrap().token;
         assert!(verify(&fresh).is_ok());
 
@@ -670,6 +678,7 @@ mod tests {
         assert!(verify(&before).is_ok());
         s.set_password("alice", "another long password").unwrap();
         assert!(matches!(verify(&before), Err(AuthError::TokenRevoked)));
+        std::thread::sleep(std::time::Duration::from_millis(2));
         let fresh = t.issue("alice", Role::Viewer, Utc::now()).unwrap().token;
         assert!(verify(&fresh).is_ok());
 
@@ -685,6 +694,52 @@ mod tests {
         // A token for a user that no longer exists (or never did).
         let ghost = t.issue("ghost", Role::Admin, Utc::now()).unwrap().token;
         assert!(matches!(verify(&ghost), Err(AuthError::UnknownUser(_))));
+    }
+
+    /// A token issued in the same second as a password change, just before it, is revoked (at
+    /// second precision it survived, and refreshing kept it alive for good); so is one without
+    /// `iat_ms` from that second. A token from after the change is not.
+    #[test]
+    fn a_token_from_the_changes_own_second_is_revoked() {
+        let (_dir, s) = store();
+        let t = tokens();
+        s.add("alice", PW, Role::Operator).unwrap();
+        backdate(&s, "alice");
+        // The token and the change must share a second: retried if a slow step crossed one.
+        let mut shared_a_second = false;
+        for attempt in 0..5 {
+            while Utc::now().timestamp_subsec_millis() > 500 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let just_before = t.issue("alice", Role::Operator, Utc::now()).unwrap();
+            let mut legacy = just_before.claims.clone();
+            legacy.iat_ms = None;
+            assert!(s.check_token_still_valid(&just_before.claims).is_ok());
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            s.set_password("alice", &format!("another long password {attempt}"))
+                .unwrap();
+            if Utc::now().timestamp() != just_before.claims.iat {
+                backdate(&s, "alice");
+                continue;
+            }
+            assert!(matches!(
+                s.check_token_still_valid(&just_before.claims),
+                Err(AuthError::TokenRevoked)
+            ));
+            assert!(matches!(
+                s.check_token_still_valid(&legacy),
+                Err(AuthError::TokenRevoked)
+            ));
+            shared_a_second = true;
+            break;
+        }
+        assert!(
+            shared_a_second,
+            "no attempt kept the token and the change in one second"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let after = t.issue("alice", Role::Operator, Utc::now()).unwrap();
+        assert!(s.check_token_still_valid(&after.claims).is_ok());
     }
 
     #[test]

@@ -94,9 +94,10 @@ pub fn forge(header: &Value, claims: &Value, alg: hmac::Algorithm, key: Option<&
 
 /// Claims like ours, valid for ten minutes from now.
 pub fn claims(sub: &str, role: &str) -> Value {
-    let now = chrono::Utc::now().timestamp();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let now = now_ms.div_euclid(1000);
     json!({"sub": sub, "role": role, "iat": now, "exp": now + 600,
-           "jti": uuid::Uuid::new_v4().to_string()})
+           "jti": uuid::Uuid::new_v4().to_string(), "iat_ms": now_ms})
 }
 
 /// Status, `Retry-After` and JSON body of a login, optionally with `X-Forwarded-For`.
