@@ -412,7 +412,21 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
                             peer,
                             request_id: request_id.clone(),
                         };
-                        dispatch(&state, &req).await
+                        // Detached: hyper drops this future when the client goes away, and a
+                        // handler stopped between a change and its security-log entry (a user
+                        // change, a backup) would leave the change unrecorded. Every request,
+                        // once read, runs to its end.
+                        let st = state.clone();
+                        let handler = tokio::spawn(
+                            async move { dispatch(&st, &req).await }.in_current_span(),
+                        );
+                        match handler.await {
+                            Ok(done) => done,
+                            Err(e) => {
+                                tracing::error!(error = %e, "request handler failed");
+                                ("panic", ApiError::internal("request handler failed").into_response())
+                            }
+                        }
                     }
                     .instrument(span.clone())
                     .await;

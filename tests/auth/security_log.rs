@@ -368,3 +368,45 @@ async fn everything_is_recorded_with_who_what_whom_and_where_and_the_chain_verif
     let out = run(cmd, Duration::from_secs(20)).await;
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
 }
+
+/// A client that sends a password change and hangs up at once (before the ~150 ms hash is
+/// done) still gets the change recorded: the handler runs to its end, security-log entry
+/// included, instead of being dropped with the connection between the change and its entry.
+#[tokio::test]
+async fn a_change_whose_client_hung_up_is_still_recorded() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app().await;
+    create_user(&app, "hugo", "hugo-password-1", "operator").await;
+    let body = json!({"password": "hugo-password-2"}).to_string();
+    let req = format!(
+        "PATCH /api/v1/users/hugo HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        app.admin_token,
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    s.write_all(req.as_bytes()).await.expect("write");
+    s.shutdown().await.expect("shutdown");
+    drop(s);
+    // The change completes (the new password logs in) and its entry is in the log.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, _) = login_raw(&app, "hugo", "hugo-password-2", None).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the password change never happened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let changed: Vec<Value> = security_log(&app)
+        .await
+        .into_iter()
+        .filter(|e| e["action"] == "user_password_changed" && e["target"] == "hugo")
+        .collect();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+}
