@@ -86,7 +86,7 @@ pub fn status_of(code: &str) -> StatusCode {
 impl From<CommandError> for ApiError {
     fn from(e: CommandError) -> Self {
         let mut err = ApiError::new(e.code(), e.to_string());
-        if matches!(e, CommandError::Overloaded) {
+        if matches!(e, CommandError::Overloaded | CommandError::ShuttingDown) {
             err.retry_after = Some(Duration::from_secs(1));
         }
         err

@@ -134,10 +134,7 @@ pub async fn history(state: &State, req: &Request, id: &str) -> Result<Response,
     if state.ledger.alarm(&id).is_none() {
         return Err(ApiError::not_found(format!("no alarm {id}")));
     }
-    let ledger = state.ledger.clone();
-    let events = tokio::task::spawn_blocking(move || ledger.history(id))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let permit = super::stream::permit(state)?;
     audit(
         state,
         req,
@@ -147,14 +144,38 @@ pub async fn history(state: &State, req: &Request, id: &str) -> Result<Response,
         json!({"alarm_id": id.to_string()}),
     )
     .await;
-    let ledger_id = state.ledger.info().ledger_id;
-    let events: Vec<_> = events
-        .iter()
-        .map(|e| serde_json::Value::Object(e.to_json(Some(ledger_id))))
-        .collect();
-    Ok(json_ok(
-        &json!({"alarm_id": id.to_string(), "events": events}),
-    ))
+    // Streamed: a flapping alarm's history grows without bound (a trigger-ack-rearm cycle
+    // every 10 s is ~3M events a year), so it is never built whole in memory.
+    let ledger = state.ledger.clone();
+    let head = state.ledger.head().offset;
+    Ok(super::stream::json(state, permit, move |sink| {
+        let ledger_id = ledger.info().ledger_id;
+        let mut first = true;
+        let open = sink.line(|buf| {
+            buf.extend_from_slice(b"{\"alarm_id\":\"");
+            buf.extend_from_slice(id.to_string().as_bytes());
+            buf.extend_from_slice(b"\",\"events\":[");
+        });
+        if !open {
+            return Ok(());
+        }
+        let filter = EventFilter {
+            alarm_id: Some(id),
+            ..EventFilter::default()
+        };
+        export::for_each(ledger.log().as_ref(), head, &filter, |e| {
+            let comma = !std::mem::take(&mut first);
+            sink.line(|buf| {
+                if comma {
+                    buf.push(b',');
+                }
+                crate::protocol::write_export_line(buf, e, ledger_id);
+            })
+        })
+        .map_err(|e| e.to_string())?;
+        sink.line(|buf| buf.extend_from_slice(b"]}"));
+        Ok(())
+    }))
 }
 
 fn parse_filter(req: &Request) -> Result<EventFilter, ApiError> {

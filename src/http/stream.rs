@@ -1,5 +1,5 @@
-//! Long NDJSON answers (`GET /api/v1/events`, `GET /api/v1/security-log`) streamed from a
-//! blocking reader in chunks, so that memory per request stays constant whatever the log's size.
+//! Long answers (`GET /api/v1/events`, `GET /api/v1/security-log`, an alarm's history) streamed
+//! from a blocking reader in chunks, so that memory per request stays constant whatever the log's size.
 //!
 //! Each stream holds a thread of tokio's blocking pool while it runs, and that pool also serves
 //! security-log writes, replays and history reads; so streams are bounded three ways:
@@ -122,6 +122,25 @@ pub fn ndjson(
     permit: OwnedSemaphorePermit,
     produce: impl FnOnce(&mut LineSink) -> Result<(), String> + Send + 'static,
 ) -> Response {
+    streamed(state, permit, "application/x-ndjson", produce)
+}
+
+/// `ndjson` for one JSON document written in pieces (each piece ends with a LF, which JSON
+/// reads as whitespace).
+pub fn json(
+    state: &State,
+    permit: OwnedSemaphorePermit,
+    produce: impl FnOnce(&mut LineSink) -> Result<(), String> + Send + 'static,
+) -> Response {
+    streamed(state, permit, "application/json", produce)
+}
+
+fn streamed(
+    state: &State,
+    permit: OwnedSemaphorePermit,
+    content_type: &'static str,
+    produce: impl FnOnce(&mut LineSink) -> Result<(), String> + Send + 'static,
+) -> Response {
     let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
     let mut sink = LineSink {
         tx,
@@ -140,7 +159,7 @@ pub fn ndjson(
     let mut resp = warp::reply::stream(stream).into_response();
     resp.headers_mut().insert(
         "content-type",
-        warp::http::HeaderValue::from_static("application/x-ndjson"),
+        warp::http::HeaderValue::from_static(content_type),
     );
     resp
 }

@@ -358,24 +358,6 @@ impl Ledger {
         crate::export::offset_at_time(self.log.as_ref(), self.head().offset, t)
     }
 
-    /// One alarm's events, oldest first (blocking).
-    pub fn history(&self, alarm_id: Uuid) -> Result<Vec<Event>> {
-        let head = self.head().offset;
-        let mut out = Vec::new();
-        for off in self.log.alarm_offsets(alarm_id, 1) {
-            let off = off?;
-            if off > head {
-                break; // written but not yet durable: not visible
-            }
-            out.push(crate::export::indexed_event(
-                self.log.as_ref(),
-                alarm_id,
-                off,
-            )?);
-        }
-        Ok(out)
-    }
-
     /// A live subscription delivering every event with offset > `from`.
     pub fn subscribe(self: &Arc<Self>, from: u64) -> Subscription {
         Subscription::new(self.clone(), from)

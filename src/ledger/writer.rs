@@ -52,7 +52,7 @@ pub enum CommandError {
     /// the message does not claim either way: a retry with the same command_id tells.
     #[error("storage failure; the command may or may not have been applied (retry with the same command_id to find out): {0}")]
     Storage(String),
-    #[error("the server is shutting down")]
+    #[error("the server is shutting down; retry with the same command_id")]
     ShuttingDown,
     /// A repeat of a command_id whose first attempt was refused: the same refusal.
     #[error("{message}")]
@@ -64,7 +64,11 @@ impl CommandError {
         match self {
             CommandError::Rejected(r) => r.code(),
             CommandError::Overloaded => "overloaded",
-            CommandError::Storage(_) | CommandError::ShuttingDown => "internal",
+            CommandError::Storage(_) => "internal",
+            // Nothing was appended and the command may be sent again (to this server once it is
+            // back, or another): what `overloaded` tells a client ("retry with the same
+            // command_id"), where `internal` would read as a failure of the command itself.
+            CommandError::ShuttingDown => "overloaded",
             CommandError::Repeated { code, .. } => crate::domain::command::static_code(code),
         }
     }

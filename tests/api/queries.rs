@@ -393,7 +393,13 @@ async fn streamed_answers_are_bounded_and_a_stalled_reader_is_cut_off() {
     // blocks.
     let n = 2000;
     assert_eq!(blast(&app, &tok, "stall", n, 64).await.len(), n);
-    for path in ["/api/v1/events", "/api/v1/security-log"] {
+    let alarm = app.create_alarm("streamed history").await;
+    let history = format!("/api/v1/alarms/{alarm}/history");
+    for (path, content_type) in [
+        ("/api/v1/events", "application/x-ndjson"),
+        ("/api/v1/security-log", "application/x-ndjson"),
+        (history.as_str(), "application/json"),
+    ] {
         let r = app
             .client
             .get(app.url(path))
@@ -410,10 +416,15 @@ async fn streamed_answers_are_bounded_and_a_stalled_reader_is_cut_off() {
             r.headers()
                 .get("content-type")
                 .and_then(|v| v.to_str().ok()),
-            Some("application/x-ndjson")
+            Some(content_type)
         );
         let text = r.text().await.expect("body");
         assert!(text.lines().count() >= 2, "{path}");
+        if content_type == "application/json" {
+            let v: Value = serde_json::from_str(&text).expect("one JSON document");
+            assert_eq!(v["alarm_id"], alarm.as_str());
+            assert_eq!(v["events"].as_array().map(Vec::len), Some(1), "{v}");
+        }
     }
     // 16 exports that never read, on sockets with a small receive buffer.
     let mut stalled = Vec::new();
