@@ -65,16 +65,21 @@ pub fn user(args: UserArgs) -> Result<()> {
         s.parse::<Role>()
             .map_err(|_| Error::Other(format!("role must be admin, operator or viewer, got {s:?}")))
     };
-    let audit = |action: SecurityAction, target: &str| {
-        let e = NewSecurityEntry::new(action)
+    // `role`: the role given (creation, role change), recorded like the HTTP routes do.
+    let audit_with = |action: SecurityAction, target: &str, role: Option<(&str, &str)>| {
+        let mut e = NewSecurityEntry::new(action)
             .actor("cli")
             .target(target)
             .detail("via", "cli");
+        if let Some((k, v)) = role {
+            e = e.detail(k, v);
+        }
         security
             .append(e)
             .map(|_| ())
             .map_err(|e| Error::Storage(e.to_string()))
     };
+    let audit = |action: SecurityAction, target: &str| audit_with(action, target, None);
     let auth = |e: crate::auth::AuthError| Error::Other(e.to_string());
     match args.action {
         UserAction::Add {
@@ -85,7 +90,11 @@ pub fn user(args: UserArgs) -> Result<()> {
             let r = role(&r)?;
             let pw = read_password(password)?;
             let info = users.add(&name, &pw, r).map_err(auth)?;
-            audit(SecurityAction::UserCreated, &name)?;
+            audit_with(
+                SecurityAction::UserCreated,
+                &name,
+                Some(("role", r.as_str())),
+            )?;
             println!("added {} ({})", info.username, info.role.as_str());
         }
         UserAction::List => {
@@ -108,7 +117,11 @@ pub fn user(args: UserArgs) -> Result<()> {
         UserAction::Role { name, role: r } => {
             let r = role(&r)?;
             users.set_role(&name, r).map_err(auth)?;
-            audit(SecurityAction::UserRoleChanged, &name)?;
+            audit_with(
+                SecurityAction::UserRoleChanged,
+                &name,
+                Some(("role", r.as_str())),
+            )?;
             println!("{name} is now {}", r.as_str());
         }
         UserAction::Disable { name, enable } => {

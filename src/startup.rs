@@ -95,7 +95,15 @@ impl Application {
         })?;
         let security =
             SecurityLog::open(&db, info.ledger_id).map_err(|e| Error::Storage(e.to_string()))?;
-        if first_start {
+        // Also when the admin exists but its creation was never recorded: a crash between
+        // creating the account and appending its entry left no entry, and the next start is no
+        // longer a first start.
+        let unrecorded_bootstrap = security.head().0 == 0
+            && users
+                .get(crate::auth::users::BOOTSTRAP_ADMIN)
+                .map_err(|e| Error::Storage(e.to_string()))?
+                .is_some();
+        if first_start || unrecorded_bootstrap {
             security
                 .append(
                     NewSecurityEntry::new(SecurityAction::UserCreated)

@@ -226,6 +226,7 @@ impl UserStore {
                 ..UserChange::default()
             },
         )
+        .map(|(_, after)| after)
     }
 
     /// Sets a new password (policy-checked) and revokes the user's tokens.
@@ -237,6 +238,7 @@ impl UserStore {
                 ..UserChange::default()
             },
         )
+        .map(|(_, after)| after)
     }
 
     /// Disables (revoking the user's tokens) or re-enables an account. Re-enabling does not
@@ -250,13 +252,20 @@ impl UserStore {
                 ..UserChange::default()
             },
         )
+        .map(|(_, after)| after)
     }
 
     /// Applies a change whole or not at all. A new password is policy-checked and hashed
     /// (~150 ms) before anything is written; then role, disabled flag and password go into the
     /// record in one write, refused as a whole (`LastAdmin`) if the result would leave no
     /// enabled admin. A role change, a disable or a new password revokes the user's tokens.
-    pub fn change(&self, name: &str, change: UserChange) -> Result<UserInfo, AuthError> {
+    /// Returns the account before and after the change (the security log records what changed,
+    /// not what was asked).
+    pub fn change(
+        &self,
+        name: &str,
+        change: UserChange,
+    ) -> Result<(UserInfo, UserInfo), AuthError> {
         let hash = match &change.password {
             Some(password) => {
                 password::validate_password(password)?;
@@ -379,11 +388,12 @@ impl UserStore {
 
     /// Read-modify-write of one record under the write lock. `change` returns whether the change
     /// revokes the user's tokens; the record is written only if it changed.
+    /// Returns the account before and after.
     fn update(
         &self,
         name: &str,
         change: impl FnOnce(&Self, &mut UserRecord) -> Result<bool, AuthError>,
-    ) -> Result<UserInfo, AuthError> {
+    ) -> Result<(UserInfo, UserInfo), AuthError> {
         let _guard = self.lock();
         let mut record = self
             .get(name)?
@@ -399,7 +409,7 @@ impl UserStore {
             self.tree.insert(name.as_bytes(), encode(&record)?)?;
             self.db.flush()?;
         }
-        Ok(record.info())
+        Ok((before.info(), record.info()))
     }
 
     fn ensure_another_enabled_admin(&self, except: &str) -> Result<(), AuthError> {

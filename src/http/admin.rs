@@ -246,7 +246,7 @@ pub async fn update_user(state: &State, req: &Request, name: &str) -> Result<Res
     };
     let (st, n) = (state.clone(), name.to_string());
     let job = move || st.auth.users.change(&n, change);
-    let info = if password_given {
+    let (before, info) = if password_given {
         // Hashing costs ~150 ms of CPU: the hash thread, like logins.
         state.auth.hasher.run(job).await??
     } else {
@@ -254,15 +254,18 @@ pub async fn update_user(state: &State, req: &Request, name: &str) -> Result<Res
             .await
             .map_err(|e| ApiError::internal(e.to_string()))??
     };
+    // What changed, not what was asked: a PATCH that sets the role the user already has
+    // records no role change.
     let mut entries = Vec::new();
-    if let Some(role) = role {
-        entries
-            .push(entry(state, req, SecurityAction::UserRoleChanged).detail("role", role.as_str()));
+    if info.role != before.role {
+        entries.push(
+            entry(state, req, SecurityAction::UserRoleChanged).detail("role", info.role.as_str()),
+        );
     }
-    match disabled {
-        Some(true) => entries.push(entry(state, req, SecurityAction::UserDisabled)),
-        Some(false) => entries.push(entry(state, req, SecurityAction::UserEnabled)),
-        None => {}
+    match (before.disabled, info.disabled) {
+        (false, true) => entries.push(entry(state, req, SecurityAction::UserDisabled)),
+        (true, false) => entries.push(entry(state, req, SecurityAction::UserEnabled)),
+        _ => {}
     }
     if password_given {
         entries.push(entry(state, req, SecurityAction::UserPasswordChanged));

@@ -143,3 +143,48 @@ async fn secrets_and_admin_passwords_too_short_to_start_are_exit_code_2() {
         assert!(!dir.exists());
     }
 }
+
+/// A first start that created `admin` but died before its security-log entry (simulated: the
+/// security log emptied after a clean first run) records the creation at the next start, which
+/// is no longer a first start.
+#[tokio::test]
+async fn an_unrecorded_bootstrap_admin_is_recorded_at_the_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("fresh");
+    let env = [
+        ("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD),
+        ("ALARM_LEDGER_JWT_SECRET", SECRET),
+    ];
+    let server = Server::start(&dir, &[], &env).await;
+    server.stop().await;
+    {
+        let db = alarm_ledger::store::sled_log::open_db_after_close(&dir.join("ledger"))
+            .expect("open sled");
+        db.open_tree("security_log")
+            .expect("tree")
+            .clear()
+            .expect("clear");
+        db.flush().expect("flush");
+    }
+    let server = Server::start(&dir, &[], &env).await;
+    let (s, v) = login(&server, ADMIN_PASSWORD).await;
+    assert_eq!(s, 200, "{v}");
+    let token = v["token"].as_str().expect("token").to_string();
+    let text = reqwest::Client::new()
+        .get(server.url("/api/v1/security-log"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("security log")
+        .text()
+        .await
+        .expect("body");
+    let created: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .filter(|e: &Value| e["action"] == "user_created" && e["target"] == "admin")
+        .collect();
+    assert_eq!(created.len(), 1, "{text}");
+    assert_eq!(created[0]["details"]["via"], "bootstrap");
+    server.stop().await;
+}

@@ -410,3 +410,36 @@ async fn a_change_whose_client_hung_up_is_still_recorded() {
         .collect();
     assert_eq!(changed.len(), 1, "{changed:?}");
 }
+
+/// The log records what changed, not what was asked: a PATCH that sets the role a user already
+/// has, or enables an enabled user, records nothing; a real change records its entry.
+#[tokio::test]
+async fn a_patch_that_changes_nothing_records_nothing() {
+    let app = spawn_app().await;
+    create_user(&app, "nina", "nina-password-1", "operator").await;
+    let count = |log: &[Value], action: &str| {
+        log.iter()
+            .filter(|e| e["action"] == action && e["target"] == "nina")
+            .count()
+    };
+    let (s, v) = patch_user(
+        &app,
+        &app.admin_token,
+        "nina",
+        json!({"role": "operator", "disabled": false}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let log = security_log(&app).await;
+    assert_eq!(count(&log, "user_role_changed"), 0);
+    assert_eq!(count(&log, "user_enabled"), 0);
+    let (s, v) = patch_user(&app, &app.admin_token, "nina", json!({"role": "viewer"})).await;
+    assert_eq!(s, 200, "{v}");
+    let log = security_log(&app).await;
+    let changed: Vec<&Value> = log
+        .iter()
+        .filter(|e| e["action"] == "user_role_changed" && e["target"] == "nina")
+        .collect();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0]["details"]["role"], "viewer");
+}

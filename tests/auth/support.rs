@@ -427,10 +427,9 @@ impl Server {
     }
 }
 
-/// Sleeps into the next wall-clock second. Revocation compares a token's whole-second `iat`
-/// with the change time, and by design (users.rs, `check_token_still_valid`) a token issued in
-/// the same second as a password change or disable survives it; tests that prove "tokens from
-/// before the change are refused" make sure "before" means an earlier second.
+/// Sleeps into the next wall-clock second, so that "before" and "after" a change differ in the
+/// second as well as in the millisecond (a token without `iat_ms`, as a gateway would sign it,
+/// is judged by its whole-second `iat`: users.rs, `check_token_still_valid`).
 pub async fn next_second() {
     let ms = u64::from(chrono::Utc::now().timestamp_subsec_millis());
     tokio::time::sleep(Duration::from_millis(1000 - ms.min(999) + 20)).await;
