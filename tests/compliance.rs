@@ -632,6 +632,7 @@ async fn cli_export_has_exact_contents_in_every_form() {
     let stdout = cli_ok(&["export", "--data", dir, "--out", d(&out_file)]);
     assert_eq!(stdout, "");
     assert_eq!(std::fs::read_to_string(&out_file).unwrap(), all);
+    assert!(!tmp.path().join("audit.ndjson.partial").exists());
 
     // --state: every alarm (deleted included) as of the head, an offset, or a time.
     let state = |as_of: Option<&str>| -> Value {
@@ -1577,4 +1578,31 @@ async fn export_refuses_ignored_options_and_fails_on_a_missing_record() {
     ]))
     .remove(0);
     assert_eq!(state["offset"], 4);
+
+    // --out FILE: a failed export leaves no FILE (a line-aligned prefix would pass
+    // verify_chain.py as the complete export of a shorter ledger) and no FILE.partial; an
+    // existing FILE is left as it was.
+    let file = tmp.path().join("audit.ndjson");
+    let older = tmp.path().join("older.ndjson");
+    std::fs::write(&older, "an earlier export\n").unwrap();
+    for (target, args) in [
+        (&file, vec!["--from", "3"]),
+        (&file, vec!["--state"]),
+        (&older, vec![]),
+    ] {
+        let mut a = vec!["export", "--data", dir, "--out", d(target)];
+        a.extend(args);
+        let out = cli(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{a:?}: {err}");
+        assert!(err.contains("offset 5"), "{a:?}: {err}");
+        let mut partial = target.file_name().unwrap().to_os_string();
+        partial.push(".partial");
+        assert!(!target.with_file_name(partial).exists(), "{a:?}");
+    }
+    assert!(!file.exists(), "a failed export must not leave its file");
+    assert_eq!(
+        std::fs::read_to_string(&older).unwrap(),
+        "an earlier export\n"
+    );
 }
