@@ -12,6 +12,7 @@ use crate::store::sled_log::{SledLog, SledOptions};
 use crate::store::EventLog;
 use crate::time::Timestamp;
 use std::io::{BufWriter, IsTerminal, Write};
+use std::path::Path;
 
 /// Page cache of the offline tools: they read the whole log once (and verify its two indexes
 /// alongside), and sled re-fetches evicted pages; a large cache made `verify` of 1,000,000
@@ -141,13 +142,62 @@ pub fn user(args: UserArgs) -> Result<()> {
 pub fn export(args: ExportArgs) -> Result<()> {
     let dir = DataDir::lock_existing(&args.data.data)?;
     let log = open_for_full_read(&dir)?;
+    match &args.out {
+        Some(path) => export_to_file(&log, &args, path)?,
+        None => {
+            let mut out = BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
+            write_export(&log, &args, &mut out)?;
+        }
+    }
+    release_at_exit(log)
+}
+
+/// `--out FILE`: written to `FILE.partial` beside it, fsynced and renamed to `FILE` only once
+/// complete. A failure part-way (a missing record, a full disk) must not leave a line-aligned
+/// prefix under the name asked for: `verify_chain.py` would take it for a complete export of a
+/// shorter ledger. On failure the `.partial` is removed and an existing `FILE` is left as it was.
+/// A `FILE` that is not a regular file (a pipe, `/dev/stdout`) is a stream: written directly.
+fn export_to_file(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        let mut out = BufWriter::with_capacity(256 * 1024, std::fs::File::create(path)?);
+        return write_export(log, args, &mut out);
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Config(format!("--out {} has no file name", path.display())))?;
+    let mut partial_name = name.to_os_string();
+    partial_name.push(".partial");
+    let partial = path.with_file_name(partial_name);
+    let written = write_durably(log, args, &partial).and_then(|()| {
+        std::fs::rename(&partial, path)?;
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(parent)?.sync_all()?;
+        Ok(())
+    });
+    if let Err(e) = written {
+        // Its file is closed by now: nothing half-written is left under either name.
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The export into a new file at `path`, fsynced; the file is closed when this returns.
+fn write_durably(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
+    let mut out = BufWriter::with_capacity(256 * 1024, std::fs::File::create(path)?);
+    write_export(log, args, &mut out)?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// The export itself, to `out` (flushed at the end).
+fn write_export(log: &SledLog, args: &ExportArgs, out: &mut impl Write) -> Result<()> {
     let head = log.head()?.offset;
     let ledger_id = log.info().ledger_id;
-    let out: Box<dyn Write> = match &args.out {
-        Some(p) => Box::new(std::fs::File::create(p)?),
-        None => Box::new(std::io::stdout().lock()),
-    };
-    let mut out = BufWriter::with_capacity(256 * 1024, out);
     if args.state {
         let offset = match args.as_of.as_deref() {
             None => head,
@@ -159,11 +209,11 @@ pub fn export(args: ExportArgs) -> Result<()> {
                             "--as-of expects an offset or an RFC 3339 time, got {v:?}"
                         ))
                     })?;
-                    export::offset_at_time(&log, head, t)?
+                    export::offset_at_time(log, head, t)?
                 }
             },
         };
-        let p = export::state_as_of(&log, offset)?;
+        let p = export::state_as_of(log, offset)?;
         let alarms: Vec<_> = p.alarms_sorted().iter().map(|a| a.to_json()).collect();
         let doc = serde_json::json!({"ledger_id": ledger_id.to_string(), "offset": offset, "alarms": alarms});
         writeln!(out, "{doc}")?;
@@ -206,7 +256,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
     let mut io_err = None;
     let mut n = 0u64;
     let mut line = Vec::with_capacity(512);
-    export::for_each(&log, head, &filter, |e| {
+    export::for_each(log, head, &filter, |e| {
         line.clear();
         match args.format {
             ExportFormat::Ndjson => crate::protocol::write_export_line(&mut line, e, ledger_id),
@@ -240,7 +290,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
             Err(e)
         }
     })?;
-    release_at_exit(log)
+    Ok(())
 }
 
 pub fn verify(args: VerifyArgs) -> Result<String> {

@@ -183,15 +183,32 @@ pub fn offset_at_time(log: &dyn EventLog, head: u64, t: Timestamp) -> Result<u64
     Ok(lo)
 }
 
-/// The projection after every event with offset ≤ `offset`.
+/// The projection after every event with offset ≤ `offset` (the caller caps it at the head).
+/// Every record 1..=`offset` must be there: a state that silently skipped a missing record
+/// (an alarm's trigger, its deletion) would be a wrong answer, so a gap is corruption.
 pub fn state_as_of(log: &dyn EventLog, offset: u64) -> Result<Projection> {
     let mut p = Projection::new();
+    let mut expected = 1u64;
     for item in log.iter_from(1) {
         let e = item?;
         if e.offset > offset {
             break;
         }
+        if e.offset != expected {
+            return Err(Error::Corrupt {
+                offset: expected,
+                reason: format!("gap: next record has offset {}", e.offset),
+            });
+        }
         p.apply(&e);
+        expected += 1;
+    }
+    // The records ran out (or passed `offset`) before `offset` was reached.
+    if expected <= offset {
+        return Err(Error::Corrupt {
+            offset: expected,
+            reason: "missing record below the head".into(),
+        });
     }
     Ok(p)
 }

@@ -89,6 +89,15 @@ fn verify_with(
     };
     if let Some(s) = &snap {
         if s.offset == 0 {
+            // Start-up takes the head from a snapshot: at offset 0 it must be the empty head.
+            if s.head_hash != chain::genesis(info.ledger_id)
+                || s.head_at != crate::time::Timestamp(0)
+            {
+                return Err(Error::Corrupt {
+                    offset: 0,
+                    reason: "projection snapshot at offset 0 is not the empty head (genesis hash, no time)".into(),
+                });
+            }
             compare(&projection, s)?;
             snapshot_checked = Some(0);
         }

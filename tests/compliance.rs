@@ -632,6 +632,7 @@ async fn cli_export_has_exact_contents_in_every_form() {
     let stdout = cli_ok(&["export", "--data", dir, "--out", d(&out_file)]);
     assert_eq!(stdout, "");
     assert_eq!(std::fs::read_to_string(&out_file).unwrap(), all);
+    assert!(!tmp.path().join("audit.ndjson.partial").exists());
 
     // --state: every alarm (deleted included) as of the head, an offset, or a time.
     let state = |as_of: Option<&str>| -> Value {
@@ -1539,18 +1540,69 @@ async fn export_refuses_ignored_options_and_fails_on_a_missing_record() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // A record missing from the log: a filtered export fails naming it, instead of going on
-    // from 4 to 6 (only an unfiltered one would be caught by the chain).
+    let at = |offset: &str| -> String {
+        let e = lines(&cli_ok(&[
+            "export", "--data", dir, "--from", offset, "--to", offset,
+        ]))
+        .remove(0);
+        e["at"].as_str().unwrap().to_string()
+    };
+    let (at5, at6) = (at("5"), at("6"));
+    // A record missing from the log: a filtered export, or a state as of a point after it,
+    // fails naming it, instead of going on from 4 to 6 (only an unfiltered event export would
+    // be caught by the chain). `--as-of <time of 6>` is found without reading record 5 (the
+    // time search probes 4, 6, 7), so only the state's own walk can notice it.
     edit_tree(&data, |tree| {
         tree.remove(event_key(5)).unwrap().expect("record 5");
     });
     for args in [
         vec!["export", "--data", dir, "--actor", "admin"],
         vec!["export", "--data", dir, "--from", "3", "--to", "8"],
+        vec!["export", "--data", dir, "--state"],
+        vec!["export", "--data", dir, "--state", "--as-of", "6"],
+        vec!["export", "--data", dir, "--state", "--as-of", &at5],
+        vec!["export", "--data", dir, "--state", "--as-of", &at6],
     ] {
         let out = cli(&args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains("offset 5"), "{args:?}: {err}");
+        // A state is written whole or not at all (events stream: the exit code tells).
+        if args.contains(&"--state") {
+            assert!(out.stdout.is_empty(), "{args:?}");
+        }
     }
+    // Before the missing record, the state is still there.
+    let state = lines(&cli_ok(&[
+        "export", "--data", dir, "--state", "--as-of", "4",
+    ]))
+    .remove(0);
+    assert_eq!(state["offset"], 4);
+
+    // --out FILE: a failed export leaves no FILE (a line-aligned prefix would pass
+    // verify_chain.py as the complete export of a shorter ledger) and no FILE.partial; an
+    // existing FILE is left as it was.
+    let file = tmp.path().join("audit.ndjson");
+    let older = tmp.path().join("older.ndjson");
+    std::fs::write(&older, "an earlier export\n").unwrap();
+    for (target, args) in [
+        (&file, vec!["--from", "3"]),
+        (&file, vec!["--state"]),
+        (&older, vec![]),
+    ] {
+        let mut a = vec!["export", "--data", dir, "--out", d(target)];
+        a.extend(args);
+        let out = cli(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{a:?}: {err}");
+        assert!(err.contains("offset 5"), "{a:?}: {err}");
+        let mut partial = target.file_name().unwrap().to_os_string();
+        partial.push(".partial");
+        assert!(!target.with_file_name(partial).exists(), "{a:?}");
+    }
+    assert!(!file.exists(), "a failed export must not leave its file");
+    assert_eq!(
+        std::fs::read_to_string(&older).unwrap(),
+        "an earlier export\n"
+    );
 }

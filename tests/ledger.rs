@@ -322,6 +322,111 @@ fn untrusted_snapshots_are_discarded_and_the_projection_rebuilt() {
     }
 }
 
+/// A snapshot at offset 0 has no record to be checked against, so it must be exactly the empty
+/// head; otherwise its hash, head time or alarms would be the replay's starting point.
+#[test]
+fn a_snapshot_at_offset_0_that_is_not_the_empty_head_is_discarded() {
+    let other = tempfile::tempdir().unwrap();
+    let (other_head, other_projection) = build(other.path(), 6, "mallory");
+    let bad = |id: Uuid| {
+        let empty = snapshot::Snapshot {
+            ledger_id: id,
+            offset: 0,
+            head_hash: chain::genesis(id),
+            head_at: Timestamp(0),
+            alarms: vec![],
+        };
+        vec![
+            (
+                "foreign hash",
+                snapshot::Snapshot {
+                    head_hash: other_head.hash,
+                    ..empty.clone()
+                },
+                "genesis hash",
+            ),
+            (
+                "head time",
+                snapshot::Snapshot {
+                    head_at: Timestamp(Timestamp::now().0 + 86_400_000),
+                    ..empty.clone()
+                },
+                "head time",
+            ),
+            (
+                "alarms",
+                snapshot::Snapshot {
+                    alarms: other_projection.alarms_sorted(),
+                    ..empty
+                },
+                "alarms",
+            ),
+        ]
+    };
+    let rt = rt();
+
+    // An empty ledger: opens at the genesis head, and the first event chains from it.
+    for case in 0..3 {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let (l, _) = open(root, false);
+        let id = l.info().ledger_id;
+        drop(l);
+        let (what, snap, _) = bad(id).swap_remove(case);
+        std::fs::write(snap_path(root), snapshot::encode(&snap).unwrap()).unwrap();
+        let (l, restore) = open(root, true);
+        assert_eq!(restore, Restore::Empty, "{what}");
+        let genesis = Head {
+            offset: 0,
+            hash: chain::genesis(id),
+            at: Timestamp(0),
+        };
+        assert_eq!(l.head(), genesis, "{what}");
+        assert!(
+            l.read_model().projection.alarms_sorted().is_empty(),
+            "{what}"
+        );
+        l.start().unwrap();
+        let before = Timestamp::now();
+        let o = rt
+            .block_on(l.submit(create(Uuid::now_v7(), "alice", "first")))
+            .unwrap();
+        l.stop();
+        assert_eq!(o.offset, 1, "{what}");
+        let e = l.log().event_at(1).unwrap().unwrap();
+        assert_eq!(e.hash, chain::event_hash(&genesis.hash, &e, id), "{what}");
+        assert!(
+            e.at.0 < before.0 + 60_000,
+            "{what}: stamped now, not from the snapshot"
+        );
+        alarm_ledger::verify::verify_log(l.log().as_ref(), Some(&snap_path(root)))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+
+    // A ledger with events: the snapshot is discarded with its reason and the log replayed.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (head, projection) = build(root, 9, "alice");
+    let id = open(root, false).0.info().ledger_id;
+    for (what, snap, why) in bad(id) {
+        std::fs::write(snap_path(root), snapshot::encode(&snap).unwrap()).unwrap();
+        let (l, restore) = open(root, true);
+        match &restore {
+            Restore::FullReplay {
+                events: 9,
+                reason: Some(r),
+            } => assert!(r.contains(why), "{what}: reason {r:?} should say {why:?}"),
+            other => panic!("{what}: expected a full replay with a reason, got {other:?}"),
+        }
+        assert_eq!(l.head(), head, "{what}");
+        assert_eq!(l.read_model().projection, projection, "{what}");
+        match alarm_ledger::verify::verify_log(l.log().as_ref(), Some(&snap_path(root))) {
+            Err(Error::Corrupt { offset: 0, .. }) => {}
+            other => panic!("{what}: verify should name the snapshot, got {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn a_snapshot_the_log_contradicts_fails_start_up() {
     // The snapshot saw a history the log no longer holds: a shorter log (its tail lost, or an
