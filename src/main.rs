@@ -45,6 +45,9 @@ fn run_server(args: config::ServeArgs) -> Result<(), Error> {
         .thread_name("alarm-ledger")
         .build()?;
     rt.block_on(async move {
+        // Before anything is opened: a signal during start-up or right after it must stop the
+        // server gracefully, not kill it (see shutdown.rs).
+        let signals = shutdown::Signals::install();
         let app = Application::build(&args).await?;
         let addr = app.local_addr();
         tracing::info!(%addr, data = %args.data.data.display(), "alarm-ledger listening");
@@ -56,6 +59,6 @@ fn run_server(args: config::ServeArgs) -> Result<(), Error> {
         eprintln!(
             "  Log in: curl -s -X POST http://{addr}/api/v1/login -H 'content-type: application/json' -d '{{\"username\":\"admin\",\"password\":\"...\"}}'"
         );
-        app.run_until_stopped(shutdown::signal()).await
+        app.run_until_stopped(signals.wait()).await
     })
 }

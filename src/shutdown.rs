@@ -1,17 +1,47 @@
 //! The shutdown signal: SIGTERM or SIGINT (Ctrl-C).
+//!
+//! The handlers are installed before the server opens anything (`Signals::install`), not when
+//! the shutdown future is first polled: a SIGTERM that arrived between "listening" and that poll
+//! met the default disposition and killed the process without a graceful stop (no final
+//! snapshot, connections reset).
 
-pub async fn signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+pub struct Signals {
+    term: Option<Signal>,
+    int: Option<Signal>,
+}
+
+impl Signals {
+    /// Installs the SIGTERM and SIGINT handlers now (inside the runtime). A handler that cannot
+    /// be installed is logged and left out.
+    pub fn install() -> Signals {
+        let install = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, signal = name, "cannot install the signal handler");
+                None
+            }
+        };
+        Signals {
+            term: install(SignalKind::terminate(), "SIGTERM"),
+            int: install(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    /// Resolves at the first SIGTERM or SIGINT.
+    pub async fn wait(mut self) {
+        async fn recv(s: &mut Option<Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot install SIGTERM handler; Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = recv(&mut self.term) => tracing::info!("SIGTERM"),
+            _ = recv(&mut self.int) => tracing::info!("SIGINT"),
         }
     }
 }

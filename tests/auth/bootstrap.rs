@@ -188,3 +188,21 @@ async fn an_unrecorded_bootstrap_admin_is_recorded_at_the_next_start() {
     assert_eq!(created[0]["details"]["via"], "bootstrap");
     server.stop().await;
 }
+
+/// A SIGTERM right after the server says it listens is a graceful stop (exit 0): the handlers
+/// are installed before start-up, not when the shutdown future is first polled (before, such a
+/// SIGTERM met the default disposition and killed the process).
+#[tokio::test]
+async fn a_sigterm_right_after_start_is_a_graceful_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [
+        ("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD),
+        ("ALARM_LEDGER_JWT_SECRET", SECRET),
+    ];
+    for round in 0..5 {
+        let server = Server::start(&tmp.path().join("d"), &[], &env).await;
+        // `stop` sends SIGTERM at once and asserts a successful exit.
+        let logs = server.stop().await;
+        assert!(logs.contains("Log in:"), "round {round}: {logs}");
+    }
+}
