@@ -1,5 +1,5 @@
-//! `Application`: build (validate → lock data dir → open log → rebuild projection → auth →
-//! writer → bind), `local_addr`, `run_until_stopped`.
+//! `Application`: build (validate → lock data dir → bind → open log → rebuild projection →
+//! auth → writer), `local_addr`, `run_until_stopped`.
 
 use crate::auth::{
     LoginThrottle, NewSecurityEntry, Role, SecurityAction, SecurityLog, TokenService, UserStore,
@@ -35,6 +35,13 @@ pub struct Application {
 impl Application {
     pub async fn build(args: &ServeArgs) -> Result<Application> {
         let dir = DataDir::lock(&args.data.data)?;
+        // Bound before anything long or irreversible: a busy port fails at once, not after a
+        // replay of the log, and never after the first admin was created with a password
+        // nobody saw. Connections wait in the backlog until the server runs.
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", args.listen)))?;
+        let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new());
         let opts = SledOptions {
             cache_bytes: args.cache_mb * 1024 * 1024,
@@ -93,58 +100,70 @@ impl Application {
                 Error::Storage(format!("cannot create the first admin: {e}"))
             }
         })?;
-        let security =
-            SecurityLog::open(&db, info.ledger_id).map_err(|e| Error::Storage(e.to_string()))?;
-        // Also when the admin exists but its creation was never recorded: a crash between
-        // creating the account and appending its entry left no entry, and the next start is no
-        // longer a first start.
-        let unrecorded_bootstrap = security.head().0 == 0
-            && users
-                .get(crate::auth::users::BOOTSTRAP_ADMIN)
-                .map_err(|e| Error::Storage(e.to_string()))?
-                .is_some();
-        if first_start || unrecorded_bootstrap {
-            security
-                .append(
-                    NewSecurityEntry::new(SecurityAction::UserCreated)
-                        .actor("server")
-                        .target(crate::auth::users::BOOTSTRAP_ADMIN)
-                        .detail("role", Role::Admin.as_str())
-                        .detail("via", "bootstrap"),
-                )
+        // Everything after the first admin's creation: if it fails, the generated password is
+        // shown anyway, since the next start finds the account and never prints one.
+        let rest = (|| {
+            let security = SecurityLog::open(&db, info.ledger_id)
                 .map_err(|e| Error::Storage(e.to_string()))?;
-        }
-        log.sync()?;
-        let auth = Arc::new(AuthCtx {
-            users,
-            tokens,
-            throttle: LoginThrottle::new(args.login_max_failures, args.login_window, 100_000),
-            security,
-            hasher: crate::http::Hasher::start()?,
-        });
+            // Also when the admin exists but its creation was never recorded: a crash between
+            // creating the account and appending its entry left no entry, and the next start is no
+            // longer a first start.
+            let unrecorded_bootstrap = security.head().0 == 0
+                && users
+                    .get(crate::auth::users::BOOTSTRAP_ADMIN)
+                    .map_err(|e| Error::Storage(e.to_string()))?
+                    .is_some();
+            if first_start || unrecorded_bootstrap {
+                security
+                    .append(
+                        NewSecurityEntry::new(SecurityAction::UserCreated)
+                            .actor("server")
+                            .target(crate::auth::users::BOOTSTRAP_ADMIN)
+                            .detail("role", Role::Admin.as_str())
+                            .detail("via", "bootstrap"),
+                    )
+                    .map_err(|e| Error::Storage(e.to_string()))?;
+            }
+            log.sync()?;
+            let auth = Arc::new(AuthCtx {
+                users,
+                tokens,
+                throttle: LoginThrottle::new(args.login_max_failures, args.login_window, 100_000),
+                security,
+                hasher: crate::http::Hasher::start()?,
+            });
 
-        if let Restore::Snapshot { offset, .. } = restore {
-            // The snapshot let us skip replaying offsets 1..=offset; verify them anyway, in the
-            // background, so a large ledger starts fast and is still checked end to end.
-            let l = ledger.clone();
-            // Lowest priority: it reads the whole log prefix (seconds for a million events)
-            // while the server already serves.
-            crate::background::spawn("integrity-scrub", move || {
-                let t = std::time::Instant::now();
-                if l.scrub(offset).is_ok() {
-                    tracing::info!(
-                        events = offset,
-                        elapsed_ms = t.elapsed().as_millis() as u64,
-                        "integrity check of the snapshot prefix passed"
+            if let Restore::Snapshot { offset, .. } = restore {
+                // The snapshot let us skip replaying offsets 1..=offset; verify them anyway, in the
+                // background, so a large ledger starts fast and is still checked end to end.
+                let l = ledger.clone();
+                // Lowest priority: it reads the whole log prefix (seconds for a million events)
+                // while the server already serves.
+                crate::background::spawn("integrity-scrub", move || {
+                    let t = std::time::Instant::now();
+                    if l.scrub(offset).is_ok() {
+                        tracing::info!(
+                            events = offset,
+                            elapsed_ms = t.elapsed().as_millis() as u64,
+                            "integrity check of the snapshot prefix passed"
+                        );
+                    }
+                })?;
+            }
+            ledger.start()?;
+            Ok::<_, Error>(auth)
+        })();
+        let auth = match rest {
+            Ok(auth) => auth,
+            Err(e) => {
+                if let Some(pw) = &generated_admin_password {
+                    eprintln!(
+                        "\n  Start-up failed after creating user `admin` with password: {pw}\n  (shown once; change it with `alarm-ledger user passwd admin`)\n"
                     );
                 }
-            })?;
-        }
-        ledger.start()?;
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", args.listen)))?;
-        let addr = listener.local_addr()?;
+                return Err(e);
+            }
+        };
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = Arc::new(AppState {
             ledger: ledger.clone(),

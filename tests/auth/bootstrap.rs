@@ -206,3 +206,31 @@ async fn a_sigterm_right_after_start_is_a_graceful_stop() {
         assert!(logs.contains("Log in:"), "round {round}: {logs}");
     }
 }
+
+/// A first start that cannot listen (port taken) fails before it creates anything: the next
+/// start, on a free port, is still the first and prints the generated password (before, the
+/// admin was created, the bind failed, and the password was never shown).
+#[tokio::test]
+async fn a_first_start_that_cannot_listen_creates_no_admin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("fresh");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let mut cmd = bin();
+    cmd.arg("serve")
+        .arg("--data")
+        .arg(&dir)
+        .args(["--listen", &addr]);
+    let r = run(cmd, Duration::from_secs(20)).await;
+    assert_ne!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stderr.contains("cannot listen"), "{}", r.stderr);
+    assert!(!r.stderr.contains("created user `admin`"), "{}", r.stderr);
+    drop(taken);
+    let server = Server::start(&dir, &[], &[]).await;
+    let banner = server.stderr.lock().unwrap().clone();
+    assert!(
+        banner.contains("created user `admin` with password: "),
+        "the first real start still creates and shows the admin: {banner}"
+    );
+    server.stop().await;
+}
