@@ -76,7 +76,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ALARM_LEDGER_TOKEN_TTL", default_value = "15m", value_parser = parse_token_ttl)]
     pub token_ttl: Duration,
     /// Failed logins per (user, address) within the window before 429.
-    #[arg(long, env = "ALARM_LEDGER_LOGIN_MAX_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, env = "ALARM_LEDGER_LOGIN_MAX_FAILURES", default_value_t = 5, value_parser = whole_u32(1, 1000))]
     pub login_max_failures: u32,
     /// Login throttle window.
     #[arg(long, env = "ALARM_LEDGER_LOGIN_WINDOW", default_value = "15m", value_parser = parse_login_window)]
@@ -85,18 +85,20 @@ pub struct ServeArgs {
     #[arg(long, env = "ALARM_LEDGER_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<IpNet>,
     /// Write queue bound (commands); beyond it commands get `overloaded`.
-    #[arg(long, env = "ALARM_LEDGER_QUEUE_CAPACITY", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    #[arg(long, env = "ALARM_LEDGER_QUEUE_CAPACITY", default_value_t = 65_536, value_parser = whole(1, 10_000_000))]
     pub queue_capacity: u64,
     /// Most commands per group commit. Kept moderate: sled 0.34 holds several KB per event of
     /// batches above ~1,000 events in memory (see README, benchmarks).
-    #[arg(long, env = "ALARM_LEDGER_MAX_BATCH", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(long, env = "ALARM_LEDGER_MAX_BATCH", default_value_t = 512, value_parser = whole(1, 100_000))]
     pub max_batch: u64,
-    /// Projection snapshot every N events (0 = only at shutdown).
-    #[arg(long, env = "ALARM_LEDGER_SNAPSHOT_EVERY", default_value_t = 100_000)]
+    /// Projection snapshot every N events (0 = only at shutdown). A snapshot encodes the whole
+    /// projection on the writer's thread (a few ms per 10,000 alarms), so a small interval costs
+    /// append latency; small values are for tests (the crash test snapshots every 40 events).
+    #[arg(long, env = "ALARM_LEDGER_SNAPSHOT_EVERY", default_value_t = 100_000, value_parser = parse_snapshot_every)]
     pub snapshot_every: u64,
     /// sled page cache, MiB. Sequential reads (replay, export) run at full speed while the
     /// records fit: ~170 MiB per million events.
-    #[arg(long, env = "ALARM_LEDGER_CACHE_MB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(8..=65_536))]
+    #[arg(long, env = "ALARM_LEDGER_CACHE_MB", default_value_t = 256, value_parser = whole(8, 65_536))]
     pub cache_mb: u64,
     /// Server WebSocket ping interval.
     #[arg(long, env = "ALARM_LEDGER_WS_PING_INTERVAL", default_value = "20s", value_parser = parse_ping_interval)]
@@ -106,14 +108,14 @@ pub struct ServeArgs {
     #[arg(long, env = "ALARM_LEDGER_WS_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_idle_timeout)]
     pub ws_idle_timeout: Duration,
     /// Largest WebSocket message accepted, bytes; larger closes with 1008.
-    #[arg(long, env = "ALARM_LEDGER_WS_MAX_MESSAGE", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1024..=16_777_216))]
+    #[arg(long, env = "ALARM_LEDGER_WS_MAX_MESSAGE", default_value_t = 65_536, value_parser = whole(1024, 16_777_216))]
     pub ws_max_message: u64,
     /// A client that cannot take a message for this long is closed with 4008.
     #[arg(long, env = "ALARM_LEDGER_WS_STALL_TIMEOUT", default_value = "30s", value_parser = parse_stall_timeout)]
     pub ws_stall_timeout: Duration,
     /// Commands and subscribes per second per connection (burst = the same number) before
     /// `rate_limited`.
-    #[arg(long, env = "ALARM_LEDGER_WS_COMMAND_RATE", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, env = "ALARM_LEDGER_WS_COMMAND_RATE", default_value_t = 2_000, value_parser = whole_u32(1, 1_000_000))]
     pub ws_command_rate: u32,
     /// Grace period for in-flight work at shutdown.
     #[arg(long, env = "ALARM_LEDGER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_shutdown_timeout)]
@@ -210,6 +212,30 @@ pub struct BackupArgs {
 }
 
 // ------------------------------------------------------------------ parsers
+
+/// A whole number in `min..=max`, with a message that says so (clap's own says only "invalid
+/// digit found in string" for `zero`, and nothing of the range).
+fn whole(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync {
+    move |s: &str| {
+        let expected = || format!("expected a whole number from {min} to {max}, got {s:?}");
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(expected());
+        }
+        match s.parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(expected()),
+        }
+    }
+}
+
+fn whole_u32(min: u32, max: u32) -> impl Fn(&str) -> Result<u32, String> + Clone + Send + Sync {
+    let parse = whole(u64::from(min), u64::from(max));
+    move |s: &str| parse(s).map(|n| n as u32)
+}
+
+fn parse_snapshot_every(s: &str) -> Result<u64, String> {
+    whole(0, 1_000_000_000)(s)
+}
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
@@ -383,12 +409,19 @@ pub fn parse_cli() -> Cli {
                     } else {
                         format!("{arg} {shown} (env {env})")
                     };
-                    let why = e.to_string();
-                    let why = why
+                    let text = e.to_string();
+                    let why = text
                         .lines()
                         .next()
                         .unwrap_or("")
                         .trim_start_matches("error: ");
+                    // clap lists the accepted values of an enum on a line of its own.
+                    let possible = text
+                        .lines()
+                        .map(str::trim)
+                        .find(|l| l.starts_with("[possible values:"))
+                        .map(|l| format!(" {l}"))
+                        .unwrap_or_default();
                     // clap says "invalid value '<value>' for '<arg>': <reason>"; the value may
                     // itself contain ": ", so cut after the argument's name.
                     let marker = format!("'{arg}': ");
@@ -396,7 +429,7 @@ pub fn parse_cli() -> Cli {
                         Some(i) => &why[i + marker.len()..],
                         None => why.rsplit(": ").next().unwrap_or(why),
                     };
-                    eprintln!("error: invalid configuration {source}: {why}");
+                    eprintln!("error: invalid configuration {source}: {why}{possible}");
                     std::process::exit(2);
                 }
             }

@@ -183,6 +183,7 @@ impl Application {
             accepting: AtomicBool::new(true),
             connections: Default::default(),
             streams: crate::http::stream::limiter(),
+            disk_probe: crate::http::health::DiskProbe::new(dir.root().to_path_buf()),
         });
         Ok(Application {
             addr,

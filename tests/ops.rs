@@ -84,7 +84,25 @@ fn bad_configuration_exits_2_naming_the_variable_before_opening_anything() {
         ("ALARM_LEDGER_JWT_SECRET", "short", "32 bytes"),
         ("ALARM_LEDGER_WS_MAX_MESSAGE", "12", "1024"),
         ("ALARM_LEDGER_TRUSTED_PROXIES", "10.0.0.0/99", "CIDR"),
-        ("ALARM_LEDGER_QUEUE_CAPACITY", "zero", "zero"),
+        // The message says what is expected, not only that the value is bad.
+        (
+            "ALARM_LEDGER_QUEUE_CAPACITY",
+            "zero",
+            "whole number from 1 to 10000000",
+        ),
+        ("ALARM_LEDGER_QUEUE_CAPACITY", "-1", "whole number from 1"),
+        (
+            "ALARM_LEDGER_WS_COMMAND_RATE",
+            "99999999999999999999",
+            "whole number from 1 to 1000000",
+        ),
+        ("ALARM_LEDGER_MAX_BATCH", "+5", "whole number from 1"),
+        ("ALARM_LEDGER_SNAPSHOT_EVERY", "-1", "whole number from 0"),
+        (
+            "ALARM_LEDGER_LOG_FORMAT",
+            "JSON",
+            "possible values: human, json",
+        ),
         // Far beyond any deadline a clock can hold: refused, not a panic per connection.
         (
             "ALARM_LEDGER_WS_PING_INTERVAL",
@@ -251,8 +269,19 @@ fn containerfile_matches_the_build() {
     assert!(cf.contains("ALARM_LEDGER_LISTEN=0.0.0.0:8080"));
     assert!(cf.contains("VOLUME /data"));
     assert!(cf.contains("ALARM_LEDGER_DATA=/data"));
-    assert!(cf.contains("http://127.0.0.1:8080/healthz"));
-    assert!(cf.contains("USER ledger"));
+    assert!(cf.contains("http://127.0.0.1:${ALARM_LEDGER_LISTEN##*:}/healthz"));
+    assert!(cf.contains("USER 10001:10001"));
+    assert!(
+        cf.contains("--format docker"),
+        "HEALTHCHECK survives the documented build"
+    );
+    // The health check's port expansion yields the listen port (POSIX sh, as the image runs it).
+    let out = Command::new("sh")
+        .args(["-c", "echo \"${ALARM_LEDGER_LISTEN##*:}\""])
+        .env("ALARM_LEDGER_LISTEN", "0.0.0.0:9090")
+        .output()
+        .expect("sh");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "9090");
     // Every directory the build stage copies exists, and every env var it sets is a known one.
     for dir in ["src", "benches"] {
         assert!(

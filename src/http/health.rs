@@ -28,14 +28,14 @@ pub async fn healthz(state: &State) -> Result<Response, ApiError> {
 
 pub async fn readyz(state: &State) -> Result<Response, ApiError> {
     let accepting = state.accepting.load(Ordering::Relaxed);
-    let head = state.ledger.head().offset;
-    let projection = state.ledger.read_model().projection.offset();
-    let caught_up = projection == head;
+    // Both under one guard: the writer moves them together, and two reads could straddle a
+    // commit (a spurious "not caught up" under write load).
+    let (head, caught_up) = {
+        let m = state.ledger.read_model();
+        (m.head.offset, m.projection.offset() == m.head.offset)
+    };
     let storage_ok = !state.ledger.is_degraded();
-    let dir = state.settings.data_dir.clone();
-    let disk_writable = tokio::task::spawn_blocking(move || probe_writable(&dir))
-        .await
-        .unwrap_or(false);
+    let disk_writable = state.disk_probe.writable().await;
     let integrity_failure = state.ledger.integrity_failure();
     let integrity = match (&integrity_failure, state.ledger.is_verified()) {
         (Some(_), _) => "failed",
@@ -63,6 +63,55 @@ pub async fn readyz(state: &State) -> Result<Response, ApiError> {
     Ok(warp::reply::with_status(warp::reply::json(&body), status).into_response())
 }
 
+/// The "disk writable" check of `/readyz`. It writes and syncs a file on the ledger's own disk,
+/// and `/readyz` is unauthenticated and often public: so at most one probe runs at a time, its
+/// result serves every request for `PROBE_TTL`, and a probe that hangs (a stuck disk) answers
+/// "not writable" after `PROBE_TIMEOUT` and is never started again while it hangs, instead of
+/// holding a blocking thread per request.
+pub struct DiskProbe {
+    dir: std::path::PathBuf,
+    gate: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+const PROBE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl DiskProbe {
+    pub fn new(dir: std::path::PathBuf) -> DiskProbe {
+        DiskProbe {
+            dir,
+            gate: tokio::sync::Mutex::new(None),
+            running: Default::default(),
+        }
+    }
+
+    pub async fn writable(&self) -> bool {
+        let mut last = self.gate.lock().await;
+        if let Some((at, ok)) = *last {
+            if at.elapsed() < PROBE_TTL {
+                return ok;
+            }
+        }
+        let ok = if self.running.swap(true, Ordering::SeqCst) {
+            false // the previous probe still hangs
+        } else {
+            let (dir, running) = (self.dir.clone(), self.running.clone());
+            let probe = tokio::task::spawn_blocking(move || {
+                let ok = probe_writable(&dir);
+                running.store(false, Ordering::SeqCst);
+                ok
+            });
+            matches!(
+                tokio::time::timeout(PROBE_TIMEOUT, probe).await,
+                Ok(Ok(true))
+            )
+        };
+        *last = Some((std::time::Instant::now(), ok));
+        ok
+    }
+}
+
 /// Creates, syncs and removes a small file in the data directory.
 fn probe_writable(dir: &std::path::Path) -> bool {
     use std::io::Write;
@@ -85,4 +134,26 @@ pub async fn metrics(state: &State) -> Result<Response, ApiError> {
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
     )
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_disk_probe_answers_and_caches_its_answer() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let probe = DiskProbe::new(dir.clone());
+        assert!(probe.writable().await);
+        // Within the cache's lifetime the answer stands, even though the directory is gone.
+        std::fs::remove_dir_all(&dir).expect("rm");
+        assert!(probe.writable().await, "cached");
+        tokio::time::sleep(PROBE_TTL + std::time::Duration::from_millis(50)).await;
+        assert!(
+            !probe.writable().await,
+            "probed again after the cache expired"
+        );
+    }
 }

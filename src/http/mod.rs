@@ -152,6 +152,8 @@ pub struct AppState {
     pub connections: Arc<Connections>,
     /// Permits of the streamed answers (`stream::MAX_STREAMS`): each holds a blocking thread.
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// `/readyz`'s disk check, shared and rate-limited.
+    pub disk_probe: health::DiskProbe,
 }
 
 /// Counts live WebSocket connection tasks (they are spawned apart from the HTTP server's).
