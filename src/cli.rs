@@ -3,7 +3,8 @@
 //! clear message instead of hanging or tripping over sled. They are the binary's: the process
 //! exits when one returns (`release_at_exit`).
 
-use crate::auth::{NewSecurityEntry, Role, SecurityAction, SecurityLog, UserStore};
+use crate::auth::{NewSecurityEntry, SecurityAction, SecurityLog, UserStore};
+use crate::config::AsOf;
 use crate::config::{BackupArgs, ExportArgs, ExportFormat, UserAction, UserArgs, VerifyArgs};
 use crate::error::{Error, Result};
 use crate::export::{self, EventFilter};
@@ -57,15 +58,22 @@ fn read_password(given: Option<String>) -> Result<String> {
 }
 
 pub fn user(args: UserArgs) -> Result<()> {
+    // What the operator gives is read and checked before the directory is locked and opened: a
+    // weak password is a usage error (exit 2), not a failure after sled was opened.
+    let new_password = match &args.action {
+        UserAction::Add { password, .. } | UserAction::Passwd { password, .. } => {
+            let pw = read_password(password.clone())?;
+            crate::auth::password::validate_password(&pw)
+                .map_err(|e| Error::Config(format!("password: {e}")))?;
+            Some(pw)
+        }
+        _ => None,
+    };
     let dir = DataDir::lock_existing(&args.data.data)?;
     let log = open(&dir)?;
     let users = UserStore::open(log.db()).map_err(|e| Error::Storage(e.to_string()))?;
     let security = SecurityLog::open(log.db(), log.info().ledger_id)
         .map_err(|e| Error::Storage(e.to_string()))?;
-    let role = |s: &str| {
-        s.parse::<Role>()
-            .map_err(|_| Error::Other(format!("role must be admin, operator or viewer, got {s:?}")))
-    };
     // `role`: the role given (creation, role change), recorded like the HTTP routes do.
     let audit_with = |action: SecurityAction, target: &str, role: Option<(&str, &str)>| {
         let mut e = NewSecurityEntry::new(action)
@@ -83,13 +91,8 @@ pub fn user(args: UserArgs) -> Result<()> {
     let audit = |action: SecurityAction, target: &str| audit_with(action, target, None);
     let auth = |e: crate::auth::AuthError| Error::Other(e.to_string());
     match args.action {
-        UserAction::Add {
-            name,
-            role: r,
-            password,
-        } => {
-            let r = role(&r)?;
-            let pw = read_password(password)?;
+        UserAction::Add { name, role: r, .. } => {
+            let pw = new_password.unwrap_or_default();
             let info = users.add(&name, &pw, r).map_err(auth)?;
             audit_with(
                 SecurityAction::UserCreated,
@@ -109,14 +112,13 @@ pub fn user(args: UserArgs) -> Result<()> {
                 );
             }
         }
-        UserAction::Passwd { name, password } => {
-            let pw = read_password(password)?;
+        UserAction::Passwd { name, .. } => {
+            let pw = new_password.unwrap_or_default();
             users.set_password(&name, &pw).map_err(auth)?;
             audit(SecurityAction::UserPasswordChanged, &name)?;
             println!("password changed for {name}");
         }
         UserAction::Role { name, role: r } => {
-            let r = role(&r)?;
             users.set_role(&name, r).map_err(auth)?;
             audit_with(
                 SecurityAction::UserRoleChanged,
@@ -199,19 +201,10 @@ fn write_export(log: &SledLog, args: &ExportArgs, out: &mut impl Write) -> Resul
     let head = log.head()?.offset;
     let ledger_id = log.info().ledger_id;
     if args.state {
-        let offset = match args.as_of.as_deref() {
+        let offset = match args.as_of {
             None => head,
-            Some(v) => match v.parse::<u64>() {
-                Ok(n) => n.min(head),
-                Err(_) => {
-                    let t = Timestamp::parse_rfc3339(v).ok_or_else(|| {
-                        Error::Config(format!(
-                            "--as-of expects an offset or an RFC 3339 time, got {v:?}"
-                        ))
-                    })?;
-                    export::offset_at_time(log, head, t)?
-                }
-            },
+            Some(AsOf::Offset(n)) => n.min(head),
+            Some(AsOf::Time(t)) => export::offset_at_time(log, head, t)?,
         };
         let p = export::state_as_of(log, offset)?;
         let alarms: Vec<_> = p.alarms_sorted().iter().map(|a| a.to_json()).collect();

@@ -135,8 +135,8 @@ pub enum UserAction {
     /// Add a user (password from --password, ALARM_LEDGER_NEW_PASSWORD, or stdin).
     Add {
         name: String,
-        #[arg(long, default_value = "viewer")]
-        role: String,
+        #[arg(long, default_value = "viewer", value_parser = parse_role)]
+        role: crate::auth::Role,
         #[arg(long, env = "ALARM_LEDGER_NEW_PASSWORD", hide_env_values = true)]
         password: Option<String>,
     },
@@ -149,7 +149,11 @@ pub enum UserAction {
         password: Option<String>,
     },
     /// Change a role.
-    Role { name: String, role: String },
+    Role {
+        name: String,
+        #[arg(value_parser = parse_role)]
+        role: crate::auth::Role,
+    },
     /// Disable (or with --enable, re-enable) a user.
     Disable {
         name: String,
@@ -192,8 +196,8 @@ pub struct ExportArgs {
     #[arg(long, conflicts_with_all = ["from", "to", "since", "until", "alarm", "actor", "format"])]
     pub state: bool,
     /// With --state: an offset or an RFC 3339 time (default: head).
-    #[arg(long, requires = "state")]
-    pub as_of: Option<String>,
+    #[arg(long, requires = "state", value_parser = parse_as_of)]
+    pub as_of: Option<AsOf>,
 }
 
 #[derive(Debug, Args)]
@@ -211,7 +215,31 @@ pub struct BackupArgs {
     pub to: PathBuf,
 }
 
+/// A point of the log: an offset, or a time (the last event at or before it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AsOf {
+    Offset(u64),
+    Time(crate::time::Timestamp),
+}
+
 // ------------------------------------------------------------------ parsers
+
+fn parse_role(s: &str) -> Result<crate::auth::Role, String> {
+    s.parse()
+        .map_err(|_| format!("expected admin, operator or viewer, got {s:?}"))
+}
+
+fn parse_as_of(s: &str) -> Result<AsOf, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(AsOf::Offset)
+            .map_err(|_| format!("offset {s:?} is too large"));
+    }
+    crate::time::Timestamp::parse_rfc3339(s)
+        .map(AsOf::Time)
+        .ok_or_else(|| format!("expected an offset or an RFC 3339 time, got {s:?}"))
+}
 
 /// A whole number in `min..=max`, with a message that says so (clap's own says only "invalid
 /// digit found in string" for `zero`, and nothing of the range).

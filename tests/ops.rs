@@ -302,3 +302,78 @@ fn containerfile_matches_the_build() {
     assert!(fly.contains("internal_port = 8080"));
     assert!(fly.contains("destination = \"/data\""));
 }
+
+/// The offline commands check what the operator gave before they lock or open anything: a bad
+/// role, a weak password or a bad `--as-of` is a usage error (exit 2) even on a directory that
+/// does not exist.
+#[test]
+fn offline_commands_check_their_values_before_opening_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("not-a-ledger");
+    let data_s = data.display().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "user",
+                "--data",
+                &data_s,
+                "add",
+                "bob",
+                "--role",
+                "boss",
+                "--password",
+                "long enough password",
+            ],
+            "admin, operator or viewer",
+        ),
+        (
+            &["user", "--data", &data_s, "role", "bob", "boss"],
+            "admin, operator or viewer",
+        ),
+        (
+            &[
+                "user",
+                "--data",
+                &data_s,
+                "add",
+                "bob",
+                "--password",
+                "short",
+            ],
+            "password",
+        ),
+        (
+            &[
+                "user",
+                "--data",
+                &data_s,
+                "passwd",
+                "bob",
+                "--password",
+                "short",
+            ],
+            "password",
+        ),
+        (
+            &[
+                "export",
+                "--data",
+                &data_s,
+                "--state",
+                "--as-of",
+                "yesterday",
+            ],
+            "offset or an RFC 3339 time",
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = run_bin(args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected {expect:?} in {err}"
+        );
+        assert!(!data.exists(), "{args:?}: the directory was created");
+    }
+}
