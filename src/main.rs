@@ -44,10 +44,10 @@ fn run_server(args: config::ServeArgs) -> Result<(), Error> {
         .enable_all()
         .thread_name("alarm-ledger")
         .build()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         // Before anything is opened: a signal during start-up or right after it must stop the
         // server gracefully, not kill it (see shutdown.rs).
-        let signals = shutdown::Signals::install();
+        let mut signals = shutdown::Signals::install();
         let app = Application::build(&args).await?;
         let addr = app.local_addr();
         tracing::info!(%addr, data = %args.data.data.display(), "alarm-ledger listening");
@@ -59,6 +59,14 @@ fn run_server(args: config::ServeArgs) -> Result<(), Error> {
         eprintln!(
             "  Log in: curl -s -X POST http://{addr}/api/v1/login -H 'content-type: application/json' -d '{{\"username\":\"admin\",\"password\":\"...\"}}'"
         );
-        app.run_until_stopped(signals.wait()).await
-    })
+        let stop = async move {
+            signals.wait().await;
+            shutdown::exit_on_second(signals);
+        };
+        app.run_until_stopped(stop).await
+    });
+    // Blocking work still running (a writer past the shutdown deadline, a stuck disk probe)
+    // must not hold the exit: the runtime's own drop would wait for it without a bound.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }

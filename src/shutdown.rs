@@ -4,6 +4,10 @@
 //! the shutdown future is first polled: a SIGTERM that arrived between "listening" and that poll
 //! met the default disposition and killed the process without a graceful stop (no final
 //! snapshot, connections reset).
+//!
+//! A second signal during the graceful stop ends the process at once (exit 1): an operator
+//! pressing Ctrl-C twice means it. What was acknowledged is durable anyway; the next start
+//! replays the log's tail instead of loading a final snapshot.
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -29,8 +33,8 @@ impl Signals {
         }
     }
 
-    /// Resolves at the first SIGTERM or SIGINT.
-    pub async fn wait(mut self) {
+    /// Resolves at the next SIGTERM or SIGINT.
+    pub async fn wait(&mut self) {
         async fn recv(s: &mut Option<Signal>) {
             match s {
                 Some(s) => {
@@ -44,4 +48,14 @@ impl Signals {
             _ = recv(&mut self.int) => tracing::info!("SIGINT"),
         }
     }
+}
+
+/// After the first signal: the next one exits the process at once.
+pub fn exit_on_second(mut signals: Signals) {
+    tokio::spawn(async move {
+        signals.wait().await;
+        tracing::warn!("second signal during shutdown: exiting now");
+        eprintln!("second signal during shutdown: exiting now");
+        std::process::exit(1);
+    });
 }

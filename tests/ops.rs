@@ -377,3 +377,64 @@ fn offline_commands_check_their_values_before_opening_the_directory() {
         assert!(!data.exists(), "{args:?}: the directory was created");
     }
 }
+
+/// A second SIGTERM during the graceful stop ends the process at once with exit code 1. Here
+/// the stop is held up by a WebSocket client that never answers the server's Close (the server
+/// waits up to 2 s for it); without the second-signal exit the process would end 0, later.
+#[tokio::test]
+async fn a_second_sigterm_during_shutdown_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let (mut child, addr) = start_server(&data);
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("http://{addr}/api/v1/login"))
+        .json(&serde_json::json!({"username": "admin", "password": ADMIN_PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    let token = r.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/ws?access_token={token}"))
+            .await
+            .unwrap();
+    assert_eq!(recv_json(&mut ws).await.unwrap()["type"], "hello");
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still draining the silent client"
+    );
+    let second = Instant::now();
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            second.elapsed() < Duration::from_secs(5),
+            "the second SIGTERM did not end the process"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        second.elapsed() < Duration::from_millis(1_000),
+        "ended {:?} after the second signal: that is the graceful path, not the forced exit",
+        second.elapsed()
+    );
+    assert_eq!(status.code(), Some(1));
+    drop(ws);
+    // What was acknowledged before is intact: the directory verifies.
+    let out = run_bin(&["verify", "--data", &data], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
