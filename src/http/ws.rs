@@ -218,8 +218,29 @@ async fn reject(mut socket: WebSocket, denied: Denied) {
         Denied::Unavailable(_) => CLOSE_INTERNAL,
         _ => CLOSE_UNAUTHORIZED,
     };
-    let _ = socket.send(close_msg(code, denied.reason())).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), socket.close(None)).await;
+    let _ = tokio::time::timeout(CLOSE_LINGER, socket.send(close_msg(code, denied.reason()))).await;
+    // The client may already have sent frames (it had the 101): read them, or the close below
+    // would reset the connection and could destroy the 4001 on its way.
+    closing_handshake(&mut socket).await;
+}
+
+/// How long the closing handshake may take (our Close out, the client's Close back).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// The closing handshake after our Close frame: read (and drop) what the client still sends
+/// until its Close comes back, bounded by `CLOSE_LINGER`. Closing a TCP socket with unread
+/// input sends a reset, which can destroy the answers and the Close frame still on their way
+/// to the client.
+async fn closing_handshake(socket: &mut WebSocket) {
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        let _ = SinkExt::close(&mut *socket).await;
+        while let Some(Ok(msg)) = socket.next().await {
+            if msg.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 struct ConnMeta {
@@ -282,26 +303,12 @@ impl Connection {
         let how = match end {
             End::Gone => "peer gone".to_string(),
             End::Close(code, reason) => {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    socket.send(close_msg(code, &reason)),
-                )
-                .await;
+                let _ =
+                    tokio::time::timeout(CLOSE_LINGER, socket.send(close_msg(code, &reason))).await;
                 format!("closed {code} {reason}")
             }
         };
-        // The closing handshake: read (and drop) what the client still sends until its Close
-        // comes back. Closing a TCP socket with unread input sends a reset, which can destroy
-        // the answers and the Close frame still on their way to the client.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = SinkExt::close(&mut socket).await;
-            while let Some(Ok(msg)) = socket.next().await {
-                if msg.is_close() {
-                    break;
-                }
-            }
-        })
-        .await;
+        closing_handshake(&mut socket).await;
         metrics.ws_connections.dec();
         tracing::info!(end = %how, "websocket disconnected");
     }

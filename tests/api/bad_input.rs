@@ -493,6 +493,57 @@ async fn websocket_without_a_valid_token_is_closed_4001_not_refused() {
     assert_serves(&app).await;
 }
 
+/// A rejected client that already sent frames still gets its 4001 and an orderly end: the
+/// server reads (and drops) what the client sent until the client's Close instead of closing
+/// the TCP socket with unread input, which sends a reset (and a reset can destroy the close
+/// frame on its way: the client would see "network down" instead of "log in again").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_client_that_already_sent_frames_gets_4001_and_no_reset() {
+    use alarm_ledger::auth::{Role, TokenService};
+    let app = spawn_app().await;
+    let expired = TokenService::new(SECRET.as_bytes().to_vec(), chrono::Duration::minutes(1))
+        .issue(
+            "admin",
+            Role::Admin,
+            chrono::Utc::now() - chrono::Duration::hours(2),
+        )
+        .unwrap()
+        .token;
+    for i in 0..30 {
+        let (bearer, reason) = if i % 2 == 0 {
+            (expired.as_str(), "token expired")
+        } else {
+            ("garbage", "unauthorized")
+        };
+        let mut ws = ws_connect(&app, Some(bearer), "").await;
+        for n in 0..3 {
+            let msg = json!({"type": "ping", "req": n}).to_string();
+            if let Err(e) = ws.send(Message::text(msg)).await {
+                panic!("round {i}: send {n} failed (the server reset the connection?): {e}");
+            }
+        }
+        let msg = timeout(STEP, futures_util::StreamExt::next(&mut ws))
+            .await
+            .expect("close in time");
+        match msg {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 4001, "round {i}");
+                assert_eq!(f.reason.as_str(), reason, "round {i}");
+            }
+            other => panic!("round {i}: expected a 4001 close, got {other:?}"),
+        }
+        // Our reading answers the Close; then the server ends the TCP connection in order
+        // (end of stream), not with a reset.
+        match timeout(STEP, futures_util::StreamExt::next(&mut ws)).await {
+            Ok(None) => {}
+            Ok(Some(Err(e))) => panic!("round {i}: the connection ended with {e}, not in order"),
+            Ok(Some(Ok(m))) => panic!("round {i}: unexpected {m:?} after the close"),
+            Err(_) => panic!("round {i}: the server never ended the connection"),
+        }
+    }
+    assert_serves(&app).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_users_live_socket_is_closed_4001() {
     let app = spawn_app().await;
