@@ -268,7 +268,7 @@ struct Connection {
     /// no task or channel between the broadcast and the socket.
     sub: Option<Subscription>,
     malformed: VecDeque<Instant>,
-    /// Token bucket for commands: (tokens, last refill).
+    /// Token bucket for commands, subscribes and refreshes: (tokens, last refill).
     bucket: (f64, Instant),
     expires_at: Instant,
     expires_at_text: String,
@@ -511,19 +511,19 @@ impl Connection {
                     self.subscribe(&req, from, ledger_id, from_hash, snapshot)
                         .await
                 } else {
-                    self.state.metrics.rejected("rate_limited");
-                    Some(protocol::error(
-                        &req,
-                        "rate_limited",
-                        "too many subscribes and commands on this connection; slow down",
-                    ))
+                    Some(self.rate_limited(&req))
                 }
             }
             ClientMessage::Unsubscribe {} => {
                 self.stop_subscription();
                 Some(protocol::ok_plain(&req, Map::new()))
             }
-            ClientMessage::Refresh { token } => Some(self.refresh(&req, &token).await),
+            // A refresh appends a security-log entry (with a disk sync): the same budget.
+            ClientMessage::Refresh { token } => Some(if self.take_token() {
+                self.refresh(&req, &token).await
+            } else {
+                self.rate_limited(&req)
+            }),
             command => self.command(req, command),
         };
         if let Some(text) = reply {
@@ -718,6 +718,16 @@ impl Connection {
             }
         }));
         None
+    }
+
+    /// The answer to a subscribe or refresh beyond the connection's budget.
+    fn rate_limited(&self, req: &Req) -> String {
+        self.state.metrics.rejected("rate_limited");
+        protocol::error(
+            req,
+            "rate_limited",
+            "too many commands, subscribes and refreshes on this connection; slow down",
+        )
     }
 
     fn take_token(&mut self) -> bool {

@@ -333,6 +333,74 @@ async fn command_flood_is_rate_limited_per_connection() {
     assert_serves(&app).await;
 }
 
+/// Refreshes made over WebSockets, as recorded in the security log.
+async fn ws_refreshes_logged(app: &TestApp) -> usize {
+    let (s, text) = timeout(STEP, app.get_text(&app.admin_token, "/api/v1/security-log"))
+        .await
+        .expect("security log in time");
+    assert_eq!(s, 200, "{text}");
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter(|e| e["action"] == "token_refreshed" && e["details"]["via"] == "websocket")
+        .count()
+}
+
+/// Each refresh appends a security-log entry (with a disk sync): a refresh flood spends the
+/// connection's budget like commands and subscribes, and what is refused is not logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_flood_is_rate_limited_and_logs_at_most_the_budget() {
+    let app = spawn_app_with(&["--ws-command-rate", "5"]).await;
+    let (s, fresh) = app
+        .post(&app.admin_token, "/api/v1/token/refresh", json!({}))
+        .await;
+    assert_eq!(s, 200, "{fresh}");
+    let token = fresh["token"].as_str().expect("token").to_string();
+    let before = ws_refreshes_logged(&app).await;
+    let (mut ws, _) = app.ws(&app.admin_token).await;
+    const N: usize = 40;
+    let started = tokio::time::Instant::now();
+    for i in 0..N {
+        send_json(
+            &mut ws,
+            json!({"type": "refresh", "req": i, "token": token}),
+        )
+        .await;
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for _ in 0..N {
+        let v = next_json(&mut ws, STEP).await;
+        match v["type"].as_str() {
+            Some("ok") => ok += 1,
+            Some("error") => {
+                assert_eq!(v["code"], "rate_limited", "{v}");
+                limited += 1;
+            }
+            _ => panic!("{v}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The burst (5) plus what refilled (5 per second) while the flood was answered.
+    let budget = 5 + (5.0 * elapsed).ceil() as usize;
+    assert!(
+        (5..=budget).contains(&ok),
+        "{ok} refreshes accepted, budget {budget} ({elapsed:.2} s)"
+    );
+    assert_eq!(ok + limited, N);
+    let logged = ws_refreshes_logged(&app).await - before;
+    assert_eq!(logged, ok, "one security-log entry per accepted refresh");
+    // The connection stays open, and once the budget refills a refresh works again.
+    sleep(Duration::from_millis(400)).await;
+    let v = ask(
+        &mut ws,
+        json!({"type": "refresh", "req": "later", "token": token}),
+    )
+    .await;
+    assert_eq!(v["type"], "ok", "{v}");
+    assert_eq!(ws_refreshes_logged(&app).await - before, ok + 1);
+    assert_serves(&app).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_http_bodies_and_queries_are_400() {
     let app = spawn_app().await;
