@@ -24,6 +24,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -35,6 +36,11 @@ use warp::Reply;
 type WebSocket = WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
 
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// RFC 6455 "protocol error": a frame that breaks the framing rules (reserved bits or opcodes,
+/// a continuation without a start, an unmasked frame, ...).
+pub const CLOSE_PROTOCOL: u16 = 1002;
+/// RFC 6455 "invalid frame payload data": a text frame that is not UTF-8.
+pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 /// RFC 6455 "internal error": the server could not check the user (storage failure); not a
@@ -221,7 +227,7 @@ async fn reject(mut socket: WebSocket, denied: Denied) {
     let _ = tokio::time::timeout(CLOSE_LINGER, socket.send(close_msg(code, denied.reason()))).await;
     // The client may already have sent frames (it had the 101): read them, or the close below
     // would reset the connection and could destroy the 4001 on its way.
-    closing_handshake(&mut socket).await;
+    closing_handshake(&mut socket, false).await;
 }
 
 /// How long the closing handshake may take (our Close out, the client's Close back).
@@ -230,12 +236,24 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// The closing handshake after our Close frame: read (and drop) what the client still sends
 /// until its Close comes back, bounded by `CLOSE_LINGER`. Closing a TCP socket with unread
 /// input sends a reset, which can destroy the answers and the Close frame still on their way
-/// to the client.
-async fn closing_handshake(socket: &mut WebSocket) {
+/// to the client. Once the frames no longer parse (`unreadable`: a read failed, e.g. the rest
+/// of an oversized frame is still coming), the bytes are read raw and dropped until the client
+/// closes.
+async fn closing_handshake(socket: &mut WebSocket, mut unreadable: bool) {
+    use tokio::io::AsyncReadExt;
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
         let _ = SinkExt::close(&mut *socket).await;
-        while let Some(Ok(msg)) = socket.next().await {
-            if msg.is_close() {
+        while !unreadable {
+            match socket.next().await {
+                Some(Ok(msg)) if msg.is_close() => return,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => unreadable = true,
+                None => return,
+            }
+        }
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.get_mut().read(&mut buf).await {
+            if n == 0 {
                 break;
             }
         }
@@ -273,6 +291,8 @@ struct Connection {
     expires_at: Instant,
     expires_at_text: String,
     warned: bool,
+    /// A read failed (bad frame, oversized frame): what the client sends next no longer parses.
+    unreadable: bool,
 }
 
 impl Connection {
@@ -290,6 +310,7 @@ impl Connection {
             expires_at,
             expires_at_text,
             warned: false,
+            unreadable: false,
         }
     }
 
@@ -308,7 +329,7 @@ impl Connection {
                 format!("closed {code} {reason}")
             }
         };
-        closing_handshake(&mut socket).await;
+        closing_handshake(&mut socket, self.unreadable).await;
         metrics.ws_connections.dec();
         tracing::info!(end = %how, "websocket disconnected");
     }
@@ -410,11 +431,11 @@ impl Connection {
                 frame = ws.next() => {
                     let msg = match frame {
                         Some(Ok(msg)) => msg,
-                        // Beyond the transport's backstop: still a message over the size limit.
-                        Some(Err(e)) if is_too_large(&e) => {
-                            return End::Close(CLOSE_POLICY, "message too large".into());
+                        Some(Err(e)) => {
+                            self.unreadable = true;
+                            return read_failed(&e);
                         }
-                        _ => return End::Gone,
+                        None => return End::Gone,
                     };
                     last_seen = Instant::now();
                     if let Some(end) = self.on_frame(ws, msg).await {
@@ -745,9 +766,24 @@ impl Connection {
     }
 }
 
-/// Whether a read error is the transport refusing a message or frame over its size limit.
-fn is_too_large(e: &WsError) -> bool {
-    matches!(e, WsError::Capacity(_))
+/// How a failed read ends the connection. The transport refused what the client sent: a
+/// message or frame over its size limit is still "a message over the size limit" (1008), a text
+/// frame that is not UTF-8 is 1007, any other violation of RFC 6455 is 1002. Otherwise the
+/// connection broke and there is nobody to tell.
+fn read_failed(e: &WsError) -> End {
+    match e {
+        WsError::Capacity(_) => End::Close(CLOSE_POLICY, "message too large".into()),
+        WsError::Utf8(_) => End::Close(
+            CLOSE_INVALID_PAYLOAD,
+            "text frame is not valid UTF-8".into(),
+        ),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        WsError::Protocol(p) => {
+            tracing::info!(error = %p, "websocket protocol violation");
+            End::Close(CLOSE_PROTOCOL, "protocol error".into())
+        }
+        _ => End::Gone,
+    }
 }
 
 /// The next subscription item (`None`: the ledger is shutting down), or pending forever when

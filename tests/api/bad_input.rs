@@ -235,6 +235,52 @@ async fn huge_message_beyond_the_transport_limit_closes_1008() {
     assert_serves(&app).await;
 }
 
+/// Frames the transport itself refuses end with a close code, not a silently dropped
+/// connection: a text frame that is not UTF-8 → 1007 (invalid payload), a protocol violation
+/// (continuation without a start, unknown opcode, reserved bits set) → 1002.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_closes_1007_and_protocol_violations_close_1002() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let app = spawn_app().await;
+    let text = |payload: &[u8]| Frame::message(payload.to_vec(), OpCode::Data(Data::Text), true);
+    let mut rsv1 = text(br#"{"type":"ping"}"#);
+    rsv1.header_mut().rsv1 = true;
+    let cases: Vec<(&str, Frame, u16)> = vec![
+        (
+            "invalid UTF-8",
+            text(b"{\"type\":\"ping\",\"req\":\"\xff\xfe\"}"),
+            1007,
+        ),
+        // An overlong encoding and a lone surrogate are not UTF-8 either.
+        ("overlong UTF-8", text(b"\xc0\xaf"), 1007),
+        ("surrogate", text(b"\xed\xa0\x80"), 1007),
+        (
+            "continuation without a start",
+            Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), true),
+            1002,
+        ),
+        (
+            "reserved opcode",
+            Frame::message(b"x".to_vec(), OpCode::Data(Data::Reserved(3)), true),
+            1002,
+        ),
+        ("reserved bit", rsv1, 1002),
+    ];
+    for (what, frame, want) in cases {
+        let (mut ws, _) = app.ws(&app.admin_token).await;
+        assert_eq!(
+            ask(&mut ws, json!({"type": "ping", "req": what})).await["type"],
+            "pong"
+        );
+        ws.send(Message::Frame(frame)).await.expect("ws send");
+        let (code, texts) = read_to_close(&mut ws, STEP).await;
+        assert_eq!(code, Some(want), "{what}: {texts:?}");
+        assert!(texts.is_empty(), "{what}: {texts:?}");
+    }
+    assert_serves(&app).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_flood_is_rate_limited_per_connection() {
     let app = spawn_app_with(&["--ws-command-rate", "5"]).await;
