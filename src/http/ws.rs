@@ -71,12 +71,18 @@ pub fn is_upgrade<B>(req: &hyper::Request<B>) -> bool {
         && h.get("sec-websocket-key").is_some()
 }
 
+/// What the transport accepts beyond our own message limit: a message a little over the limit
+/// is read whole and refused by our check (the stream stays in step); one further over is
+/// refused by the transport as soon as its frame header announces the size, so the server
+/// never buffers more than the limit and this margin.
+const TRANSPORT_MARGIN: usize = 4 * 1024;
+
 /// The transport configuration of every socket: small buffers (tungstenite's default 128 KiB
 /// read buffer is filled at the first read; with 10,000 connections that alone is 1.3 GB),
-/// and a message limit well above ours so an oversized message reaches our own check and gets a
-/// clean 1008 close instead of a broken stream.
+/// and a message limit just above ours (`TRANSPORT_MARGIN`); either way an oversized message
+/// is closed with 1008.
 fn transport_config(limit: usize) -> WebSocketConfig {
-    let backstop = limit.saturating_mul(4).max(1 << 20);
+    let backstop = limit.saturating_add(TRANSPORT_MARGIN);
     WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
         .max_message_size(Some(backstop))
