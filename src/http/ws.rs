@@ -7,8 +7,9 @@
 //! The subscription (`ledger::Subscription`: replay → live → replay on lag) is polled directly in
 //! that `select!` (it is cancel-safe), so a connection holds at most two chunks in memory (one
 //! being sent, one read ahead) and an event costs one task wake-up per subscriber. Writing to a client that does not read blocks
-//! only its own task; if one write takes longer than the stall limit the socket is closed with
-//! 4008 and the client resumes from its last offset.
+//! only its own task; if the client takes no bytes for the stall limit while a write waits
+//! (`Tracked` notes each write the kernel accepted), the socket is closed with 4008 and the
+//! client resumes from its last offset. A slow reader that keeps taking bytes is not stalled.
 
 use super::session::{bearer, check_token, Denied, Principal};
 use super::State;
@@ -22,6 +23,10 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Map};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -33,7 +38,7 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 use warp::Reply;
 
-type WebSocket = WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+type WebSocket = WebSocketStream<Tracked>;
 
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// RFC 6455 "protocol error": a frame that breaks the framing rules (reserved bits or opcodes,
@@ -185,12 +190,11 @@ pub fn upgrade(
                     return;
                 }
             };
-            let socket = WebSocketStream::from_raw_socket(
-                hyper_util::rt::TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
+            let io = Tracked {
+                io: hyper_util::rt::TokioIo::new(upgraded),
+                progress: Arc::new(Progress::new()),
+            };
+            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             match auth {
                 Err(denied) => reject(socket, denied).await,
                 Ok(principal) => {
@@ -495,11 +499,7 @@ impl Connection {
     }
 
     /// Handles one client frame; `Some(end)` ends the connection.
-    async fn on_frame(
-        &mut self,
-        sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
-        msg: Message,
-    ) -> Option<End> {
+    async fn on_frame(&mut self, sink: &mut WebSocket, msg: Message) -> Option<End> {
         let stall = self.state.settings.ws_stall_timeout;
         if msg.is_close() {
             return Some(End::Gone);
@@ -561,12 +561,7 @@ impl Connection {
         None
     }
 
-    async fn malformed(
-        &mut self,
-        sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
-        req: &Req,
-        why: &str,
-    ) -> Option<End> {
+    async fn malformed(&mut self, sink: &mut WebSocket, req: &Req, why: &str) -> Option<End> {
         let now = Instant::now();
         while self
             .malformed
@@ -809,35 +804,126 @@ enum SendFail {
     Stalled,
 }
 
-fn timed(r: Result<Result<(), WsError>, tokio::time::error::Elapsed>) -> Result<(), SendFail> {
-    match r {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(SendFail::Gone),
-        Err(_) => Err(SendFail::Stalled),
+/// Feeds the texts and flushes once; `Stalled` once the client took no bytes for the stall
+/// limit. A slow reader that keeps taking bytes is not stalled, however long the whole
+/// (replay chunk of up to 1,024 events) takes.
+async fn send(ws: &mut WebSocket, texts: Vec<Utf8Bytes>, stall: Duration) -> Result<(), SendFail> {
+    let progress = ws.get_ref().progress.clone();
+    unless_stalled(stall, &progress, async move {
+        for t in texts {
+            ws.feed(Message::text(t)).await?;
+        }
+        ws.flush().await
+    })
+    .await
+}
+
+async fn send_msg(ws: &mut WebSocket, msg: Message, stall: Duration) -> Result<(), SendFail> {
+    let progress = ws.get_ref().progress.clone();
+    unless_stalled(stall, &progress, ws.send(msg)).await
+}
+
+/// Runs a write to the client to its end, unless the client stalls: no byte taken for `stall`
+/// since the write began or since the kernel last took bytes, whichever is later. The deadline
+/// moves with every progress; the loop ends at the first deadline without any.
+async fn unless_stalled(
+    stall: Duration,
+    progress: &Progress,
+    write: impl std::future::Future<Output = Result<(), WsError>>,
+) -> Result<(), SendFail> {
+    let began = Instant::now();
+    tokio::pin!(write);
+    loop {
+        let deadline = progress.last().max(began) + stall;
+        match tokio::time::timeout_at(deadline, &mut write).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => return Err(SendFail::Gone),
+            Err(_) if progress.last().max(began) + stall <= Instant::now() => {
+                return Err(SendFail::Stalled)
+            }
+            // Bytes went out meanwhile: wait on from the new deadline.
+            Err(_) => {}
+        }
     }
 }
 
-/// Feeds the texts and flushes once, all within the stall limit.
-async fn send(
-    sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
-    texts: Vec<Utf8Bytes>,
-    stall: Duration,
-) -> Result<(), SendFail> {
-    let fut = async {
-        for t in texts {
-            sink.feed(Message::text(t)).await?;
-        }
-        sink.flush().await
-    };
-    timed(tokio::time::timeout(stall, fut).await)
+/// When the kernel last took bytes written to a connection (nanoseconds since `base`).
+struct Progress {
+    base: Instant,
+    last_write: AtomicU64,
 }
 
-async fn send_msg(
-    sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
-    msg: Message,
-    stall: Duration,
-) -> Result<(), SendFail> {
-    timed(tokio::time::timeout(stall, sink.send(msg)).await)
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            base: Instant::now(),
+            last_write: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self) {
+        let ns = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_write.store(ns, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.base + Duration::from_nanos(self.last_write.load(Ordering::Relaxed))
+    }
+}
+
+/// The upgraded connection under tungstenite, noting every write that moved bytes: the stall
+/// limit is time without progress.
+struct Tracked {
+    io: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+    progress: Arc<Progress>,
+}
+
+impl tokio::io::AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.progress.mark();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.progress.mark();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// The token's expiry as a tokio instant and as RFC 3339 text.
