@@ -692,3 +692,149 @@ async fn disabled_users_live_socket_is_closed_4001() {
     );
     assert_serves(&app).await;
 }
+
+/// Slowloris: a client that never finishes its request head (half a request line, headers
+/// trickled a line at a time, or nothing at all) is disconnected after the header read timeout
+/// instead of holding its connection forever. A real server on 127.0.0.1:0 with the
+/// application's state and routes, and the timeout shortened to 1 s (30 s in `serve`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
+    use alarm_ledger::config::{Cli, Command};
+    use alarm_ledger::startup::Application;
+    use clap::Parser;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::time::Instant;
+    const LIMIT: Duration = Duration::from_secs(1);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().display().to_string();
+    let argv = [
+        "alarm-ledger",
+        "serve",
+        "--data",
+        &data,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-password",
+        ADMIN_PASSWORD,
+        "--jwt-secret",
+        SECRET,
+    ];
+    let Command::Serve(args) = Cli::try_parse_from(argv).expect("arguments").command else {
+        panic!("not serve")
+    };
+    let app = Application::build(&args).await.expect("server builds");
+    let state = app.state();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(alarm_ledger::http::server::serve_with(
+        listener,
+        state.clone(),
+        alarm_ledger::http::routes(state.clone()),
+        async move {
+            let _ = stopped.await;
+        },
+        LIMIT,
+    ));
+    /// Reads until the server ends the connection; (bytes, time taken). An error (reset)
+    /// ends it too.
+    async fn until_closed(c: &mut TcpStream, what: &str) -> (Vec<u8>, Duration) {
+        let t = Instant::now();
+        let mut got = Vec::new();
+        match timeout(STEP, c.read_to_end(&mut got)).await {
+            Ok(_) => (got, t.elapsed()),
+            Err(_) => panic!("{what}: the connection is still open after {STEP:?}; got {got:?}"),
+        }
+    }
+
+    // A whole request is answered as usual.
+    let mut whole = TcpStream::connect(addr).await.expect("connect");
+    whole
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let (answer, _) = until_closed(&mut whole, "whole request").await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Half a request line, then nothing.
+    let mut half = TcpStream::connect(addr).await.expect("connect");
+    half.write_all(b"GET /healthz HT").await.expect("write");
+    let (got, took) = until_closed(&mut half, "half a request line").await;
+    assert!(got.is_empty(), "no answer to half a request: {got:?}");
+    assert!(took >= LIMIT - Duration::from_millis(100), "{took:?}");
+
+    // Nothing at all.
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    let (got, _) = until_closed(&mut silent, "nothing sent").await;
+    assert!(got.is_empty(), "{got:?}");
+
+    // Headers trickled a line every 100 ms: the limit is for the whole head, not between bytes.
+    let mut drip = TcpStream::connect(addr).await.expect("connect");
+    drip.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .expect("write");
+    let t = Instant::now();
+    let mut closed = false;
+    for i in 0..50 {
+        // The server closing shows as EOF (or a reset) on a read; a write may still succeed.
+        let mut byte = [0u8; 1];
+        match timeout(Duration::from_millis(100), drip.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => panic!("an answer to an unfinished request"),
+            Err(_) => {}
+        }
+        if drip
+            .write_all(format!("X-Drip-{i}: {i}\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(
+        closed,
+        "a trickling client kept its connection for {:?}",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() < LIMIT * 4,
+        "closed only after {:?}",
+        t.elapsed()
+    );
+
+    // The server still serves.
+    let (s, v) = {
+        let r = reqwest::get(format!("http://{addr}/healthz"))
+            .await
+            .expect("healthz");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    };
+    assert_eq!(s, 200, "{v}");
+    // Shutdown is still graceful: a keep-alive connection that had its answer is closed, and
+    // the server returns (it waits for every connection).
+    let mut kept = TcpStream::connect(addr).await.expect("connect");
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = [0u8; 12];
+    timeout(STEP, kept.read_exact(&mut head))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let _ = stop.send(());
+    timeout(LIMIT / 2, server)
+        .await
+        .expect("server stops at once (not after the header read timeout)")
+        .expect("server task");
+    let (_, _) = until_closed(&mut kept, "kept-alive connection at shutdown").await;
+    let ledger = state.ledger.clone();
+    drop(app);
+    let _ = tokio::task::spawn_blocking(move || ledger.stop()).await;
+}
