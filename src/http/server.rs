@@ -2,11 +2,18 @@
 //! - every accepted socket gets TCP_NODELAY (a small WebSocket frame must not wait for Nagle),
 //! - WebSocket upgrades of `/api/v1/ws` get our tungstenite configuration (`ws::upgrade`: small
 //!   buffers, so idle connections cost a few KiB instead of the default 128 KiB read buffer),
+//! - a client gets `HEADER_READ_TIMEOUT` to send a request's head (slowloris: a connection that
+//!   sends nothing, trickles, or never finishes its request line and headers is closed),
 //! - shutdown is graceful: stop accepting, let in-flight HTTP requests finish.
+//!
+//! The connections are hyper's own HTTP/1 (`hyper::server::conn::http1`), not hyper-util's
+//! `auto` builder: `auto` first reads until it can tell HTTP/1 from an HTTP/2 preface, with no
+//! limit, so a client that sent nothing (or `P` and nothing more) held its connection forever
+//! whatever the header read timeout; and hyper applies that timeout only with a timer, which
+//! neither builder sets by itself. We serve HTTP/1 only anyway.
 
 use super::{ws, State};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,13 +27,35 @@ use warp::reply::Response;
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// How long a client may take to send the head of a request (request line and headers), from
+/// the moment the server waits for it; then the connection is closed without an answer. It
+/// also ends a keep-alive connection idle that long between requests. (An upgraded WebSocket
+/// is no longer HTTP: its own ping and idle limits apply.)
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub async fn serve(
     listener: TcpListener,
     state: State,
     routes: BoxedFilter<(Response,)>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    serve_with(listener, state, routes, shutdown, HEADER_READ_TIMEOUT).await
+}
+
+/// `serve` with another header read timeout (tests use a short one).
+pub async fn serve_with(
+    listener: TcpListener,
+    state: State,
+    routes: BoxedFilter<(Response,)>,
+    shutdown: impl Future<Output = ()>,
+    header_read_timeout: Duration,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    // Graceful shutdown: every connection task holds a receiver; at shutdown each one finishes
+    // the request in flight and closes, and `closed()` resolves when the last one is gone.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -56,17 +85,27 @@ pub async fn serve(
                     tower_service::Service::call(&mut filter, req).await
                 }
             });
-        let conn = auto::Builder::new(TokioExecutor::new())
-            .http1_only()
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let conn = http
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                // The only change is to `true` (or the sender going away: stop as well).
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection error");
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = stop_tx.send(true);
+    drop(stop_rx);
+    stop_tx.closed().await;
 }

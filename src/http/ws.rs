@@ -7,8 +7,9 @@
 //! The subscription (`ledger::Subscription`: replay → live → replay on lag) is polled directly in
 //! that `select!` (it is cancel-safe), so a connection holds at most two chunks in memory (one
 //! being sent, one read ahead) and an event costs one task wake-up per subscriber. Writing to a client that does not read blocks
-//! only its own task; if one write takes longer than the stall limit the socket is closed with
-//! 4008 and the client resumes from its last offset.
+//! only its own task; if the client takes no bytes for the stall limit while a write waits
+//! (`Tracked` notes each write the kernel accepted), the socket is closed with 4008 and the
+//! client resumes from its last offset. A slow reader that keeps taking bytes is not stalled.
 
 use super::session::{bearer, check_token, Denied, Principal};
 use super::State;
@@ -22,8 +23,13 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Map};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -32,9 +38,14 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 use warp::Reply;
 
-type WebSocket = WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+type WebSocket = WebSocketStream<Tracked>;
 
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// RFC 6455 "protocol error": a frame that breaks the framing rules (reserved bits or opcodes,
+/// a continuation without a start, an unmasked frame, ...).
+pub const CLOSE_PROTOCOL: u16 = 1002;
+/// RFC 6455 "invalid frame payload data": a text frame that is not UTF-8.
+pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 /// RFC 6455 "internal error": the server could not check the user (storage failure); not a
@@ -65,12 +76,18 @@ pub fn is_upgrade<B>(req: &hyper::Request<B>) -> bool {
         && h.get("sec-websocket-key").is_some()
 }
 
+/// What the transport accepts beyond our own message limit: a message a little over the limit
+/// is read whole and refused by our check (the stream stays in step); one further over is
+/// refused by the transport as soon as its frame header announces the size, so the server
+/// never buffers more than the limit and this margin.
+const TRANSPORT_MARGIN: usize = 4 * 1024;
+
 /// The transport configuration of every socket: small buffers (tungstenite's default 128 KiB
 /// read buffer is filled at the first read; with 10,000 connections that alone is 1.3 GB),
-/// and a message limit well above ours so an oversized message reaches our own check and gets a
-/// clean 1008 close instead of a broken stream.
+/// and a message limit just above ours (`TRANSPORT_MARGIN`); either way an oversized message
+/// is closed with 1008.
 fn transport_config(limit: usize) -> WebSocketConfig {
-    let backstop = limit.saturating_mul(4).max(1 << 20);
+    let backstop = limit.saturating_add(TRANSPORT_MARGIN);
     WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
         .max_message_size(Some(backstop))
@@ -175,12 +192,11 @@ pub fn upgrade(
                     return;
                 }
             };
-            let socket = WebSocketStream::from_raw_socket(
-                hyper_util::rt::TokioIo::new(upgraded),
-                Role::Server,
-                Some(config),
-            )
-            .await;
+            let io = Tracked {
+                io: hyper_util::rt::TokioIo::new(upgraded),
+                progress: Arc::new(Progress::new()),
+            };
+            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             match auth {
                 Err(denied) => reject(socket, denied).await,
                 Ok(principal) => {
@@ -220,8 +236,41 @@ async fn reject(mut socket: WebSocket, denied: Denied) {
         Denied::Unavailable(_) => CLOSE_INTERNAL,
         _ => CLOSE_UNAUTHORIZED,
     };
-    let _ = socket.send(close_msg(code, denied.reason())).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), socket.close(None)).await;
+    let _ = tokio::time::timeout(CLOSE_LINGER, socket.send(close_msg(code, denied.reason()))).await;
+    // The client may already have sent frames (it had the 101): read them, or the close below
+    // would reset the connection and could destroy the 4001 on its way.
+    closing_handshake(&mut socket, false).await;
+}
+
+/// How long the closing handshake may take (our Close out, the client's Close back).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// The closing handshake after our Close frame: read (and drop) what the client still sends
+/// until its Close comes back, bounded by `CLOSE_LINGER`. Closing a TCP socket with unread
+/// input sends a reset, which can destroy the answers and the Close frame still on their way
+/// to the client. Once the frames no longer parse (`unreadable`: a read failed, e.g. the rest
+/// of an oversized frame is still coming), the bytes are read raw and dropped until the client
+/// closes.
+async fn closing_handshake(socket: &mut WebSocket, mut unreadable: bool) {
+    use tokio::io::AsyncReadExt;
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        let _ = SinkExt::close(&mut *socket).await;
+        while !unreadable {
+            match socket.next().await {
+                Some(Ok(msg)) if msg.is_close() => return,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => unreadable = true,
+                None => return,
+            }
+        }
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.get_mut().read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 struct ConnMeta {
@@ -249,11 +298,13 @@ struct Connection {
     /// no task or channel between the broadcast and the socket.
     sub: Option<Subscription>,
     malformed: VecDeque<Instant>,
-    /// Token bucket for commands: (tokens, last refill).
+    /// Token bucket for commands, subscribes and refreshes: (tokens, last refill).
     bucket: (f64, Instant),
     expires_at: Instant,
     expires_at_text: String,
     warned: bool,
+    /// A read failed (bad frame, oversized frame): what the client sends next no longer parses.
+    unreadable: bool,
 }
 
 impl Connection {
@@ -271,6 +322,7 @@ impl Connection {
             expires_at,
             expires_at_text,
             warned: false,
+            unreadable: false,
         }
     }
 
@@ -284,26 +336,12 @@ impl Connection {
         let how = match end {
             End::Gone => "peer gone".to_string(),
             End::Close(code, reason) => {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    socket.send(close_msg(code, &reason)),
-                )
-                .await;
+                let _ =
+                    tokio::time::timeout(CLOSE_LINGER, socket.send(close_msg(code, &reason))).await;
                 format!("closed {code} {reason}")
             }
         };
-        // The closing handshake: read (and drop) what the client still sends until its Close
-        // comes back. Closing a TCP socket with unread input sends a reset, which can destroy
-        // the answers and the Close frame still on their way to the client.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = SinkExt::close(&mut socket).await;
-            while let Some(Ok(msg)) = socket.next().await {
-                if msg.is_close() {
-                    break;
-                }
-            }
-        })
-        .await;
+        closing_handshake(&mut socket, self.unreadable).await;
         metrics.ws_connections.dec();
         tracing::info!(end = %how, "websocket disconnected");
     }
@@ -405,11 +443,11 @@ impl Connection {
                 frame = ws.next() => {
                     let msg = match frame {
                         Some(Ok(msg)) => msg,
-                        // Beyond the transport's backstop: still a message over the size limit.
-                        Some(Err(e)) if is_too_large(&e) => {
-                            return End::Close(CLOSE_POLICY, "message too large".into());
+                        Some(Err(e)) => {
+                            self.unreadable = true;
+                            return read_failed(&e);
                         }
-                        _ => return End::Gone,
+                        None => return End::Gone,
                     };
                     last_seen = Instant::now();
                     if let Some(end) = self.on_frame(ws, msg).await {
@@ -463,11 +501,7 @@ impl Connection {
     }
 
     /// Handles one client frame; `Some(end)` ends the connection.
-    async fn on_frame(
-        &mut self,
-        sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
-        msg: Message,
-    ) -> Option<End> {
+    async fn on_frame(&mut self, sink: &mut WebSocket, msg: Message) -> Option<End> {
         let stall = self.state.settings.ws_stall_timeout;
         if msg.is_close() {
             return Some(End::Gone);
@@ -506,19 +540,19 @@ impl Connection {
                     self.subscribe(&req, from, ledger_id, from_hash, snapshot)
                         .await
                 } else {
-                    self.state.metrics.rejected("rate_limited");
-                    Some(protocol::error(
-                        &req,
-                        "rate_limited",
-                        "too many subscribes and commands on this connection; slow down",
-                    ))
+                    Some(self.rate_limited(&req))
                 }
             }
             ClientMessage::Unsubscribe {} => {
                 self.stop_subscription();
                 Some(protocol::ok_plain(&req, Map::new()))
             }
-            ClientMessage::Refresh { token } => Some(self.refresh(&req, &token).await),
+            // A refresh appends a security-log entry (with a disk sync): the same budget.
+            ClientMessage::Refresh { token } => Some(if self.take_token() {
+                self.refresh(&req, &token).await
+            } else {
+                self.rate_limited(&req)
+            }),
             command => self.command(req, command),
         };
         if let Some(text) = reply {
@@ -529,12 +563,7 @@ impl Connection {
         None
     }
 
-    async fn malformed(
-        &mut self,
-        sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
-        req: &Req,
-        why: &str,
-    ) -> Option<End> {
+    async fn malformed(&mut self, sink: &mut WebSocket, req: &Req, why: &str) -> Option<End> {
         let now = Instant::now();
         while self
             .malformed
@@ -715,6 +744,16 @@ impl Connection {
         None
     }
 
+    /// The answer to a subscribe or refresh beyond the connection's budget.
+    fn rate_limited(&self, req: &Req) -> String {
+        self.state.metrics.rejected("rate_limited");
+        protocol::error(
+            req,
+            "rate_limited",
+            "too many commands, subscribes and refreshes on this connection; slow down",
+        )
+    }
+
     fn take_token(&mut self) -> bool {
         let rate = f64::from(self.state.settings.ws_command_rate);
         let now = Instant::now();
@@ -730,9 +769,24 @@ impl Connection {
     }
 }
 
-/// Whether a read error is the transport refusing a message or frame over its size limit.
-fn is_too_large(e: &WsError) -> bool {
-    matches!(e, WsError::Capacity(_))
+/// How a failed read ends the connection. The transport refused what the client sent: a
+/// message or frame over its size limit is still "a message over the size limit" (1008), a text
+/// frame that is not UTF-8 is 1007, any other violation of RFC 6455 is 1002. Otherwise the
+/// connection broke and there is nobody to tell.
+fn read_failed(e: &WsError) -> End {
+    match e {
+        WsError::Capacity(_) => End::Close(CLOSE_POLICY, "message too large".into()),
+        WsError::Utf8(_) => End::Close(
+            CLOSE_INVALID_PAYLOAD,
+            "text frame is not valid UTF-8".into(),
+        ),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        WsError::Protocol(p) => {
+            tracing::info!(error = %p, "websocket protocol violation");
+            End::Close(CLOSE_PROTOCOL, "protocol error".into())
+        }
+        _ => End::Gone,
+    }
 }
 
 /// The next subscription item (`None`: the ledger is shutting down), or pending forever when
@@ -752,35 +806,126 @@ enum SendFail {
     Stalled,
 }
 
-fn timed(r: Result<Result<(), WsError>, tokio::time::error::Elapsed>) -> Result<(), SendFail> {
-    match r {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(SendFail::Gone),
-        Err(_) => Err(SendFail::Stalled),
+/// Feeds the texts and flushes once; `Stalled` once the client took no bytes for the stall
+/// limit. A slow reader that keeps taking bytes is not stalled, however long the whole
+/// (replay chunk of up to 1,024 events) takes.
+async fn send(ws: &mut WebSocket, texts: Vec<Utf8Bytes>, stall: Duration) -> Result<(), SendFail> {
+    let progress = ws.get_ref().progress.clone();
+    unless_stalled(stall, &progress, async move {
+        for t in texts {
+            ws.feed(Message::text(t)).await?;
+        }
+        ws.flush().await
+    })
+    .await
+}
+
+async fn send_msg(ws: &mut WebSocket, msg: Message, stall: Duration) -> Result<(), SendFail> {
+    let progress = ws.get_ref().progress.clone();
+    unless_stalled(stall, &progress, ws.send(msg)).await
+}
+
+/// Runs a write to the client to its end, unless the client stalls: no byte taken for `stall`
+/// since the write began or since the kernel last took bytes, whichever is later. The deadline
+/// moves with every progress; the loop ends at the first deadline without any.
+async fn unless_stalled(
+    stall: Duration,
+    progress: &Progress,
+    write: impl std::future::Future<Output = Result<(), WsError>>,
+) -> Result<(), SendFail> {
+    let began = Instant::now();
+    tokio::pin!(write);
+    loop {
+        let deadline = progress.last().max(began) + stall;
+        match tokio::time::timeout_at(deadline, &mut write).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => return Err(SendFail::Gone),
+            Err(_) if progress.last().max(began) + stall <= Instant::now() => {
+                return Err(SendFail::Stalled)
+            }
+            // Bytes went out meanwhile: wait on from the new deadline.
+            Err(_) => {}
+        }
     }
 }
 
-/// Feeds the texts and flushes once, all within the stall limit.
-async fn send(
-    sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
-    texts: Vec<Utf8Bytes>,
-    stall: Duration,
-) -> Result<(), SendFail> {
-    let fut = async {
-        for t in texts {
-            sink.feed(Message::text(t)).await?;
-        }
-        sink.flush().await
-    };
-    timed(tokio::time::timeout(stall, fut).await)
+/// When the kernel last took bytes written to a connection (nanoseconds since `base`).
+struct Progress {
+    base: Instant,
+    last_write: AtomicU64,
 }
 
-async fn send_msg(
-    sink: &mut (impl futures_util::Sink<Message, Error = WsError> + Unpin),
-    msg: Message,
-    stall: Duration,
-) -> Result<(), SendFail> {
-    timed(tokio::time::timeout(stall, sink.send(msg)).await)
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            base: Instant::now(),
+            last_write: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self) {
+        let ns = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_write.store(ns, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.base + Duration::from_nanos(self.last_write.load(Ordering::Relaxed))
+    }
+}
+
+/// The upgraded connection under tungstenite, noting every write that moved bytes: the stall
+/// limit is time without progress.
+struct Tracked {
+    io: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+    progress: Arc<Progress>,
+}
+
+impl tokio::io::AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.progress.mark();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.progress.mark();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// The token's expiry as a tokio instant and as RFC 3339 text.

@@ -217,12 +217,14 @@ async fn oversized_message_closes_1008() {
     assert_serves(&app).await;
 }
 
-/// A message far over the limit (beyond the transport's own backstop of 4 × the limit or
-/// 1 MiB) is still "a message over the size limit": 1008, not a close without a code.
+/// A message over the limit is "a message over the size limit" whether our own check refuses
+/// it (within the transport's margin of 4 KiB) or the transport does (beyond it, as soon as
+/// the frame header announces the size, while the rest is still coming): 1008 either way, not
+/// a close without a code or a reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_message_beyond_the_transport_limit_closes_1008() {
-    let app = spawn_app().await; // default limit: 64 KiB; transport backstop 1 MiB
-    for size in [300_000, 1_500_000] {
+    let app = spawn_app().await; // default limit: 64 KiB; transport backstop 68 KiB
+    for size in [66_000, 70_000, 300_000, 1_500_000] {
         let (mut ws, _) = app.ws(&app.admin_token).await;
         let msg = format!(r#"{{"type":"ping","req":2,"pad":"{}"}}"#, "p".repeat(size));
         // The server may close while the frame is still being written.
@@ -231,6 +233,52 @@ async fn huge_message_beyond_the_transport_limit_closes_1008() {
             .expect("send in time");
         let (code, texts) = read_to_close(&mut ws, STEP).await;
         assert_eq!(code, Some(1008), "{size} bytes: {texts:?}");
+    }
+    assert_serves(&app).await;
+}
+
+/// Frames the transport itself refuses end with a close code, not a silently dropped
+/// connection: a text frame that is not UTF-8 → 1007 (invalid payload), a protocol violation
+/// (continuation without a start, unknown opcode, reserved bits set) → 1002.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_closes_1007_and_protocol_violations_close_1002() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let app = spawn_app().await;
+    let text = |payload: &[u8]| Frame::message(payload.to_vec(), OpCode::Data(Data::Text), true);
+    let mut rsv1 = text(br#"{"type":"ping"}"#);
+    rsv1.header_mut().rsv1 = true;
+    let cases: Vec<(&str, Frame, u16)> = vec![
+        (
+            "invalid UTF-8",
+            text(b"{\"type\":\"ping\",\"req\":\"\xff\xfe\"}"),
+            1007,
+        ),
+        // An overlong encoding and a lone surrogate are not UTF-8 either.
+        ("overlong UTF-8", text(b"\xc0\xaf"), 1007),
+        ("surrogate", text(b"\xed\xa0\x80"), 1007),
+        (
+            "continuation without a start",
+            Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), true),
+            1002,
+        ),
+        (
+            "reserved opcode",
+            Frame::message(b"x".to_vec(), OpCode::Data(Data::Reserved(3)), true),
+            1002,
+        ),
+        ("reserved bit", rsv1, 1002),
+    ];
+    for (what, frame, want) in cases {
+        let (mut ws, _) = app.ws(&app.admin_token).await;
+        assert_eq!(
+            ask(&mut ws, json!({"type": "ping", "req": what})).await["type"],
+            "pong"
+        );
+        ws.send(Message::Frame(frame)).await.expect("ws send");
+        let (code, texts) = read_to_close(&mut ws, STEP).await;
+        assert_eq!(code, Some(want), "{what}: {texts:?}");
+        assert!(texts.is_empty(), "{what}: {texts:?}");
     }
     assert_serves(&app).await;
 }
@@ -330,6 +378,74 @@ async fn command_flood_is_rate_limited_per_connection() {
     .await;
     assert_eq!(v["type"], "ok", "{v}");
     assert_eq!(head(&app).await, 3, "create, one trigger, one ack");
+    assert_serves(&app).await;
+}
+
+/// Refreshes made over WebSockets, as recorded in the security log.
+async fn ws_refreshes_logged(app: &TestApp) -> usize {
+    let (s, text) = timeout(STEP, app.get_text(&app.admin_token, "/api/v1/security-log"))
+        .await
+        .expect("security log in time");
+    assert_eq!(s, 200, "{text}");
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter(|e| e["action"] == "token_refreshed" && e["details"]["via"] == "websocket")
+        .count()
+}
+
+/// Each refresh appends a security-log entry (with a disk sync): a refresh flood spends the
+/// connection's budget like commands and subscribes, and what is refused is not logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_flood_is_rate_limited_and_logs_at_most_the_budget() {
+    let app = spawn_app_with(&["--ws-command-rate", "5"]).await;
+    let (s, fresh) = app
+        .post(&app.admin_token, "/api/v1/token/refresh", json!({}))
+        .await;
+    assert_eq!(s, 200, "{fresh}");
+    let token = fresh["token"].as_str().expect("token").to_string();
+    let before = ws_refreshes_logged(&app).await;
+    let (mut ws, _) = app.ws(&app.admin_token).await;
+    const N: usize = 40;
+    let started = tokio::time::Instant::now();
+    for i in 0..N {
+        send_json(
+            &mut ws,
+            json!({"type": "refresh", "req": i, "token": token}),
+        )
+        .await;
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for _ in 0..N {
+        let v = next_json(&mut ws, STEP).await;
+        match v["type"].as_str() {
+            Some("ok") => ok += 1,
+            Some("error") => {
+                assert_eq!(v["code"], "rate_limited", "{v}");
+                limited += 1;
+            }
+            _ => panic!("{v}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The burst (5) plus what refilled (5 per second) while the flood was answered.
+    let budget = 5 + (5.0 * elapsed).ceil() as usize;
+    assert!(
+        (5..=budget).contains(&ok),
+        "{ok} refreshes accepted, budget {budget} ({elapsed:.2} s)"
+    );
+    assert_eq!(ok + limited, N);
+    let logged = ws_refreshes_logged(&app).await - before;
+    assert_eq!(logged, ok, "one security-log entry per accepted refresh");
+    // The connection stays open, and once the budget refills a refresh works again.
+    sleep(Duration::from_millis(400)).await;
+    let v = ask(
+        &mut ws,
+        json!({"type": "refresh", "req": "later", "token": token}),
+    )
+    .await;
+    assert_eq!(v["type"], "ok", "{v}");
+    assert_eq!(ws_refreshes_logged(&app).await - before, ok + 1);
     assert_serves(&app).await;
 }
 
@@ -493,6 +609,57 @@ async fn websocket_without_a_valid_token_is_closed_4001_not_refused() {
     assert_serves(&app).await;
 }
 
+/// A rejected client that already sent frames still gets its 4001 and an orderly end: the
+/// server reads (and drops) what the client sent until the client's Close instead of closing
+/// the TCP socket with unread input, which sends a reset (and a reset can destroy the close
+/// frame on its way: the client would see "network down" instead of "log in again").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_client_that_already_sent_frames_gets_4001_and_no_reset() {
+    use alarm_ledger::auth::{Role, TokenService};
+    let app = spawn_app().await;
+    let expired = TokenService::new(SECRET.as_bytes().to_vec(), chrono::Duration::minutes(1))
+        .issue(
+            "admin",
+            Role::Admin,
+            chrono::Utc::now() - chrono::Duration::hours(2),
+        )
+        .unwrap()
+        .token;
+    for i in 0..30 {
+        let (bearer, reason) = if i % 2 == 0 {
+            (expired.as_str(), "token expired")
+        } else {
+            ("garbage", "unauthorized")
+        };
+        let mut ws = ws_connect(&app, Some(bearer), "").await;
+        for n in 0..3 {
+            let msg = json!({"type": "ping", "req": n}).to_string();
+            if let Err(e) = ws.send(Message::text(msg)).await {
+                panic!("round {i}: send {n} failed (the server reset the connection?): {e}");
+            }
+        }
+        let msg = timeout(STEP, futures_util::StreamExt::next(&mut ws))
+            .await
+            .expect("close in time");
+        match msg {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 4001, "round {i}");
+                assert_eq!(f.reason.as_str(), reason, "round {i}");
+            }
+            other => panic!("round {i}: expected a 4001 close, got {other:?}"),
+        }
+        // Our reading answers the Close; then the server ends the TCP connection in order
+        // (end of stream), not with a reset.
+        match timeout(STEP, futures_util::StreamExt::next(&mut ws)).await {
+            Ok(None) => {}
+            Ok(Some(Err(e))) => panic!("round {i}: the connection ended with {e}, not in order"),
+            Ok(Some(Ok(m))) => panic!("round {i}: unexpected {m:?} after the close"),
+            Err(_) => panic!("round {i}: the server never ended the connection"),
+        }
+    }
+    assert_serves(&app).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_users_live_socket_is_closed_4001() {
     let app = spawn_app().await;
@@ -524,4 +691,150 @@ async fn disabled_users_live_socket_is_closed_4001() {
         (401, Some("unauthorized"))
     );
     assert_serves(&app).await;
+}
+
+/// Slowloris: a client that never finishes its request head (half a request line, headers
+/// trickled a line at a time, or nothing at all) is disconnected after the header read timeout
+/// instead of holding its connection forever. A real server on 127.0.0.1:0 with the
+/// application's state and routes, and the timeout shortened to 1 s (30 s in `serve`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
+    use alarm_ledger::config::{Cli, Command};
+    use alarm_ledger::startup::Application;
+    use clap::Parser;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::time::Instant;
+    const LIMIT: Duration = Duration::from_secs(1);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().display().to_string();
+    let argv = [
+        "alarm-ledger",
+        "serve",
+        "--data",
+        &data,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-password",
+        ADMIN_PASSWORD,
+        "--jwt-secret",
+        SECRET,
+    ];
+    let Command::Serve(args) = Cli::try_parse_from(argv).expect("arguments").command else {
+        panic!("not serve")
+    };
+    let app = Application::build(&args).await.expect("server builds");
+    let state = app.state();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(alarm_ledger::http::server::serve_with(
+        listener,
+        state.clone(),
+        alarm_ledger::http::routes(state.clone()),
+        async move {
+            let _ = stopped.await;
+        },
+        LIMIT,
+    ));
+    /// Reads until the server ends the connection; (bytes, time taken). An error (reset)
+    /// ends it too.
+    async fn until_closed(c: &mut TcpStream, what: &str) -> (Vec<u8>, Duration) {
+        let t = Instant::now();
+        let mut got = Vec::new();
+        match timeout(STEP, c.read_to_end(&mut got)).await {
+            Ok(_) => (got, t.elapsed()),
+            Err(_) => panic!("{what}: the connection is still open after {STEP:?}; got {got:?}"),
+        }
+    }
+
+    // A whole request is answered as usual.
+    let mut whole = TcpStream::connect(addr).await.expect("connect");
+    whole
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let (answer, _) = until_closed(&mut whole, "whole request").await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Half a request line, then nothing.
+    let mut half = TcpStream::connect(addr).await.expect("connect");
+    half.write_all(b"GET /healthz HT").await.expect("write");
+    let (got, took) = until_closed(&mut half, "half a request line").await;
+    assert!(got.is_empty(), "no answer to half a request: {got:?}");
+    assert!(took >= LIMIT - Duration::from_millis(100), "{took:?}");
+
+    // Nothing at all.
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    let (got, _) = until_closed(&mut silent, "nothing sent").await;
+    assert!(got.is_empty(), "{got:?}");
+
+    // Headers trickled a line every 100 ms: the limit is for the whole head, not between bytes.
+    let mut drip = TcpStream::connect(addr).await.expect("connect");
+    drip.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .expect("write");
+    let t = Instant::now();
+    let mut closed = false;
+    for i in 0..50 {
+        // The server closing shows as EOF (or a reset) on a read; a write may still succeed.
+        let mut byte = [0u8; 1];
+        match timeout(Duration::from_millis(100), drip.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => panic!("an answer to an unfinished request"),
+            Err(_) => {}
+        }
+        if drip
+            .write_all(format!("X-Drip-{i}: {i}\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(
+        closed,
+        "a trickling client kept its connection for {:?}",
+        t.elapsed()
+    );
+    assert!(
+        t.elapsed() < LIMIT * 4,
+        "closed only after {:?}",
+        t.elapsed()
+    );
+
+    // The server still serves.
+    let (s, v) = {
+        let r = reqwest::get(format!("http://{addr}/healthz"))
+            .await
+            .expect("healthz");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    };
+    assert_eq!(s, 200, "{v}");
+    // Shutdown is still graceful: a keep-alive connection that had its answer is closed, and
+    // the server returns (it waits for every connection).
+    let mut kept = TcpStream::connect(addr).await.expect("connect");
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = [0u8; 12];
+    timeout(STEP, kept.read_exact(&mut head))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let _ = stop.send(());
+    timeout(LIMIT / 2, server)
+        .await
+        .expect("server stops at once (not after the header read timeout)")
+        .expect("server task");
+    let (_, _) = until_closed(&mut kept, "kept-alive connection at shutdown").await;
+    let ledger = state.ledger.clone();
+    drop(app);
+    let _ = tokio::task::spawn_blocking(move || ledger.stop()).await;
 }

@@ -291,6 +291,70 @@ async fn stalled_reader_does_not_stall_writers_or_others_and_resumes_after_4008(
     println!("stalled reader test: {:?}", started.elapsed());
 }
 
+/// A slow but steady reader is not a stalled one (PROTOCOL.md guarantee 2): the stall limit
+/// measures time without progress, not the time a whole replay chunk takes to go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_but_steady_reader_is_not_closed_4008() {
+    let started = std::time::Instant::now();
+    let app = spawn_app_with(&["--ws-stall-timeout", "1s", "--ws-command-rate", "100000"]).await;
+    let token = app.admin_token.clone();
+    // Two replay chunks of 1,024 events of ~6.5 KB and a few more: ~14 MB, more than the socket
+    // buffers take, so the second chunk goes through at the reader's pace.
+    const N: usize = 2_100;
+    let parts = join_all((0..2).map(|w| {
+        let (app, token) = (&app, &token);
+        async move { blast(app, token, &format!("s{w}"), N / 2, 32).await }
+    }))
+    .await;
+    assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), N);
+    let hashes = all_hashes(&app).await;
+    println!(
+        "slow steady reader: {N} events written in {:?}",
+        started.elapsed()
+    );
+
+    let (mut ws, _) = app.ws(&token).await;
+    send_json(&mut ws, json!({"type": "subscribe", "from": 0})).await;
+    let mut check = StreamCheck::new("steady", 0);
+    // ~3 MB/s: a chunk of 1,024 events (~6.6 MB) takes about 2 s, twice the stall limit, while
+    // the client takes bytes all the time.
+    const RATE: f64 = 3_000_000.0;
+    let reading = Instant::now();
+    let deadline = reading + Duration::from_secs(60);
+    let mut bytes = 0usize;
+    while check.last < N as u64 || check.lives.is_empty() {
+        match next_frame(&mut ws, deadline.saturating_duration_since(Instant::now())).await {
+            Got::Json(v) => {
+                bytes += v.to_string().len();
+                assert!(check.feed(&v), "{v}");
+            }
+            Got::Ping => {}
+            other => panic!(
+                "steady reader at {} of {N} after {:?}: {other:?}",
+                check.last,
+                reading.elapsed()
+            ),
+        }
+        let due = reading + Duration::from_secs_f64(bytes as f64 / RATE);
+        if due > Instant::now() + Duration::from_millis(5) {
+            tokio::time::sleep_until(due).await;
+        }
+    }
+    let took = reading.elapsed();
+    println!("slow steady reader: {bytes} bytes read in {took:?}");
+    assert!(
+        took > Duration::from_secs(3),
+        "the reader was not slower than the stall limit per chunk: {took:?}"
+    );
+    read_stream_to(&mut ws, &mut check, N as u64, STEP).await;
+    check.assert_complete(N as u64, &hashes);
+    assert_eq!(
+        metric(&app, "alarm_ledger_slow_consumer_closes_total").await,
+        0.0
+    );
+    println!("slow steady reader test: {:?}", started.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_reader_falls_back_to_disk_and_gets_every_event_once() {
     let started = std::time::Instant::now();
