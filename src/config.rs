@@ -110,11 +110,13 @@ pub struct ServeArgs {
     /// Largest WebSocket message accepted, bytes; larger closes with 1008.
     #[arg(long, env = "ALARM_LEDGER_WS_MAX_MESSAGE", default_value_t = 65_536, value_parser = whole(1024, 16_777_216))]
     pub ws_max_message: u64,
-    /// A client that cannot take a message for this long is closed with 4008.
+    /// A client that takes no bytes for this long while a write to it waits is closed with 4008
+    /// (time without progress: a slow reader that keeps reading is not closed). Streamed HTTP
+    /// answers whose client takes no chunk this long are cut off too.
     #[arg(long, env = "ALARM_LEDGER_WS_STALL_TIMEOUT", default_value = "30s", value_parser = parse_stall_timeout)]
     pub ws_stall_timeout: Duration,
-    /// Commands and subscribes per second per connection (burst = the same number) before
-    /// `rate_limited`.
+    /// Commands, subscribes and refreshes per second per connection (burst = the same number)
+    /// before `rate_limited`.
     #[arg(long, env = "ALARM_LEDGER_WS_COMMAND_RATE", default_value_t = 2_000, value_parser = whole_u32(1, 1_000_000))]
     pub ws_command_rate: u32,
     /// Grace period for in-flight work at shutdown.
