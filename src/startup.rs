@@ -184,6 +184,9 @@ impl Application {
             connections: Default::default(),
             streams: crate::http::stream::limiter(),
             disk_probe: crate::http::health::DiskProbe::new(dir.root().to_path_buf()),
+            snapshot_builds: Arc::new(tokio::sync::Semaphore::new(
+                crate::http::ws::MAX_SNAPSHOT_BUILDS,
+            )),
         });
         Ok(Application {
             addr,

@@ -154,6 +154,8 @@ pub struct AppState {
     pub streams: Arc<tokio::sync::Semaphore>,
     /// `/readyz`'s disk check, shared and rate-limited.
     pub disk_probe: health::DiskProbe,
+    /// Permits of WebSocket snapshot builds (`ws::MAX_SNAPSHOT_BUILDS`).
+    pub snapshot_builds: Arc<tokio::sync::Semaphore>,
 }
 
 /// Counts live WebSocket connection tasks (they are spawned apart from the HTTP server's).

@@ -60,6 +60,12 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(60);
 /// How often a live socket re-checks that its user is still enabled with the same role.
 const USER_RECHECK: Duration = Duration::from_secs(2);
 
+/// Least time between two snapshots on one connection.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Snapshots built at once, server-wide (each copies and encodes every alarm).
+pub const MAX_SNAPSHOT_BUILDS: usize = 2;
+
 /// Whether `req` asks for a WebSocket upgrade (RFC 6455 §4.2.1).
 pub fn is_upgrade<B>(req: &hyper::Request<B>) -> bool {
     let h = req.headers();
@@ -305,6 +311,8 @@ struct Connection {
     warned: bool,
     /// A read failed (bad frame, oversized frame): what the client sends next no longer parses.
     unreadable: bool,
+    /// When this connection last took a snapshot (`SNAPSHOT_INTERVAL` apart at least).
+    last_snapshot: Option<Instant>,
 }
 
 impl Connection {
@@ -323,12 +331,20 @@ impl Connection {
             expires_at_text,
             warned: false,
             unreadable: false,
+            last_snapshot: None,
         }
     }
 
     async fn run(mut self, socket: WebSocket) {
-        let metrics = self.state.metrics.clone();
-        metrics.ws_connections.inc();
+        // A guard, not a decrement at the end: a task that unwinds must not leave the gauge up.
+        struct Counted(prometheus_client::metrics::gauge::Gauge);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        self.state.metrics.ws_connections.inc();
+        let _counted = Counted(self.state.metrics.ws_connections.clone());
         tracing::info!(role = self.principal.role.as_str(), "websocket connected");
         let mut socket = socket;
         let end = self.serve(&mut socket).await;
@@ -342,7 +358,6 @@ impl Connection {
             }
         };
         closing_handshake(&mut socket, self.unreadable).await;
-        metrics.ws_connections.dec();
         tracing::info!(end = %how, "websocket disconnected");
     }
 
@@ -617,8 +632,35 @@ impl Connection {
             }
         }
         let (sub, first) = if snapshot {
-            let (offset, alarms, sub) = ledger.subscribe_with_snapshot();
-            (sub, Some(protocol::snapshot(offset, &alarms)))
+            // A snapshot copies every alarm under the read model's lock (which the writer
+            // needs) and encodes them all: at most one per connection per `SNAPSHOT_INTERVAL`,
+            // `MAX_SNAPSHOT_BUILDS` at once server-wide, built on the blocking pool, not on the
+            // event loop.
+            if self
+                .last_snapshot
+                .is_some_and(|t| t.elapsed() < SNAPSHOT_INTERVAL)
+            {
+                return Some(protocol::error(
+                    req,
+                    "rate_limited",
+                    "at most one snapshot per second per connection",
+                ));
+            }
+            self.last_snapshot = Some(Instant::now());
+            let Ok(permit) = self.state.snapshot_builds.clone().acquire_owned().await else {
+                return Some(protocol::error(req, "internal", "snapshots unavailable"));
+            };
+            let l = ledger.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let (offset, alarms, sub) = l.subscribe_with_snapshot();
+                (sub, protocol::snapshot(offset, &alarms))
+            })
+            .await;
+            match built {
+                Ok((sub, text)) => (sub, Some(text)),
+                Err(_) => return Some(protocol::error(req, "internal", "snapshot failed")),
+            }
         } else {
             let head = ledger.head().offset;
             if from > head {

@@ -688,3 +688,38 @@ async fn shutdown_closes_subscribers_with_1001() {
     assert_eq!(code, Some(1001), "{texts:?}");
     assert!(texts.is_empty(), "{texts:?}");
 }
+
+/// A snapshot copies and encodes every alarm: one connection gets at most one a second
+/// (`rate_limited` with its `req` beyond), the running subscription is left as it was, and a
+/// snapshot a second later is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_limited_to_one_a_second_per_connection() {
+    let app = spawn_app().await;
+    let tok = app.admin_token.clone();
+    app.create_alarm("snap-1").await;
+    let (mut ws, _) = app.ws(&tok).await;
+    let subscribe = |req: &str| json!({"type": "subscribe", "snapshot": true, "req": req});
+    send_json(&mut ws, subscribe("a")).await;
+    let first = next_json(&mut ws, STEP).await;
+    assert_eq!(first["type"], "snapshot", "{first}");
+    assert_eq!(next_json(&mut ws, STEP).await["type"], "live");
+    send_json(&mut ws, subscribe("b")).await;
+    let refused = next_json(&mut ws, STEP).await;
+    assert_error(&refused, "rate_limited", &json!("b"));
+    // The first subscription still runs: a new event arrives on it.
+    app.create_alarm("snap-2").await;
+    let ev = next_json(&mut ws, STEP).await;
+    assert_eq!(
+        (ev["type"].as_str(), ev["offset"].as_u64()),
+        (Some("event"), Some(2)),
+        "{ev}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    send_json(&mut ws, subscribe("c")).await;
+    let again = next_json(&mut ws, STEP).await;
+    assert_eq!(
+        (again["type"].as_str(), again["offset"].as_u64()),
+        (Some("snapshot"), Some(2)),
+        "{again}"
+    );
+}
