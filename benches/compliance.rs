@@ -1,20 +1,28 @@
 //! Compliance benchmarks (issue 5): export and verify of a 1,000,000-event ledger with the real
 //! binary, and an online backup while 1,000 events/s are appended (append latency during it,
-//! from each append's scheduled time).
+//! from each append's scheduled time), and the start of the real server process on that ledger
+//! (`process_start`: spawn → listening → `/readyz` 200, from a projection snapshot and with a
+//! full replay, each the first start after the ledger was written and once more).
 //!
 //! `cargo bench --bench compliance` (add `-- --events N` for another size; `-- --keep DIR` builds
 //! the ledger in DIR and leaves it; `-- --keep DIR --only backup` runs the online backup alone,
-//! on DIR's ledger if there is one). Prints one JSON line per measurement. Loopback only; every loop bounded in count and time.
+//! on DIR's ledger if there is one; `-- --only start` builds a ledger and measures the process
+//! starts alone). Prints one JSON line per measurement. Loopback only; every loop bounded in count and time.
 
+use alarm_ledger::auth::users::BOOTSTRAP_ADMIN;
+use alarm_ledger::auth::{NewSecurityEntry, SecurityAction, SecurityLog, UserStore};
 use alarm_ledger::domain::{AlarmSpec, Event, EventData, Hash, Severity};
 use alarm_ledger::ledger::datadir::DataDir;
+use alarm_ledger::ledger::{Ledger, LedgerOptions, Restore};
+use alarm_ledger::metrics::Metrics;
 use alarm_ledger::store::sled_log::{SledLog, SledOptions};
 use alarm_ledger::store::{chain, EventLog};
 use alarm_ledger::time::Timestamp;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -24,8 +32,13 @@ const ALARMS: u64 = 10_000;
 
 /// Writes `n` chained events (10,000 alarms created, then trigger/ack/rearm cycles) directly
 /// through the log interface, in durable batches of 256 (sled 0.34 keeps several KB of memory
-/// per event of larger batches).
-fn build_ledger(root: &Path, n: u64) -> (u64, String) {
+/// per event of larger batches), then what a server's first start adds (the `admin` account and
+/// its security-log entry), so that every later server start is a restart. With `snapshot_to`,
+/// also writes the projection snapshot at the head there, as a server's clean stop would (not
+/// into the data directory: export and verify measure the ledger without one, as before).
+/// Returns the head, its hash, and the seconds the events took.
+fn build_ledger(root: &Path, n: u64, snapshot_to: Option<&Path>) -> (u64, String, f64) {
+    let t = Instant::now();
     let dir = DataDir::lock(root).expect("lock");
     let log = SledLog::open(&dir.ledger_dir(), &SledOptions::default()).expect("open");
     let ledger_id = log.info().ledger_id;
@@ -77,7 +90,184 @@ fn build_ledger(root: &Path, n: u64) -> (u64, String) {
             batch.clear();
         }
     }
-    (n, prev.to_hex())
+    let secs = t.elapsed().as_secs_f64();
+    let users = UserStore::open(log.db()).expect("users");
+    users.bootstrap_admin(Some(PASSWORD)).expect("admin");
+    let security = SecurityLog::open(log.db(), ledger_id).expect("security log");
+    if security.head().0 == 0 {
+        security
+            .append(
+                NewSecurityEntry::new(SecurityAction::UserCreated)
+                    .actor("server")
+                    .target(BOOTSTRAP_ADMIN)
+                    .detail("role", "admin")
+                    .detail("via", "bootstrap"),
+            )
+            .expect("security entry");
+    }
+    log.sync().expect("sync");
+    drop((users, security));
+    if let Some(path) = snapshot_to {
+        let opts = LedgerOptions {
+            snapshot_path: Some(path.to_path_buf()),
+            ..LedgerOptions::default()
+        };
+        let log: Arc<dyn EventLog> = Arc::new(log);
+        let (ledger, restore) = Ledger::open(log, opts, Arc::new(Metrics::new())).expect("open");
+        assert!(matches!(restore, Restore::FullReplay { .. }), "{restore:?}");
+        ledger.write_snapshot().expect("snapshot");
+    }
+    (n, prev.to_hex(), secs)
+}
+
+/// `cp -a`: a byte-for-byte copy of a stopped data directory (sled's files as the writer left
+/// them, so that the first open of the copy recovers exactly as the first open of the original).
+fn copy_dir(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(
+        st.success(),
+        "cp -a {} {} failed",
+        from.display(),
+        to.display()
+    );
+}
+
+/// Interval of the `/readyz` polls of a start (the resolution of `ready_secs`).
+const READY_POLL: Duration = Duration::from_millis(5);
+
+/// `GET /readyz` over a plain socket: the status code, or 0 when the server does not answer.
+fn readyz(addr: &str) -> u16 {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut head = [0u8; 12];
+    if s.read_exact(&mut head).is_err() {
+        return 0;
+    }
+    // "HTTP/1.1 200"
+    std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One start of `alarm-ledger serve` on `root`: the time from spawn until it prints its
+/// `Log in:` line (listening) and until `/readyz` answers 200 (projection loaded or rebuilt,
+/// writer started; after a start from a snapshot the log prefix is still being re-verified in
+/// the background, which `/readyz` does not wait for), then a clean stop (which writes the
+/// projection snapshot). `snapshot`: start with the snapshot present, else remove it first (full
+/// replay). Asserts from the server's log that it restored the way asked. Prints one line.
+fn process_start(root: &Path, n: u64, snapshot: bool, run: &str) {
+    let snap = root.join("projection.snapshot");
+    if snapshot {
+        assert!(
+            snap.exists(),
+            "no projection snapshot in {}",
+            root.display()
+        );
+    } else if snap.exists() {
+        std::fs::remove_file(&snap).expect("remove projection.snapshot");
+    }
+    enum Line {
+        Listening(Instant, String),
+        Restore(String, Value),
+    }
+    let t0 = Instant::now();
+    let mut server = Server(
+        Command::new(BIN)
+            .arg("serve")
+            .arg("--data")
+            .arg(root)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .env_remove("ALARM_LEDGER_ADMIN_PASSWORD")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn server"),
+    );
+    let stderr = server.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let now = Instant::now();
+            if let Some(rest) = line.split("Log in:").nth(1) {
+                let addr = rest
+                    .split("http://")
+                    .nth(1)
+                    .and_then(|r| r.split('/').next())
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = tx.send(Line::Listening(now, addr));
+            } else if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let msg = v["message"].as_str().unwrap_or_default().to_string();
+                if msg.starts_with("projection ") {
+                    let _ = tx.send(Line::Restore(msg, v));
+                }
+            }
+        }
+    });
+    let mut restore = None;
+    let (listening, addr) = loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(Line::Listening(t, a)) => break (t - t0, a),
+            Ok(Line::Restore(m, v)) => restore = Some((m, v)),
+            Err(e) => panic!(
+                "server on {} did not print its Log in: line: {e}",
+                root.display()
+            ),
+        }
+    };
+    let ready = loop {
+        if readyz(&addr) == 200 {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "/readyz not 200 within 120 s"
+        );
+        std::thread::sleep(READY_POLL);
+    };
+    let stop = server.stop();
+    let (msg, v) = restore.expect("no projection restore line in the server's log");
+    let expected = if snapshot {
+        "projection restored from snapshot"
+    } else {
+        "projection rebuilt from the log"
+    };
+    assert_eq!(msg, expected, "{v}");
+    println!(
+        "{}",
+        json!({
+            "bench": "process_start", "mode": if snapshot { "snapshot" } else { "full_replay" },
+            "run": run, "events": n, "listening_secs": listening.as_secs_f64(),
+            "ready_secs": ready.as_secs_f64(), "ready_poll_ms": READY_POLL.as_millis() as u64,
+            "restore_ms": v["elapsed_ms"], "snapshot_tail": v["tail"],
+            "stop_secs": stop.as_secs_f64(),
+        })
+    );
+}
+
+/// The process starts on two untouched copies of the data directory as the build left it (plus
+/// its projection snapshot in the first): from the snapshot, then without it (full replay),
+/// each the first start after the ledger was written (sled recovers what was written since its
+/// last open) and once more. The copies are removed afterwards.
+fn process_starts(with_snapshot: &Path, without: &Path, n: u64) {
+    for (dir, snapshot) in [(with_snapshot, true), (without, false)] {
+        process_start(dir, n, snapshot, "first");
+        process_start(dir, n, snapshot, "again");
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 fn raise_nofile_limit() {
@@ -121,24 +311,49 @@ fn main() {
         None => tmp.path().join("data"),
     };
     let root_s = root.display().to_string();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
     // `--only backup`: skip export and verify (with `--keep DIR` on a ledger built before, the
     // online backup alone).
-    if args.iter().any(|a| a == "--only") && args.iter().any(|a| a == "backup") {
+    if only == Some("backup") {
         if !root.join("ledger").exists() {
-            build_ledger(&root, n);
+            build_ledger(&root, n, None);
         }
         online_backup(&root_s, n);
         return;
     }
-    let t = Instant::now();
-    let (head, head_hash) = build_ledger(&root, n);
+    assert!(
+        !root.join("ledger").exists(),
+        "{} already holds a ledger: the start-up measurements need a freshly written one",
+        root.display()
+    );
+    let snapshot = tmp.path().join("build.projection.snapshot");
+    let (head, head_hash, secs) = build_ledger(&root, n, Some(&snapshot));
     println!(
         "{}",
-        json!({"bench": "build_ledger", "events": head, "secs": t.elapsed().as_secs_f64()})
+        json!({"bench": "build_ledger", "events": head, "secs": secs})
     );
+    // Two copies of the directory as the build left it, for the process starts (each must be
+    // the first open of its sled database); the original is left as before, for verify.
+    let (start_snap, start_replay) = (
+        tmp.path().join("start-snapshot"),
+        tmp.path().join("start-replay"),
+    );
+    copy_dir(&root, &start_snap);
+    std::fs::copy(&snapshot, start_snap.join("projection.snapshot")).expect("copy snapshot");
+    copy_dir(&root, &start_replay);
+    if only == Some("start") {
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        process_starts(&start_snap, &start_replay, n);
+        return;
+    }
 
-    // The build leaves ~0.5 GB of dirty pages: write them out first, as on a stopped server's
-    // directory, so that verify is not measured against the kernel's writeback.
+    // The build (and the two copies) leave GBs of dirty pages: write them out first, as on a
+    // stopped server's directory, so that verify is not measured against the kernel's writeback.
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
     // Twice: the first run pays for faulting in its memory after the build's (the kernel
@@ -188,6 +403,7 @@ fn main() {
     );
     let _ = std::fs::remove_file(&export);
 
+    process_starts(&start_snap, &start_replay, n);
     online_backup(&root_s, n);
 }
 
