@@ -20,9 +20,11 @@
 //! the small RESP client below. Every run is bounded: `--seconds` for the measured phase and
 //! `--timeout` for the whole run. Only loopback addresses are accepted as targets.
 //!
-//! Latencies are measured on this machine's monotonic clock: W1 send→`ok`; W3/W4 the writer's
-//! send of the command (or XADD) → the subscriber's receipt of the event (so it includes the
-//! durable commit); W4 reconnect time is from the common drop instant to each client's `live`.
+//! Latencies are measured on this machine's monotonic clock: W1 send→`ok`; W3/W4 the time the
+//! writer's command (or XADD) was *scheduled* (its lane's tick) → the subscriber's receipt of the
+//! event (so it includes the durable commit and any wait of a lane held up by a slow commit:
+//! no coordinated omission); `send_lag_*` is how late the sends left after their ticks; W4
+//! reconnect time is from the common drop instant to each client's `live`.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
@@ -1366,13 +1368,18 @@ async fn reconnect(
 }
 
 /// Writer lanes: each a commander paced at `rate / lanes` per second until `stop`.
-/// Returns (offset → send µs since base, commit latencies µs, errors).
+/// Returns (offset → publish µs since base, commit latencies µs, send lags µs, errors).
+///
+/// The publish time of an event is the tick its command was *due* at (for a retried command,
+/// the tick of its first attempt), not when it was sent: a lane held up by a slow commit sends
+/// its missed ticks late (`Burst`), and measuring from the late send would hide the delay
+/// (coordinated omission). How late each send left is returned as the send lag.
 async fn run_writers(
     cmdrs: Vec<Cmdr>,
     rate: f64,
     base: Instant,
     stop: Arc<AtomicBool>,
-) -> Res<(HashMap<u64, u64>, Vec<u64>, u64)> {
+) -> Res<WriterOut> {
     let lanes = cmdrs.len().max(1);
     let period = Duration::from_secs_f64(lanes as f64 / rate.max(0.001));
     let start = tokio::time::Instant::now();
@@ -1385,35 +1392,56 @@ async fn run_writers(
             iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut sent = Vec::new();
             let mut commit = Vec::new();
+            let mut lag = Vec::new();
             let mut errors = 0u64;
+            // Due time of the command being retried (its first attempt's tick).
+            let mut first_due: Option<Instant> = None;
             loop {
-                iv.tick().await;
+                let tick = iv.tick().await.into_std();
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
+                let due = *first_due.get_or_insert(tick);
                 let r = c.step().await?;
+                lag.push(r.sent.saturating_duration_since(tick).as_micros() as u64);
                 match r.outcome {
                     Outcome::Appended(off) => {
-                        sent.push((off, (r.sent - base).as_micros() as u64));
+                        first_due = None;
+                        sent.push((off, due.saturating_duration_since(base).as_micros() as u64));
                         commit.push((r.done - r.sent).as_micros() as u64);
                     }
-                    Outcome::Noop => {}
-                    Outcome::Failed(_) => errors += 1,
+                    Outcome::Noop => first_due = None,
+                    Outcome::Failed(code) => {
+                        errors += 1;
+                        if !is_retryable(&code) {
+                            first_due = None;
+                        }
+                    }
                 }
             }
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sent, commit, errors))
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sent, commit, lag, errors))
         });
     }
-    let mut sent = HashMap::new();
-    let mut commit = Vec::new();
-    let mut errors = 0;
+    let mut out = WriterOut::default();
     while let Some(r) = set.join_next().await {
-        let (s, c, e) = r??;
-        sent.extend(s);
-        commit.extend(c);
-        errors += e;
+        let (s, c, l, e) = r??;
+        out.sent.extend(s);
+        out.commit.extend(c);
+        out.send_lag.extend(l);
+        out.errors += e;
     }
-    Ok((sent, commit, errors))
+    Ok(out)
+}
+
+#[derive(Default)]
+struct WriterOut {
+    /// offset → publish (scheduled) µs since base.
+    sent: HashMap<u64, u64>,
+    /// Send → `ok`, µs.
+    commit: Vec<u64>,
+    /// Actual send − scheduled tick, µs, one per command sent.
+    send_lag: Vec<u64>,
+    errors: u64,
 }
 
 /// Writer connections: each waits for its `ok` before its next command, so one lane gives at
@@ -1429,6 +1457,7 @@ struct FanOut {
     subs: Vec<SubOut>,
     sent: HashMap<u64, u64>,
     commit: Vec<u64>,
+    send_lag: Vec<u64>,
     writer_errors: u64,
     final_offset: u64,
     write_secs: f64,
@@ -1510,7 +1539,12 @@ async fn fan_out(
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let (sent, commit, writer_errors) = writer.await??;
+    let WriterOut {
+        sent,
+        commit,
+        send_lag,
+        errors: writer_errors,
+    } = writer.await??;
     let write_secs = t_write.elapsed().as_secs_f64();
     let final_offset = sent.keys().copied().max().unwrap_or(0);
     progress(format!(
@@ -1529,6 +1563,7 @@ async fn fan_out(
         subs: outs,
         sent,
         commit,
+        send_lag,
         writer_errors,
         final_offset,
         write_secs,
@@ -1567,6 +1602,7 @@ fn fan_out_report(r: &mut Report, f: &mut FanOut) {
         .num("events_per_s", events as f64 / f.write_secs.max(1e-9))
         .latency("", &mut lat)
         .latency("commit_", &mut f.commit)
+        .latency("send_lag_", &mut f.send_lag)
         .set("final_offset", f.final_offset)
         .set("loss", loss)
         .set("duplicates", dups)
@@ -1817,13 +1853,16 @@ async fn w3_redis(a: &W3Args) -> Res<Report> {
             let mut iv = tokio::time::interval_at(first, period);
             iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut sent: Vec<(Sid, u64, u64)> = Vec::new();
+            let mut lag = Vec::new();
             let mut errors = 0u64;
             loop {
-                iv.tick().await;
+                // As on the ledger: the publish time is the tick the XADD was due at.
+                let due = iv.tick().await.into_std();
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
                 let t = Instant::now();
+                lag.push(t.saturating_duration_since(due).as_micros() as u64);
                 let v = conn
                     .cmd(&[b"XADD", key.as_bytes(), b"*", b"e", payload.as_bytes()])
                     .await?;
@@ -1833,27 +1872,29 @@ async fn w3_redis(a: &W3Args) -> Res<Report> {
                         let id = resp::parse_id(&id).ok_or("bad XADD id")?;
                         sent.push((
                             id,
-                            (t - base).as_micros() as u64,
+                            due.saturating_duration_since(base).as_micros() as u64,
                             (done - t).as_micros() as u64,
                         ));
                     }
                     _ => errors += 1,
                 }
             }
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sent, errors))
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sent, lag, errors))
         });
     }
     tokio::time::sleep(Duration::from_secs_f64(a.seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let mut sent: HashMap<Sid, u64> = HashMap::new();
     let mut commit = Vec::new();
+    let mut send_lag = Vec::new();
     let mut writer_errors = 0;
     while let Some(r) = wset.join_next().await {
-        let (s, e) = r??;
+        let (s, l, e) = r??;
         for (id, t, l) in s {
             sent.insert(id, t);
             commit.push(l);
         }
+        send_lag.extend(l);
         writer_errors += e;
     }
     let write_secs = t_write.elapsed().as_secs_f64();
@@ -1892,6 +1933,7 @@ async fn w3_redis(a: &W3Args) -> Res<Report> {
         .num("events_per_s", events as f64 / write_secs)
         .latency("", &mut lat)
         .latency("commit_", &mut commit)
+        .latency("send_lag_", &mut send_lag)
         .set("loss", loss)
         .set("duplicates", dups)
         .set("incomplete_subscribers", incomplete)
