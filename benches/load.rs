@@ -100,7 +100,8 @@ struct Common {
         default_value = ""
     )]
     password: String,
-    /// Server process id: its VmRSS is reported as `server_rss_mib`.
+    /// Server process id: its VmRSS is reported as `server_rss_mib` (idle: while the connections
+    /// are open) and, for W1/W3/W4, its peak during the run (VmHWM) as `server_hwm_mib`.
     #[arg(long)]
     server_pid: Option<u32>,
     #[arg(long, value_enum, default_value_t = Target::Ledger)]
@@ -324,6 +325,22 @@ impl Report {
         self.set("server_rss_mib", v)
     }
 
+    /// `server_hwm_mib`: the server's peak RSS (VmHWM), since `reset` if that worked
+    /// (`server_hwm_since: "run"`), else since the server started (`"server start"`).
+    fn hwm(&mut self, pid: Option<u32>, reset: bool) -> &mut Self {
+        let v = pid
+            .and_then(|p| status_mib(p, "VmHWM:"))
+            .map_or(Value::Null, |m| json!(round3(m)));
+        self.set("server_hwm_mib", v);
+        if pid.is_some() {
+            self.set(
+                "server_hwm_since",
+                if reset { "run" } else { "server start" },
+            );
+        }
+        self
+    }
+
     fn print(&self) {
         println!("{}", Value::Object(self.0.clone()));
     }
@@ -331,10 +348,22 @@ impl Report {
 
 /// VmRSS of a process, MiB.
 fn rss_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A `kB` field of /proc/PID/status, MiB.
+fn status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Resets the server's peak RSS (VmHWM) to its current RSS (`5` into /proc/PID/clear_refs, Linux
+/// ≥ 4.0; needs the right to write there: same user or root), so that the peak reported at the
+/// end is this run's. Returns whether it worked.
+fn reset_hwm(pid: Option<u32>) -> bool {
+    pid.is_some_and(|p| std::fs::write(format!("/proc/{p}/clear_refs"), "5").is_ok())
 }
 
 fn progress(msg: impl AsRef<str>) {
@@ -764,6 +793,7 @@ struct W1Part {
 }
 
 async fn w1_ledger(a: &W1Args) -> Res<Report> {
+    let hwm_reset = reset_hwm(a.common.server_pid);
     let s = login(&a.common).await?;
     progress(format!("W1: opening {} clients", a.clients));
     let cmdrs = open_cmdrs(&s, a.clients.max(1), "w1").await?;
@@ -828,6 +858,7 @@ async fn w1_ledger(a: &W1Args) -> Res<Report> {
         .num("events_per_s", total.events as f64 / secs)
         .latency("", &mut total.lat)
         .rss(a.common.server_pid)
+        .hwm(a.common.server_pid, hwm_reset)
         .set("noops", total.noops)
         .set("errors", total.errors);
     if let Some(f) = total.failure {
@@ -838,6 +869,7 @@ async fn w1_ledger(a: &W1Args) -> Res<Report> {
 
 async fn w1_redis(a: &W1Args) -> Res<Report> {
     let c = &a.common;
+    let hwm_reset = reset_hwm(c.server_pid);
     let mut conns = Vec::new();
     for _ in 0..a.clients.max(1) {
         conns.push(resp::Conn::connect(&c.redis).await?);
@@ -898,6 +930,7 @@ async fn w1_redis(a: &W1Args) -> Res<Report> {
         .num("events_per_s", total.events as f64 / secs)
         .latency("", &mut total.lat)
         .rss(c.server_pid)
+        .hwm(c.server_pid, hwm_reset)
         .set("errors", total.errors);
     if let Some(f) = total.failure {
         r.set("first_failure", f);
@@ -1619,6 +1652,7 @@ fn fan_out_report(r: &mut Report, f: &mut FanOut) {
 }
 
 async fn w3_ledger(a: &W3Args) -> Res<Report> {
+    let hwm_reset = reset_hwm(a.common.server_pid);
     let writers = default_writers(a.rate, a.writers);
     let (stop_tx, stop_rx) = watch::channel(false);
     let logins = (a.logins_per_s > 0.0)
@@ -1650,7 +1684,8 @@ async fn w3_ledger(a: &W3Args) -> Res<Report> {
             .num("login_p99_ms", p(0.99));
     }
     fan_out_report(&mut r, &mut f);
-    r.rss(a.common.server_pid);
+    r.rss(a.common.server_pid)
+        .hwm(a.common.server_pid, hwm_reset);
     Ok(r)
 }
 
@@ -1692,6 +1727,7 @@ async fn login_load(c: Common, rate: f64, mut stop: watch::Receiver<bool>) -> (u
 }
 
 async fn w4_ledger(a: &W4Args) -> Res<Report> {
+    let hwm_reset = reset_hwm(a.common.server_pid);
     let writers = default_writers(a.rate, a.writers);
     let mut f = fan_out(
         &a.common,
@@ -1734,7 +1770,8 @@ async fn w4_ledger(a: &W4Args) -> Res<Report> {
         .set("resume_failures", failed);
     let e = r.0.get("errors").and_then(Value::as_u64).unwrap_or(0);
     r.set("errors", e + expected.saturating_sub(live));
-    r.rss(a.common.server_pid);
+    r.rss(a.common.server_pid)
+        .hwm(a.common.server_pid, hwm_reset);
     Ok(r)
 }
 
@@ -1745,6 +1782,7 @@ type Sid = (u64, u64);
 
 async fn w3_redis(a: &W3Args) -> Res<Report> {
     let c = &a.common;
+    let hwm_reset = reset_hwm(c.server_pid);
     let writers = default_writers(a.rate, a.writers);
     let base = Instant::now();
     let mut conn = resp::Conn::connect(&c.redis).await?;
@@ -1939,6 +1977,7 @@ async fn w3_redis(a: &W3Args) -> Res<Report> {
         .set("incomplete_subscribers", incomplete)
         .set("setup_failures", setup_failures)
         .rss(c.server_pid)
+        .hwm(c.server_pid, hwm_reset)
         .set(
             "errors",
             loss + dups + incomplete + setup_failures + writer_errors,
@@ -2011,6 +2050,7 @@ async fn idle_ledger(a: &IdleArgs) -> Res<Report> {
         a.hold
     ));
     tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
+    // While every connection is still open: the number the RSS target is about.
     let rss_after = a.common.server_pid.and_then(rss_mib);
     let _ = stop_tx.send(true);
     let mut dropped = 0u64;
@@ -2025,11 +2065,20 @@ async fn idle_ledger(a: &IdleArgs) -> Res<Report> {
         .set("connected", ok)
         .num("connect_seconds", connect_secs)
         .num("hold_seconds", a.hold)
-        .rss(a.common.server_pid)
+        .set(
+            "server_rss_mib",
+            rss_after.map_or(Value::Null, |v| json!(round3(v))),
+        )
         .set(
             "rss_before_mib",
             rss_before.map_or(Value::Null, |v| json!(round3(v))),
         );
+    // After the clients closed (informational: what the server gives back).
+    let rss_closed = a.common.server_pid.and_then(rss_mib);
+    r.set(
+        "rss_after_close_mib",
+        rss_closed.map_or(Value::Null, |v| json!(round3(v))),
+    );
     if let (Some(b), Some(x)) = (rss_before, rss_after) {
         r.num("kib_per_connection", (x - b) * 1024.0 / ok.max(1) as f64);
     }

@@ -242,7 +242,7 @@ def targets(rows):
 LOAD_COLS = [
     ("workload", "workload"), ("target", "target"), ("params", "load"),
     ("events_per_s", "events/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("max_ms", "max ms"),
-    ("server_rss_mib", "RSS MiB"), ("errors", "errors"),
+    ("server_rss_mib", "RSS MiB"), ("server_hwm_mib", "peak RSS MiB"), ("errors", "errors"),
 ]
 
 
@@ -292,6 +292,8 @@ def markdown(rows):
                 cells.append(params(r) if "error" not in r else f"ERROR: {r['error']}")
             elif k == "events_per_s" and r.get("workload") == "disk_raw":
                 cells.append(fmt(r.get("ops_per_s")))
+            elif k == "server_hwm_mib" and r.get(k) is not None and r.get("server_hwm_since") != "run":
+                cells.append(f"{fmt(r.get(k))} (since server start)")
             else:
                 cells.append(fmt(r.get(k), 2 if k.endswith("_ms") else 1))
         lines.append("| " + " | ".join(cells) + " |")
