@@ -492,30 +492,41 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// `http://HOST:PORT[/...]` with a loopback HOST; returns `HOST:PORT`.
+/// `http://HOST:PORT[/...]` with a loopback HOST; returns `HOST:PORT` as parsed (the only form
+/// the generator then connects to). Parsed as a URL, not split by hand: userinfo
+/// (`http://127.0.0.1:80@example.com` is a request to example.com) is refused outright.
 fn check_loopback_url(url: &str) -> Res<String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or("--url must look like http://127.0.0.1:PORT")?;
-    let authority = rest.split('/').next().unwrap_or("");
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-    };
-    if !is_loopback_host(host) {
+    if url.contains('@') {
+        return Err(format!("refusing {url}: no user info (`@`) in --url; 127.0.0.1 only").into());
+    }
+    let u = reqwest::Url::parse(url).map_err(|e| format!("--url {url}: {e}"))?;
+    if u.scheme() != "http" {
+        return Err("--url must look like http://127.0.0.1:PORT".into());
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(format!("refusing {url}: no user info in --url").into());
+    }
+    let host = u.host_str().unwrap_or("");
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if !is_loopback_host(bare) {
         return Err(format!("refusing non-loopback target {url}: 127.0.0.1 only").into());
     }
-    Ok(authority.to_string())
+    let port = u.port_or_known_default().unwrap_or(80);
+    Ok(format!("{host}:{port}"))
 }
 
 fn check_loopback_addr(addr: &str) -> Res<()> {
-    let host = if let Some(v6) = addr.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        addr.rsplit_once(':').map_or(addr, |(h, _)| h)
-    };
-    if !is_loopback_host(host) {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--redis {addr}: HOST:PORT"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if !is_loopback_host(host) || port.parse::<u16>().is_err() {
         return Err(format!("refusing non-loopback Redis address {addr}").into());
     }
     Ok(())
