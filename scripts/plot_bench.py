@@ -240,7 +240,7 @@ def targets(rows):
 
 
 LOAD_COLS = [
-    ("workload", "workload"), ("target", "target"), ("params", "load"),
+    ("workload", "workload"), ("target", "target"), ("label", "run"), ("params", "load"),
     ("events_per_s", "events/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("max_ms", "max ms"),
     ("server_rss_mib", "RSS MiB"), ("server_hwm_mib", "peak RSS MiB"), ("errors", "errors"),
 ]
@@ -253,7 +253,13 @@ def params(r):
     if w == "W2":
         return f"{fmt(r.get('events'))} events"
     if w == "W3":
-        return f"{r.get('subscribers')} subs @ {fmt(r.get('rate'), 0)}/s"
+        load = f"{r.get('subscribers')} subs @ {fmt(r.get('rate'), 0)}/s"
+        if r.get("target") != "ledger":
+            return load
+        if r.get("logins_per_s_attempted"):
+            return (f"{load}, with {fmt(r.get('logins_per_s_attempted'), 0)} logins/s attempted "
+                    f"({fmt(r.get('logins_per_s_done'), 1)}/s served)")
+        return f"{load}, without logins"
     if w == "W4":
         return (f"{r.get('clients')} clients @ {fmt(r.get('rate'), 0)}/s; all live again "
                 f"{fmt(r.get('all_live_ms'))} ms (p50/p99/max: per-client reconnect)")
