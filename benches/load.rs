@@ -20,9 +20,14 @@
 //! the small RESP client below. Every run is bounded: `--seconds` for the measured phase and
 //! `--timeout` for the whole run. Only loopback addresses are accepted as targets.
 //!
-//! Latencies are measured on this machine's monotonic clock: W1 send→`ok`; W3/W4 the writer's
-//! send of the command (or XADD) → the subscriber's receipt of the event (so it includes the
-//! durable commit); W4 reconnect time is from the common drop instant to each client's `live`.
+//! Latencies are measured on this machine's monotonic clock: W1 send→`ok`; W3/W4 the time the
+//! writer's command (or XADD) was *scheduled* (its lane's tick) → the subscriber's receipt of the
+//! event (so it includes the durable commit and any wait of a lane held up by a slow commit:
+//! no coordinated omission); `send_lag_*` is how late the sends left after their ticks (about
+//! 1 ms even when idle: tokio's timer fires on the next millisecond, so every W3/W4 latency
+//! carries up to 1 ms of the generator's own timer resolution; in a check run of 20 subscribers
+//! at 200 events/s, send lag p50 1.09 ms, p99 1.63 ms); W4
+//! reconnect time is from the common drop instant to each client's `live`.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
@@ -98,7 +103,8 @@ struct Common {
         default_value = ""
     )]
     password: String,
-    /// Server process id: its VmRSS is reported as `server_rss_mib`.
+    /// Server process id: its VmRSS is reported as `server_rss_mib` (idle: while the connections
+    /// are open) and, for W1/W3/W4, its peak during the run (VmHWM) as `server_hwm_mib`.
     #[arg(long)]
     server_pid: Option<u32>,
     #[arg(long, value_enum, default_value_t = Target::Ledger)]
@@ -322,6 +328,22 @@ impl Report {
         self.set("server_rss_mib", v)
     }
 
+    /// `server_hwm_mib`: the server's peak RSS (VmHWM), since `reset` if that worked
+    /// (`server_hwm_since: "run"`), else since the server started (`"server start"`).
+    fn hwm(&mut self, pid: Option<u32>, reset: bool) -> &mut Self {
+        let v = pid
+            .and_then(|p| status_mib(p, "VmHWM:"))
+            .map_or(Value::Null, |m| json!(round3(m)));
+        self.set("server_hwm_mib", v);
+        if pid.is_some() {
+            self.set(
+                "server_hwm_since",
+                if reset { "run" } else { "server start" },
+            );
+        }
+        self
+    }
+
     fn print(&self) {
         println!("{}", Value::Object(self.0.clone()));
     }
@@ -329,10 +351,22 @@ impl Report {
 
 /// VmRSS of a process, MiB.
 fn rss_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A `kB` field of /proc/PID/status, MiB.
+fn status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Resets the server's peak RSS (VmHWM) to its current RSS (`5` into /proc/PID/clear_refs, Linux
+/// ≥ 4.0; needs the right to write there: same user or root), so that the peak reported at the
+/// end is this run's. Returns whether it worked.
+fn reset_hwm(pid: Option<u32>) -> bool {
+    pid.is_some_and(|p| std::fs::write(format!("/proc/{p}/clear_refs"), "5").is_ok())
 }
 
 fn progress(msg: impl AsRef<str>) {
@@ -461,30 +495,41 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// `http://HOST:PORT[/...]` with a loopback HOST; returns `HOST:PORT`.
+/// `http://HOST:PORT[/...]` with a loopback HOST; returns `HOST:PORT` as parsed (the only form
+/// the generator then connects to). Parsed as a URL, not split by hand: userinfo
+/// (`http://127.0.0.1:80@example.com` is a request to example.com) is refused outright.
 fn check_loopback_url(url: &str) -> Res<String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or("--url must look like http://127.0.0.1:PORT")?;
-    let authority = rest.split('/').next().unwrap_or("");
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-    };
-    if !is_loopback_host(host) {
+    if url.contains('@') {
+        return Err(format!("refusing {url}: no user info (`@`) in --url; 127.0.0.1 only").into());
+    }
+    let u = reqwest::Url::parse(url).map_err(|e| format!("--url {url}: {e}"))?;
+    if u.scheme() != "http" {
+        return Err("--url must look like http://127.0.0.1:PORT".into());
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(format!("refusing {url}: no user info in --url").into());
+    }
+    let host = u.host_str().unwrap_or("");
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if !is_loopback_host(bare) {
         return Err(format!("refusing non-loopback target {url}: 127.0.0.1 only").into());
     }
-    Ok(authority.to_string())
+    let port = u.port_or_known_default().unwrap_or(80);
+    Ok(format!("{host}:{port}"))
 }
 
 fn check_loopback_addr(addr: &str) -> Res<()> {
-    let host = if let Some(v6) = addr.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        addr.rsplit_once(':').map_or(addr, |(h, _)| h)
-    };
-    if !is_loopback_host(host) {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--redis {addr}: HOST:PORT"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if !is_loopback_host(host) || port.parse::<u16>().is_err() {
         return Err(format!("refusing non-loopback Redis address {addr}").into());
     }
     Ok(())
@@ -762,6 +807,7 @@ struct W1Part {
 }
 
 async fn w1_ledger(a: &W1Args) -> Res<Report> {
+    let hwm_reset = reset_hwm(a.common.server_pid);
     let s = login(&a.common).await?;
     progress(format!("W1: opening {} clients", a.clients));
     let cmdrs = open_cmdrs(&s, a.clients.max(1), "w1").await?;
@@ -826,6 +872,7 @@ async fn w1_ledger(a: &W1Args) -> Res<Report> {
         .num("events_per_s", total.events as f64 / secs)
         .latency("", &mut total.lat)
         .rss(a.common.server_pid)
+        .hwm(a.common.server_pid, hwm_reset)
         .set("noops", total.noops)
         .set("errors", total.errors);
     if let Some(f) = total.failure {
@@ -836,6 +883,7 @@ async fn w1_ledger(a: &W1Args) -> Res<Report> {
 
 async fn w1_redis(a: &W1Args) -> Res<Report> {
     let c = &a.common;
+    let hwm_reset = reset_hwm(c.server_pid);
     let mut conns = Vec::new();
     for _ in 0..a.clients.max(1) {
         conns.push(resp::Conn::connect(&c.redis).await?);
@@ -896,6 +944,7 @@ async fn w1_redis(a: &W1Args) -> Res<Report> {
         .num("events_per_s", total.events as f64 / secs)
         .latency("", &mut total.lat)
         .rss(c.server_pid)
+        .hwm(c.server_pid, hwm_reset)
         .set("errors", total.errors);
     if let Some(f) = total.failure {
         r.set("first_failure", f);
@@ -1366,13 +1415,18 @@ async fn reconnect(
 }
 
 /// Writer lanes: each a commander paced at `rate / lanes` per second until `stop`.
-/// Returns (offset → send µs since base, commit latencies µs, errors).
+/// Returns (offset → publish µs since base, commit latencies µs, send lags µs, errors).
+///
+/// The publish time of an event is the tick its command was *due* at (for a retried command,
+/// the tick of its first attempt), not when it was sent: a lane held up by a slow commit sends
+/// its missed ticks late (`Burst`), and measuring from the late send would hide the delay
+/// (coordinated omission). How late each send left is returned as the send lag.
 async fn run_writers(
     cmdrs: Vec<Cmdr>,
     rate: f64,
     base: Instant,
     stop: Arc<AtomicBool>,
-) -> Res<(HashMap<u64, u64>, Vec<u64>, u64)> {
+) -> Res<WriterOut> {
     let lanes = cmdrs.len().max(1);
     let period = Duration::from_secs_f64(lanes as f64 / rate.max(0.001));
     let start = tokio::time::Instant::now();
@@ -1385,35 +1439,56 @@ async fn run_writers(
             iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut sent = Vec::new();
             let mut commit = Vec::new();
+            let mut lag = Vec::new();
             let mut errors = 0u64;
+            // Due time of the command being retried (its first attempt's tick).
+            let mut first_due: Option<Instant> = None;
             loop {
-                iv.tick().await;
+                let tick = iv.tick().await.into_std();
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
+                let due = *first_due.get_or_insert(tick);
                 let r = c.step().await?;
+                lag.push(r.sent.saturating_duration_since(tick).as_micros() as u64);
                 match r.outcome {
                     Outcome::Appended(off) => {
-                        sent.push((off, (r.sent - base).as_micros() as u64));
+                        first_due = None;
+                        sent.push((off, due.saturating_duration_since(base).as_micros() as u64));
                         commit.push((r.done - r.sent).as_micros() as u64);
                     }
-                    Outcome::Noop => {}
-                    Outcome::Failed(_) => errors += 1,
+                    Outcome::Noop => first_due = None,
+                    Outcome::Failed(code) => {
+                        errors += 1;
+                        if !is_retryable(&code) {
+                            first_due = None;
+                        }
+                    }
                 }
             }
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sent, commit, errors))
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sent, commit, lag, errors))
         });
     }
-    let mut sent = HashMap::new();
-    let mut commit = Vec::new();
-    let mut errors = 0;
+    let mut out = WriterOut::default();
     while let Some(r) = set.join_next().await {
-        let (s, c, e) = r??;
-        sent.extend(s);
-        commit.extend(c);
-        errors += e;
+        let (s, c, l, e) = r??;
+        out.sent.extend(s);
+        out.commit.extend(c);
+        out.send_lag.extend(l);
+        out.errors += e;
     }
-    Ok((sent, commit, errors))
+    Ok(out)
+}
+
+#[derive(Default)]
+struct WriterOut {
+    /// offset → publish (scheduled) µs since base.
+    sent: HashMap<u64, u64>,
+    /// Send → `ok`, µs.
+    commit: Vec<u64>,
+    /// Actual send − scheduled tick, µs, one per command sent.
+    send_lag: Vec<u64>,
+    errors: u64,
 }
 
 /// Writer connections: each waits for its `ok` before its next command, so one lane gives at
@@ -1429,6 +1504,7 @@ struct FanOut {
     subs: Vec<SubOut>,
     sent: HashMap<u64, u64>,
     commit: Vec<u64>,
+    send_lag: Vec<u64>,
     writer_errors: u64,
     final_offset: u64,
     write_secs: f64,
@@ -1510,7 +1586,12 @@ async fn fan_out(
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let (sent, commit, writer_errors) = writer.await??;
+    let WriterOut {
+        sent,
+        commit,
+        send_lag,
+        errors: writer_errors,
+    } = writer.await??;
     let write_secs = t_write.elapsed().as_secs_f64();
     let final_offset = sent.keys().copied().max().unwrap_or(0);
     progress(format!(
@@ -1529,6 +1610,7 @@ async fn fan_out(
         subs: outs,
         sent,
         commit,
+        send_lag,
         writer_errors,
         final_offset,
         write_secs,
@@ -1567,6 +1649,7 @@ fn fan_out_report(r: &mut Report, f: &mut FanOut) {
         .num("events_per_s", events as f64 / f.write_secs.max(1e-9))
         .latency("", &mut lat)
         .latency("commit_", &mut f.commit)
+        .latency("send_lag_", &mut f.send_lag)
         .set("final_offset", f.final_offset)
         .set("loss", loss)
         .set("duplicates", dups)
@@ -1583,6 +1666,7 @@ fn fan_out_report(r: &mut Report, f: &mut FanOut) {
 }
 
 async fn w3_ledger(a: &W3Args) -> Res<Report> {
+    let hwm_reset = reset_hwm(a.common.server_pid);
     let writers = default_writers(a.rate, a.writers);
     let (stop_tx, stop_rx) = watch::channel(false);
     let logins = (a.logins_per_s > 0.0)
@@ -1614,7 +1698,8 @@ async fn w3_ledger(a: &W3Args) -> Res<Report> {
             .num("login_p99_ms", p(0.99));
     }
     fan_out_report(&mut r, &mut f);
-    r.rss(a.common.server_pid);
+    r.rss(a.common.server_pid)
+        .hwm(a.common.server_pid, hwm_reset);
     Ok(r)
 }
 
@@ -1656,6 +1741,7 @@ async fn login_load(c: Common, rate: f64, mut stop: watch::Receiver<bool>) -> (u
 }
 
 async fn w4_ledger(a: &W4Args) -> Res<Report> {
+    let hwm_reset = reset_hwm(a.common.server_pid);
     let writers = default_writers(a.rate, a.writers);
     let mut f = fan_out(
         &a.common,
@@ -1698,7 +1784,8 @@ async fn w4_ledger(a: &W4Args) -> Res<Report> {
         .set("resume_failures", failed);
     let e = r.0.get("errors").and_then(Value::as_u64).unwrap_or(0);
     r.set("errors", e + expected.saturating_sub(live));
-    r.rss(a.common.server_pid);
+    r.rss(a.common.server_pid)
+        .hwm(a.common.server_pid, hwm_reset);
     Ok(r)
 }
 
@@ -1709,6 +1796,7 @@ type Sid = (u64, u64);
 
 async fn w3_redis(a: &W3Args) -> Res<Report> {
     let c = &a.common;
+    let hwm_reset = reset_hwm(c.server_pid);
     let writers = default_writers(a.rate, a.writers);
     let base = Instant::now();
     let mut conn = resp::Conn::connect(&c.redis).await?;
@@ -1817,13 +1905,16 @@ async fn w3_redis(a: &W3Args) -> Res<Report> {
             let mut iv = tokio::time::interval_at(first, period);
             iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut sent: Vec<(Sid, u64, u64)> = Vec::new();
+            let mut lag = Vec::new();
             let mut errors = 0u64;
             loop {
-                iv.tick().await;
+                // As on the ledger: the publish time is the tick the XADD was due at.
+                let due = iv.tick().await.into_std();
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
                 let t = Instant::now();
+                lag.push(t.saturating_duration_since(due).as_micros() as u64);
                 let v = conn
                     .cmd(&[b"XADD", key.as_bytes(), b"*", b"e", payload.as_bytes()])
                     .await?;
@@ -1833,27 +1924,29 @@ async fn w3_redis(a: &W3Args) -> Res<Report> {
                         let id = resp::parse_id(&id).ok_or("bad XADD id")?;
                         sent.push((
                             id,
-                            (t - base).as_micros() as u64,
+                            due.saturating_duration_since(base).as_micros() as u64,
                             (done - t).as_micros() as u64,
                         ));
                     }
                     _ => errors += 1,
                 }
             }
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sent, errors))
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((sent, lag, errors))
         });
     }
     tokio::time::sleep(Duration::from_secs_f64(a.seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let mut sent: HashMap<Sid, u64> = HashMap::new();
     let mut commit = Vec::new();
+    let mut send_lag = Vec::new();
     let mut writer_errors = 0;
     while let Some(r) = wset.join_next().await {
-        let (s, e) = r??;
+        let (s, l, e) = r??;
         for (id, t, l) in s {
             sent.insert(id, t);
             commit.push(l);
         }
+        send_lag.extend(l);
         writer_errors += e;
     }
     let write_secs = t_write.elapsed().as_secs_f64();
@@ -1892,11 +1985,13 @@ async fn w3_redis(a: &W3Args) -> Res<Report> {
         .num("events_per_s", events as f64 / write_secs)
         .latency("", &mut lat)
         .latency("commit_", &mut commit)
+        .latency("send_lag_", &mut send_lag)
         .set("loss", loss)
         .set("duplicates", dups)
         .set("incomplete_subscribers", incomplete)
         .set("setup_failures", setup_failures)
         .rss(c.server_pid)
+        .hwm(c.server_pid, hwm_reset)
         .set(
             "errors",
             loss + dups + incomplete + setup_failures + writer_errors,
@@ -1969,6 +2064,7 @@ async fn idle_ledger(a: &IdleArgs) -> Res<Report> {
         a.hold
     ));
     tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
+    // While every connection is still open: the number the RSS target is about.
     let rss_after = a.common.server_pid.and_then(rss_mib);
     let _ = stop_tx.send(true);
     let mut dropped = 0u64;
@@ -1983,11 +2079,20 @@ async fn idle_ledger(a: &IdleArgs) -> Res<Report> {
         .set("connected", ok)
         .num("connect_seconds", connect_secs)
         .num("hold_seconds", a.hold)
-        .rss(a.common.server_pid)
+        .set(
+            "server_rss_mib",
+            rss_after.map_or(Value::Null, |v| json!(round3(v))),
+        )
         .set(
             "rss_before_mib",
             rss_before.map_or(Value::Null, |v| json!(round3(v))),
         );
+    // After the clients closed (informational: what the server gives back).
+    let rss_closed = a.common.server_pid.and_then(rss_mib);
+    r.set(
+        "rss_after_close_mib",
+        rss_closed.map_or(Value::Null, |v| json!(round3(v))),
+    );
     if let (Some(b), Some(x)) = (rss_before, rss_after) {
         r.num("kib_per_connection", (x - b) * 1024.0 / ok.max(1) as f64);
     }

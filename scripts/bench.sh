@@ -9,9 +9,13 @@
 # (benches/core.rs) → alarm-ledger server on 127.0.0.1 with a fresh data directory → W1 (1/16/64
 # clients), W2 (1,000,000 events), W3 (100 subs @ 1,000/s, 1,000 subs @ 100/s), W4 (1,000
 # clients) → restart → 10,000 idle connections → Redis Streams (appendfsync always) W1/W2/W3 →
-# bench-results/<date>-<commit>.jsonl, bench-results/latest.md, docs/bench-latency.png.
+# compliance (export, verify, process start, online backup) → bench-results/<date>-<commit>.jsonl,
+# bench-results/latest.md, docs/bench-latency.png.
 #
-# Everything runs on loopback; every run is bounded in time (`--timeout`). Work files go to a
+# Everything runs on loopback; every step is bounded in time (`timeout`, and the load generator's
+# own `--timeout`), and the suite has an overall deadline (BENCH_BUDGET_SECS, default 1200 s: the
+# 20 minutes): a step is not started after it, a running step is cut at it (its row records the
+# error), the report is still written and the script exits 1. Work files go to a
 # temporary directory under target/ (the real disk: never measure a tmpfs), removed at the end
 # (KEEP_WORK=1 keeps it). Set BENCH_WORK_PARENT to measure another disk.
 set -euo pipefail
@@ -22,7 +26,7 @@ QUICK=0
 case "${1:-}" in
   --quick) QUICK=1 ;;
   "") ;;
-  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
   *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
 esac
 
@@ -36,6 +40,8 @@ else
 fi
 
 STARTED=$(date +%s)
+BUDGET=${BENCH_BUDGET_SECS:-1200}
+DEADLINE=$((STARTED + BUDGET))
 DATE=$(date -u +%Y%m%d-%H%M%S)
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]]; then
@@ -52,6 +58,26 @@ mkdir -p "${BENCH_WORK_PARENT:-$ROOT/target}"
 WORK=$(mktemp -d "${BENCH_WORK_PARENT:-$ROOT/target}/bench-work.XXXXXX")
 
 log() { echo "[bench $(date +%H:%M:%S) +$(($(date +%s) - STARTED))s] $*" | tee -a "$LOG" >&2; }
+
+# bounded CAP: the seconds a step may run: CAP, but never past the suite's deadline.
+bounded() {
+  local cap=$1 left=$((DEADLINE - $(date +%s)))
+  ((left < cap)) && cap=$left
+  ((cap < 1)) && cap=1
+  echo "$cap"
+}
+# in_time STEP: false, with an error row in the results, once the deadline has passed.
+OVER=0
+in_time() {
+  (($(date +%s) < DEADLINE)) && return 0
+  log "deadline of $BUDGET s passed: $1 not run"
+  echo "{\"workload\":\"suite\",\"target\":\"ledger\",\"error\":\"deadline of $BUDGET s passed before $1\"}" >>"$OUT"
+  OVER=1
+  return 1
+}
+# timeout(1) puts the command in its own process group and signals the whole group, so the bench
+# executables under cargo and the servers they start are stopped too.
+TMO=(timeout --kill-after=10)
 
 SERVER_PID=""
 REDIS_PID=""
@@ -76,9 +102,9 @@ free_port() {
 
 # ------------------------------------------------------------------ build
 log "building (release)"
-cargo build --release --bin alarm-ledger 2>>"$LOG"
+"${TMO[@]}" "$(bounded 900)" cargo build --release --bin alarm-ledger 2>>"$LOG"
 SERVER_BIN="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/alarm-ledger"
-LOAD=$(cargo bench --bench load --no-run --message-format=json 2>>"$LOG" | python3 -c '
+LOAD=$("${TMO[@]}" "$(bounded 900)" cargo bench --bench load --no-run --message-format=json 2>>"$LOG" | python3 -c '
 import json, sys
 exe = None
 for line in sys.stdin:
@@ -90,8 +116,8 @@ for line in sys.stdin:
         exe = m["executable"]
 print(exe or "")')
 [[ -x "$LOAD" ]] || { log "cannot find the load generator executable"; exit 1; }
-cargo bench --bench core --no-run 2>>"$LOG"
-cargo bench --bench compliance --no-run 2>>"$LOG"
+"${TMO[@]}" "$(bounded 900)" cargo bench --bench core --no-run 2>>"$LOG"
+"${TMO[@]}" "$(bounded 900)" cargo bench --bench compliance --no-run 2>>"$LOG"
 
 # Many sockets: idle connections, the storm (server and generator both inherit this).
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -135,14 +161,16 @@ EOF
 # run_load LABEL ARGS...: one JSON line into $OUT; a failure is recorded and the suite goes on.
 run_load() {
   local label=$1; shift
+  in_time "$label" || return 0
   log "load: $label"
   local line rc=0
-  line=$("$LOAD" "$@" --label "$label" 2>>"$LOG") || rc=$?
+  # A backstop above the generator's own --timeout (≤ 420 s here), cut at the deadline.
+  line=$("${TMO[@]}" "$(bounded 480)" "$LOAD" "$@" --label "$label" 2>>"$LOG") || rc=$?
   if [[ -n "$line" ]]; then
     echo "$line" | tail -n 1 >>"$OUT"
     echo "$line" | tail -n 1 | cut -c1-400 >&2
   else
-    echo "{\"workload\":\"$label\",\"error\":\"load generator exited $rc without output\"}" >>"$OUT"
+    echo "{\"workload\":\"$label\",\"error\":\"load generator exited $rc without output (124: timed out)\"}" >>"$OUT"
   fi
   [[ $rc == 0 ]] || log "  $label failed (exit $rc); see $LOG"
 }
@@ -185,71 +213,80 @@ wait_verified() {
 }
 
 # ------------------------------------------------------------------ 1. raw disk
-log "raw disk: 4 KiB write + fdatasync for $DISK_SECS s in $WORK"
-"$LOAD" disk-raw --dir "$WORK" --seconds "$DISK_SECS" --label "disk_raw" >>"$OUT" 2>>"$LOG" \
-  || log "disk-raw failed"
-tail -n 1 "$OUT" >&2
+if in_time "disk-raw"; then
+  log "raw disk: 4 KiB write + fdatasync for $DISK_SECS s in $WORK"
+  "${TMO[@]}" "$(bounded $((DISK_SECS + 60)))" "$LOAD" disk-raw --dir "$WORK" --seconds "$DISK_SECS" \
+    --label "disk_raw" >>"$OUT" 2>>"$LOG" || log "disk-raw failed"
+  tail -n 1 "$OUT" >&2
+fi
 
 # ------------------------------------------------------------------ 2. criterion
-log "criterion suite (benches/core.rs)"
-if TMPDIR="$WORK" CRITERION_HOME="$WORK/criterion" cargo bench --bench core -- --noplot \
+if ! in_time "criterion"; then :
+elif log "criterion suite (benches/core.rs)" && TMPDIR="$WORK" CRITERION_HOME="$WORK/criterion" \
+    "${TMO[@]}" "$(bounded 600)" cargo bench --bench core -- --noplot \
     >"$ROOT/bench-results/$NAME.criterion.txt" 2>&1; then
   python3 scripts/plot_bench.py criterion "$WORK/criterion" | tee -a "$OUT" \
     | python3 -c 'import json,sys; [print("  %-60s %14s elements/s" % (d["bench"], format(round(d.get("elements_per_s") or 0), ",")), file=sys.stderr) for d in map(json.loads, sys.stdin)]'
 else
-  log "criterion failed; see bench-results/$NAME.criterion.txt"
-  echo '{"workload":"criterion","error":"cargo bench --bench core failed"}' >>"$OUT"
+  log "criterion failed or timed out; see bench-results/$NAME.criterion.txt"
+  echo '{"workload":"criterion","error":"cargo bench --bench core failed or timed out"}' >>"$OUT"
 fi
 
 # ------------------------------------------------------------------ 3. alarm-ledger over WebSockets
-start_server
-COMMON=(--url "$URL" --server-pid "$SERVER_PID")
-for p in $W1_CLIENTS; do
-  run_load "W1-$p" w1 "${COMMON[@]}" --timeout 120 --clients "$p" --seconds "$W1_SECS" --warmup 1
-done
-run_load "W2-$W2_EVENTS" w2 "${COMMON[@]}" --events "$W2_EVENTS" --prepare-clients 64 --timeout 420
-for run in $W3_RUNS; do
-  subs=${run%%:*}; rate=${run##*:}
-  run_load "W3-$subs@$rate" w3 "${COMMON[@]}" --timeout 180 --subscribers "$subs" --rate "$rate" --seconds "$W3_SECS"
-done
-# Issue 4: delivery latency while logins (PBKDF2, ~150 ms of CPU each) arrive at 20/s, in
-# alternating pairs with the same run without logins, so that the difference is read against the
-# run-to-run spread.
-for i in $(seq 1 "$LOGIN_PAIRS"); do
-  run_load "W3-100@1000-base$i" w3 "${COMMON[@]}" --timeout 180 --subscribers 100 --rate 1000 \
-    --seconds "$W3_SECS"
-  run_load "W3-100@1000-logins20-$i" w3 "${COMMON[@]}" --timeout 180 --subscribers 100 --rate 1000 \
-    --seconds "$W3_SECS" --logins-per-s 20
-done
-run_load "W4-$W4_CLIENTS" w4 "${COMMON[@]}" --timeout 180 --clients "$W4_CLIENTS" --rate 200 --before 2 --after 2
+if in_time "WebSocket runs"; then
+  start_server
+  COMMON=(--url "$URL" --server-pid "$SERVER_PID")
+  for p in $W1_CLIENTS; do
+    run_load "W1-$p" w1 "${COMMON[@]}" --timeout 120 --clients "$p" --seconds "$W1_SECS" --warmup 1
+  done
+  run_load "W2-$W2_EVENTS" w2 "${COMMON[@]}" --events "$W2_EVENTS" --prepare-clients 64 --timeout 420
+  for run in $W3_RUNS; do
+    subs=${run%%:*}; rate=${run##*:}
+    run_load "W3-$subs@$rate" w3 "${COMMON[@]}" --timeout 180 --subscribers "$subs" --rate "$rate" --seconds "$W3_SECS"
+  done
+  # Issue 4: delivery latency while logins (PBKDF2, ~150 ms of CPU each) arrive at 20/s, in
+  # alternating pairs with the same run without logins, so that the difference is read against the
+  # run-to-run spread.
+  for i in $(seq 1 "$LOGIN_PAIRS"); do
+    run_load "W3-100@1000-base$i" w3 "${COMMON[@]}" --timeout 180 --subscribers 100 --rate 1000 \
+      --seconds "$W3_SECS"
+    run_load "W3-100@1000-logins20-$i" w3 "${COMMON[@]}" --timeout 180 --subscribers 100 --rate 1000 \
+      --seconds "$W3_SECS" --logins-per-s 20
+  done
+  run_load "W4-$W4_CLIENTS" w4 "${COMMON[@]}" --timeout 180 --clients "$W4_CLIENTS" --rate 200 --before 2 --after 2
+fi
 
-# Idle connections on a freshly restarted server (same data): RSS of a server at rest.
-log "restarting the server for the idle-connection run"
-stop_pid "$SERVER_PID"; SERVER_PID=""
-start_server
-wait_verified
-sleep 1
-run_load "idle-$IDLE_CONNS" idle --url "$URL" --server-pid "$SERVER_PID" --timeout 240 \
-  --connections "$IDLE_CONNS" --hold 5
-stop_pid "$SERVER_PID"; SERVER_PID=""
-# The same on a new, empty ledger: the connections' own cost without the large ledger's sled
-# page table and cache (a 1M-event sled database alone takes ~175 MiB once opened).
-mv "$WORK/data" "$WORK/data-big"
-start_server
-wait_verified
-sleep 1
-run_load "idle-$IDLE_CONNS-fresh" idle --url "$URL" --server-pid "$SERVER_PID" --timeout 240 \
-  --connections "$IDLE_CONNS" --hold 5
+if in_time "idle connections"; then
+  # Idle connections on a freshly restarted server (same data): RSS of a server at rest.
+  stop_pid "$SERVER_PID"; SERVER_PID=""
+  log "restarting the server for the idle-connection run"
+  start_server
+  wait_verified
+  sleep 1
+  run_load "idle-$IDLE_CONNS" idle --url "$URL" --server-pid "$SERVER_PID" --timeout 240 \
+    --connections "$IDLE_CONNS" --hold 5
+  stop_pid "$SERVER_PID"; SERVER_PID=""
+  # The same on a new, empty ledger: the connections' own cost without the large ledger's sled
+  # page table and cache (a 1M-event sled database alone takes ~175 MiB once opened).
+  mv "$WORK/data" "$WORK/data-big"
+  start_server
+  wait_verified
+  sleep 1
+  run_load "idle-$IDLE_CONNS-fresh" idle --url "$URL" --server-pid "$SERVER_PID" --timeout 240 \
+    --connections "$IDLE_CONNS" --hold 5
+  stop_pid "$SERVER_PID"; SERVER_PID=""
+fi
 stop_pid "$SERVER_PID"; SERVER_PID=""
 
 # ------------------------------------------------------------------ 4. Redis Streams
 if ! command -v redis-server >/dev/null; then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null && (($(date +%s) < DEADLINE)); then
     log "installing redis-server (Debian)"
-    { apt-get update && apt-get install -y redis-server; } >>"$LOG" 2>&1 || true
+    { timeout 300 apt-get update && timeout 300 apt-get install -y redis-server; } >>"$LOG" 2>&1 || true
   fi
 fi
-if command -v redis-server >/dev/null; then
+if ! in_time "Redis Streams"; then :
+elif command -v redis-server >/dev/null; then
   RPORT=$(free_port)
   mkdir -p "$WORK/redis"
   redis-server --port "$RPORT" --bind 127.0.0.1 --dir "$WORK/redis" --appendonly yes \
@@ -276,14 +313,19 @@ else
 fi
 
 # ------------------------------------------------------------------ 5. compliance (issue 5)
-# Export and verify of a 1,000,000-event ledger with the real binary; online backup while
-# 1,000 events/s are appended (append latency during the backup).
+# Export and verify of a 1,000,000-event ledger with the real binary; the start of the server
+# process on it (spawn → /readyz 200, from a projection snapshot and with a full replay, each
+# the first start after the write and once more: the start-up targets); online backup while
+# 1,000 events/s are appended (append latency during the backup, from the scheduled send time).
 COMPLIANCE_EVENTS=1000000
 [[ $QUICK == 1 ]] && COMPLIANCE_EVENTS=20000
-log "compliance bench ($COMPLIANCE_EVENTS events)"
-if TMPDIR="$WORK" cargo bench --bench compliance -- --events "$COMPLIANCE_EVENTS" 2>>"$LOG" \
-    | grep '^{' | tee -a "$OUT" >&2; then :; else
-  echo '{"workload":"compliance","error":"cargo bench --bench compliance failed"}' >>"$OUT"
+# The online backup (POST /api/v1/admin/backup) runs inside it: cut with it by the timeout.
+if in_time "compliance"; then
+  log "compliance bench ($COMPLIANCE_EVENTS events)"
+  if TMPDIR="$WORK" "${TMO[@]}" "$(bounded 600)" cargo bench --bench compliance -- \
+      --events "$COMPLIANCE_EVENTS" 2>>"$LOG" | grep '^{' | tee -a "$OUT" >&2; then :; else
+    echo '{"workload":"compliance","error":"cargo bench --bench compliance failed or timed out"}' >>"$OUT"
+  fi
 fi
 
 # ------------------------------------------------------------------ 6. report
@@ -300,7 +342,7 @@ open(path, "w").writelines(rows)
 EOF
 if ! python3 -c 'import matplotlib' 2>/dev/null; then
   log "installing matplotlib (pip)"
-  python3 -m pip install --quiet matplotlib >>"$LOG" 2>&1 || log "matplotlib unavailable: no plot"
+  timeout 300 python3 -m pip install --quiet matplotlib >>"$LOG" 2>&1 || log "matplotlib unavailable: no plot"
 fi
 if [[ $QUICK == 1 ]]; then # a smoke run never replaces the published results
   MD="bench-results/latest-quick.md"; PNG="bench-results/$NAME.png"
@@ -309,3 +351,7 @@ else
 fi
 python3 scripts/plot_bench.py report "$OUT" --md "$MD" --png "$PNG"
 log "done in $(($(date +%s) - STARTED)) s: $OUT, $MD, $PNG"
+if ((OVER)) || (($(date +%s) > DEADLINE)); then
+  log "the suite did not finish within $BUDGET s: results incomplete"
+  exit 1
+fi

@@ -207,21 +207,42 @@ def targets(rows):
     out.append(("in-process durable append, 1 appender (events/s)",
                 f"≥ 80% of raw ({fmt(raw * 0.8) if raw else '?'})", fmt(v), "–",
                 verdict(ge(v, raw * 0.8 if raw else None))))
-    for prefix, what, limit in (("ledger_open/full_replay/", "start without snapshot: replay+verify+rebuild (s)", 2.0),
+    # Start-up: the real process (benches/compliance.rs, `process_start`): spawn → /readyz 200,
+    # the first start after the ledger was written (sled recovers it) and once more; met only if
+    # both are within the target.
+    for mode, what, limit in (("snapshot", "process start from a projection snapshot", 0.3),
+                              ("full_replay", "process start without a snapshot (full replay)", 2.0)):
+        runs = {r.get("run"): r for r in rows if r.get("bench") == "process_start" and r.get("mode") == mode}
+        first, again = runs.get("first"), runs.get("again")
+        vals = [get(r, "ready_secs") for r in (first, again)]
+        ok = None if None in vals else all(v <= limit for v in vals)
+        n = get(first or again, "events")
+        out.append((f"{what}: spawn → /readyz 200 (s), {fmt(n)} events",
+                    f"≤ {limit:g} s",
+                    f"first start after the write {fmt(vals[0], 3)} (listening {fmt(get(first, 'listening_secs'), 3)}); "
+                    f"again {fmt(vals[1], 3)} (listening {fmt(get(again, 'listening_secs'), 3)})",
+                    "–", verdict(ok)))
+    # Criterion: the same steps in process on a sled database already open and warm. Components of
+    # the start-up targets above, not measurements of them: no verdict of their own.
+    for prefix, what, limit in (("ledger_open/full_replay/", "Ledger::open without snapshot: replay+verify+rebuild, warm (sled already open) (s)", 2.0),
                                 ("projection/rebuild/", "projection rebuild in memory (s)", 2.0),
-                                ("ledger_open/from_snapshot/", "start from a snapshot (s)", 0.3),
-                                ("log_read/iter_from/", "sequential log read (s)", 1.0)):
+                                ("ledger_open/from_snapshot/", "Ledger::open from a snapshot, warm (sled already open) (s)", 0.3),
+                                ("log_read/iter_from/", "sequential log read, warm (sled already open, cached) (s)", 1.0)):
         r = crit(rows, prefix)
         v = get(r, "seconds_per_iter")
         n = get(r, "elements")
-        out.append((f"{what}, {fmt(n)} events", f"≤ {limit:g} s", fmt(v, 3), "–", verdict(le(v, limit))))
+        if prefix.startswith("ledger_open/"):
+            out.append((f"{what}, {fmt(n)} events", f"part of ≤ {limit:g} s", fmt(v, 3), "–",
+                        "component (see process start)"))
+        else:
+            out.append((f"{what}, {fmt(n)} events", f"≤ {limit:g} s", fmt(v, 3), "–", verdict(le(v, limit))))
     return out
 
 
 LOAD_COLS = [
-    ("workload", "workload"), ("target", "target"), ("params", "load"),
+    ("workload", "workload"), ("target", "target"), ("label", "run"), ("params", "load"),
     ("events_per_s", "events/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("max_ms", "max ms"),
-    ("server_rss_mib", "RSS MiB"), ("errors", "errors"),
+    ("server_rss_mib", "RSS MiB"), ("server_hwm_mib", "peak RSS MiB"), ("errors", "errors"),
 ]
 
 
@@ -232,7 +253,13 @@ def params(r):
     if w == "W2":
         return f"{fmt(r.get('events'))} events"
     if w == "W3":
-        return f"{r.get('subscribers')} subs @ {fmt(r.get('rate'), 0)}/s"
+        load = f"{r.get('subscribers')} subs @ {fmt(r.get('rate'), 0)}/s"
+        if r.get("target") != "ledger":
+            return load
+        if r.get("logins_per_s_attempted"):
+            return (f"{load}, with {fmt(r.get('logins_per_s_attempted'), 0)} logins/s attempted "
+                    f"({fmt(r.get('logins_per_s_done'), 1)}/s served)")
+        return f"{load}, without logins"
     if w == "W4":
         return (f"{r.get('clients')} clients @ {fmt(r.get('rate'), 0)}/s; all live again "
                 f"{fmt(r.get('all_live_ms'))} ms (p50/p99/max: per-client reconnect)")
@@ -271,9 +298,21 @@ def markdown(rows):
                 cells.append(params(r) if "error" not in r else f"ERROR: {r['error']}")
             elif k == "events_per_s" and r.get("workload") == "disk_raw":
                 cells.append(fmt(r.get("ops_per_s")))
+            elif k == "server_hwm_mib" and r.get(k) is not None and r.get("server_hwm_since") != "run":
+                cells.append(f"{fmt(r.get(k))} (since server start)")
             else:
                 cells.append(fmt(r.get(k), 2 if k.endswith("_ms") else 1))
         lines.append("| " + " | ".join(cells) + " |")
+    comp = [r for r in rows if r.get("bench") and "workload" not in r]
+    if comp:
+        lines += ["", "## Compliance and process start (`cargo bench --bench compliance`)", "",
+                  "| measurement | values |", "| --- | --- |"]
+        for r in comp:
+            name = r["bench"] + "".join(f" {r[k]}" for k in ("mode", "run") if r.get(k))
+            vals = "; ".join(f"{k} {fmt(v, 3)}" for k, v in r.items()
+                             if k not in ("bench", "mode", "run") and v is not None
+                             and not isinstance(v, (dict, list)))
+            lines.append(f"| {name} | {vals.replace('|', '/')} |")
     crits = [r for r in rows if r.get("workload") == "criterion"]
     if crits:
         lines += ["", "## Criterion micro-benchmarks (`cargo bench --bench core`)", "",
