@@ -119,22 +119,43 @@ pub fn user(args: UserArgs) -> Result<()> {
             println!("password changed for {name}");
         }
         UserAction::Role { name, role: r } => {
-            users.set_role(&name, r).map_err(auth)?;
-            audit_with(
-                SecurityAction::UserRoleChanged,
-                &name,
-                Some(("role", r.as_str())),
-            )?;
+            // What changed, not what was asked (like the HTTP route).
+            let (before, _) = users
+                .change(
+                    &name,
+                    crate::auth::users::UserChange {
+                        role: Some(r),
+                        ..Default::default()
+                    },
+                )
+                .map_err(auth)?;
+            if before.role != r {
+                audit_with(
+                    SecurityAction::UserRoleChanged,
+                    &name,
+                    Some(("role", r.as_str())),
+                )?;
+            }
             println!("{name} is now {}", r.as_str());
         }
         UserAction::Disable { name, enable } => {
-            users.set_disabled(&name, !enable).map_err(auth)?;
-            let action = if enable {
-                SecurityAction::UserEnabled
-            } else {
-                SecurityAction::UserDisabled
-            };
-            audit(action, &name)?;
+            let (before, _) = users
+                .change(
+                    &name,
+                    crate::auth::users::UserChange {
+                        disabled: Some(!enable),
+                        ..Default::default()
+                    },
+                )
+                .map_err(auth)?;
+            if before.disabled == enable {
+                let action = if enable {
+                    SecurityAction::UserEnabled
+                } else {
+                    SecurityAction::UserDisabled
+                };
+                audit(action, &name)?;
+            }
             println!("{name} {}", if enable { "enabled" } else { "disabled" });
         }
     }

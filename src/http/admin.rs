@@ -288,6 +288,8 @@ fn applied_unrecorded(e: ApiError) -> ApiError {
 
 pub async fn security_log(state: &State, req: &Request) -> Result<Response, ApiError> {
     let p = admin(state, req)?;
+    // The place first: a read refused with `overloaded` did not read the log.
+    let permit = super::stream::permit(state)?;
     // Reading the audit trail is audited too; recorded first, so this read is in its answer.
     record_read(
         state,
@@ -296,7 +298,6 @@ pub async fn security_log(state: &State, req: &Request) -> Result<Response, ApiE
             .target("security-log"),
     )
     .await;
-    let permit = super::stream::permit(state)?;
     // Up to the entry that records this read: later entries belong to a later read.
     let (head, _) = state.auth.security.head();
     let entries = state.auth.security.iter();

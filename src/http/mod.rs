@@ -233,8 +233,9 @@ impl Request {
     /// is a guess the client should not have to make).
     pub fn query_pairs(&self) -> Result<Vec<(String, String)>, ApiError> {
         let pairs = parse_query(&self.query).map_err(ApiError::bad_request)?;
-        for (i, (k, _)) in pairs.iter().enumerate() {
-            if pairs[..i].iter().any(|(n, _)| n == k) {
+        let mut seen = std::collections::HashSet::with_capacity(pairs.len());
+        for (k, _) in &pairs {
+            if !seen.insert(k.as_str()) {
                 return Err(ApiError::bad_request(format!(
                     "parameter {k:?} is given more than once"
                 )));

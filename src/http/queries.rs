@@ -228,6 +228,8 @@ pub async fn events(state: &State, req: &Request) -> Result<Response, ApiError> 
             ));
         }
     }
+    // The place first: a read refused with `overloaded` did not read the trail.
+    let permit = super::stream::permit(state)?;
     audit(
         state,
         req,
@@ -237,7 +239,6 @@ pub async fn events(state: &State, req: &Request) -> Result<Response, ApiError> 
         filter.to_json(),
     )
     .await;
-    let permit = super::stream::permit(state)?;
     let ledger = state.ledger.clone();
     Ok(super::stream::ndjson(state, permit, move |sink| {
         let ledger_id = ledger.info().ledger_id;

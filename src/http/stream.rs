@@ -39,6 +39,10 @@ pub struct LineSink {
     rt: tokio::runtime::Handle,
     shutdown: tokio::sync::watch::Receiver<bool>,
     over: bool,
+    /// Set once the last chunk of a complete answer was handed over: the body ends cleanly only
+    /// then. Any other end (cut off, failed, shutdown) ends it with an error, so that a client
+    /// never holds a prefix that looks like a complete answer.
+    complete: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LineSink {
@@ -88,9 +92,15 @@ impl LineSink {
     fn finish(mut self, result: Result<(), String>) {
         match result {
             Ok(()) => {
-                if !self.buf.is_empty() {
+                let delivered = if self.buf.is_empty() {
+                    !self.over
+                } else {
                     let rest = std::mem::take(&mut self.buf);
-                    self.send(Ok(Bytes::from(rest)));
+                    self.send(Ok(Bytes::from(rest)))
+                };
+                if delivered && !self.over {
+                    self.complete
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
                 }
             }
             Err(e) => {
@@ -142,6 +152,7 @@ fn streamed(
     produce: impl FnOnce(&mut LineSink) -> Result<(), String> + Send + 'static,
 ) -> Response {
     let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let complete = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut sink = LineSink {
         tx,
         buf: Vec::with_capacity(CHUNK + 4096),
@@ -149,13 +160,34 @@ fn streamed(
         rt: tokio::runtime::Handle::current(),
         shutdown: state.shutdown.clone(),
         over: false,
+        complete: complete.clone(),
     };
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let result = produce(&mut sink);
         sink.finish(result);
     });
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut ended = false;
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        if ended {
+            return std::task::Poll::Ready(None);
+        }
+        match rx.poll_recv(cx) {
+            std::task::Poll::Ready(None) => {
+                ended = true;
+                if complete.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::task::Poll::Ready(None)
+                } else {
+                    // Cut off (stall, shutdown, a failure already reported or not): an error,
+                    // so hyper aborts the body instead of ending it cleanly.
+                    std::task::Poll::Ready(Some(Err(std::io::Error::other(
+                        "streamed answer cut off before its end",
+                    ))))
+                }
+            }
+            other => other,
+        }
+    });
     let mut resp = warp::reply::stream(stream).into_response();
     resp.headers_mut().insert(
         "content-type",

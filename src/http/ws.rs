@@ -647,8 +647,14 @@ impl Connection {
                 ));
             }
             self.last_snapshot = Some(Instant::now());
-            let Ok(permit) = self.state.snapshot_builds.clone().acquire_owned().await else {
-                return Some(protocol::error(req, "internal", "snapshots unavailable"));
+            // Not waited for: a connection waiting here would answer nothing (pings, shutdown).
+            let Ok(permit) = self.state.snapshot_builds.clone().try_acquire_owned() else {
+                self.last_snapshot = None;
+                return Some(protocol::error(
+                    req,
+                    "overloaded",
+                    "other snapshots are being built; retry shortly",
+                ));
             };
             let l = ledger.clone();
             let built = tokio::task::spawn_blocking(move || {

@@ -489,6 +489,17 @@ async fn streamed_answers_are_bounded_and_a_stalled_reader_is_cut_off() {
         );
         sleep(Duration::from_millis(200)).await;
     }
+    // A stream that was cut off ends as an error (no terminating zero-length chunk), never as
+    // a clean end that would pass for a complete, shorter answer.
+    let mut cut = stalled.swap_remove(0);
+    let mut body = Vec::new();
+    let read = timeout(Duration::from_secs(30), cut.read_to_end(&mut body)).await;
+    assert!(read.is_ok(), "the cut-off connection was closed");
+    assert!(!body.is_empty(), "it had sent a part");
+    assert!(
+        !body.ends_with(b"\r\n0\r\n\r\n"),
+        "a cut-off stream must not end like a complete chunked body"
+    );
     drop(stalled);
     assert_serves(&app).await;
 }

@@ -89,6 +89,11 @@ async fn user_subcommands_on_a_stopped_server_directory() {
     assert_ok(&r, "role dave");
     let r = cli_user(&dir, &["disable", "frank"], &[]).await;
     assert_ok(&r, "disable frank");
+    // Changes that change nothing are answered but not recorded (checked below).
+    let r = cli_user(&dir, &["role", "dave", "operator"], &[]).await;
+    assert_ok(&r, "role dave again");
+    let r = cli_user(&dir, &["disable", "frank"], &[]).await;
+    assert_ok(&r, "disable frank again");
 
     let r = cli_user(&dir, &["list"], &[]).await;
     assert_ok(&r, "list");
@@ -144,6 +149,21 @@ async fn user_subcommands_on_a_stopped_server_directory() {
             "no {action} {target} by cli"
         );
     }
+    let count = |action: &str, target: &str| {
+        log.iter()
+            .filter(|e| e["action"] == action && e["target"] == target)
+            .count()
+    };
+    assert_eq!(
+        count("user_role_changed", "dave"),
+        1,
+        "the repeat is not recorded"
+    );
+    assert_eq!(
+        count("user_disabled", "frank"),
+        1,
+        "the repeat is not recorded"
+    );
     let (_, ledger) = app.get(&app.admin_token, "/api/v1/ledger").await;
     verify_chain(ledger["ledger_id"].as_str().unwrap(), &log).expect("chain");
 }
