@@ -48,7 +48,15 @@ fn run_server(args: config::ServeArgs) -> Result<(), Error> {
         // Before anything is opened: a signal during start-up or right after it must stop the
         // server gracefully, not kill it (see shutdown.rs).
         let mut signals = shutdown::Signals::install();
-        let app = Application::build(&args).await?;
+        // A signal during start-up (a long replay) ends it at once: nothing was acknowledged
+        // yet, and sled recovers a half-done start like a crash.
+        let app = tokio::select! {
+            app = Application::build(&args) => app?,
+            _ = signals.wait() => {
+                eprintln!("interrupted during start-up");
+                return Err(Error::Other("interrupted during start-up".into()));
+            }
+        };
         let addr = app.local_addr();
         tracing::info!(%addr, data = %args.data.data.display(), "alarm-ledger listening");
         if let Some(pw) = &app.generated_admin_password {

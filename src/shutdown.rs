@@ -3,7 +3,7 @@
 //! The handlers are installed before the server opens anything (`Signals::install`), not when
 //! the shutdown future is first polled: a SIGTERM that arrived between "listening" and that poll
 //! met the default disposition and killed the process without a graceful stop (no final
-//! snapshot, connections reset).
+//! snapshot, connections reset). A signal during start-up ends the start at once (exit 1).
 //!
 //! A second signal during the graceful stop ends the process at once (exit 1): an operator
 //! pressing Ctrl-C twice means it. What was acknowledged is durable anyway; the next start

@@ -182,6 +182,7 @@ impl Application {
             shutdown: shutdown_rx,
             accepting: AtomicBool::new(true),
             connections: Default::default(),
+            handlers: Default::default(),
             streams: crate::http::stream::limiter(),
             disk_probe: crate::http::health::DiskProbe::new(dir.root().to_path_buf()),
             snapshot_builds: Arc::new(tokio::sync::Semaphore::new(
@@ -246,18 +247,23 @@ impl Application {
         let drain = async {
             let _ = server.await;
             // WebSocket connections answer what they already sent to the writer (which runs
-            // until `stop`), then close with 1001.
+            // until `stop`), then close with 1001; HTTP handlers detached from their
+            // connections finish (a user change with its security-log entry, a backup).
             state.connections.all_closed().await;
-            let l = ledger.clone();
-            let _ = tokio::task::spawn_blocking(move || l.stop()).await;
+            state.handlers.all_closed().await;
         };
         if tokio::time::timeout(shutdown_timeout, drain).await.is_err() {
-            // The writer may still be finishing its queue (its stop runs on a blocking thread
-            // that cannot be cancelled). Everything acknowledged is already durable; say that
-            // the stop was not clean (exit 1) rather than wait past the deadline.
-            tracing::error!(timeout = ?shutdown_timeout, "shutdown deadline passed; exiting without the final snapshot");
+            tracing::warn!(timeout = ?shutdown_timeout, "shutdown deadline passed; abandoning the connections still open");
+        }
+        // The writer finishes its queue and writes the final snapshot whatever the connections
+        // did, under a bound of its own: past it, exit 1 without the snapshot (everything
+        // acknowledged is already durable; the next start replays the log's tail).
+        let l = ledger.clone();
+        let stop = tokio::task::spawn_blocking(move || l.stop());
+        if tokio::time::timeout(shutdown_timeout, stop).await.is_err() {
+            tracing::error!(timeout = ?shutdown_timeout, "the writer did not stop in time; exiting without the final snapshot");
             return Err(Error::Other(format!(
-                "shutdown did not finish within {shutdown_timeout:?} (acknowledged events are durable; the next start replays the log's tail)"
+                "the writer did not stop within {shutdown_timeout:?} (acknowledged events are durable; the next start replays the log's tail)"
             )));
         }
         if let Err(e) = ledger.log().sync() {

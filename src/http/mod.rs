@@ -154,11 +154,14 @@ pub struct AppState {
     pub streams: Arc<tokio::sync::Semaphore>,
     /// `/readyz`'s disk check, shared and rate-limited.
     pub disk_probe: health::DiskProbe,
+    /// HTTP handlers running (detached from their connections): shutdown waits for them.
+    pub handlers: Arc<Connections>,
     /// Permits of WebSocket snapshot builds (`ws::MAX_SNAPSHOT_BUILDS`).
     pub snapshot_builds: Arc<tokio::sync::Semaphore>,
 }
 
-/// Counts live WebSocket connection tasks (they are spawned apart from the HTTP server's).
+/// Counts live tasks that shutdown waits for: WebSocket connections (spawned apart from the
+/// HTTP server's) and detached HTTP handlers.
 #[derive(Default)]
 pub struct Connections {
     live: std::sync::atomic::AtomicUsize,
@@ -422,8 +425,13 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
                         // change, a backup) would leave the change unrecorded. Every request,
                         // once read, runs to its end.
                         let st = state.clone();
+                        let running = state.handlers.enter();
                         let handler = tokio::spawn(
-                            async move { dispatch(&st, &req).await }.in_current_span(),
+                            async move {
+                                let _running = running;
+                                dispatch(&st, &req).await
+                            }
+                            .in_current_span(),
                         );
                         match handler.await {
                             Ok(done) => done,
