@@ -478,7 +478,12 @@ impl Connection {
                                 .iter()
                                 .filter_map(|p| Utf8Bytes::try_from(p.wire().clone()).ok())
                                 .collect();
-                            if let Err(fail) = send(ws, texts, stall).await {
+                            // A replay chunk to a slow reader can take long: the token's
+                            // expiry and the user re-check still apply meanwhile.
+                            let (state, claims, expiry) =
+                                (&self.state, &self.principal.claims, due.expiry);
+                            let watch = || duty_that_cannot_wait(state, claims, expiry);
+                            if let Err(fail) = send_watched(ws, texts, stall, watch).await {
                                 return self.ended(fail);
                             }
                         }
@@ -506,6 +511,7 @@ impl Connection {
         match fail {
             SendFail::Gone => End::Gone,
             SendFail::Stalled => self.stalled(),
+            SendFail::Ended(end) => end,
         }
     }
 
@@ -852,6 +858,9 @@ enum SendFail {
     Gone,
     /// The client did not take the data within the stall limit.
     Stalled,
+    /// A duty that cannot wait for the write's end (shutdown, token expiry or revocation)
+    /// ended the connection mid-write.
+    Ended(End),
 }
 
 /// Feeds the texts and flushes once; `Stalled` once the client took no bytes for the stall
@@ -871,6 +880,60 @@ async fn send(ws: &mut WebSocket, texts: Vec<Utf8Bytes>, stall: Duration) -> Res
 async fn send_msg(ws: &mut WebSocket, msg: Message, stall: Duration) -> Result<(), SendFail> {
     let progress = ws.get_ref().progress.clone();
     unless_stalled(stall, &progress, ws.send(msg)).await
+}
+
+/// `send` for a long write (a replay chunk of up to 1,024 events to a slow reader takes as long
+/// as the reader takes): every `USER_RECHECK` while it runs, `watch` says whether a duty that
+/// cannot wait ends the connection now. Ending mid-write is safe: part of the chunk went out,
+/// and the client resumes from the last offset it got.
+async fn send_watched(
+    ws: &mut WebSocket,
+    texts: Vec<Utf8Bytes>,
+    stall: Duration,
+    mut watch: impl FnMut() -> Option<End>,
+) -> Result<(), SendFail> {
+    let progress = ws.get_ref().progress.clone();
+    let write = unless_stalled(stall, &progress, async move {
+        for t in texts {
+            ws.feed(Message::text(t)).await?;
+        }
+        ws.flush().await
+    });
+    tokio::pin!(write);
+    loop {
+        match tokio::time::timeout(USER_RECHECK, &mut write).await {
+            Ok(done) => return done,
+            Err(_) => {
+                if let Some(end) = watch() {
+                    return Err(SendFail::Ended(end));
+                }
+            }
+        }
+    }
+}
+
+/// The token's expiry, or a revoked / disabled user: what must end a connection even in the
+/// middle of a long write. (Not shutdown: the connection answers the commands it handed to the
+/// writer before it closes, so it finishes the write; the shutdown drain is bounded anyway.)
+fn duty_that_cannot_wait(
+    state: &State,
+    claims: &crate::auth::token::Claims,
+    expiry: Instant,
+) -> Option<End> {
+    if Instant::now() >= expiry {
+        return Some(End::Close(CLOSE_UNAUTHORIZED, "token expired".into()));
+    }
+    match state.auth.users.check_token_still_valid(claims) {
+        Ok(_) => None,
+        Err(e) if e.is_client_fault() => Some(End::Close(
+            CLOSE_UNAUTHORIZED,
+            format!("token revoked: {e}"),
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "user re-check failed");
+            Some(End::Close(CLOSE_INTERNAL, "internal error".into()))
+        }
+    }
 }
 
 /// Runs a write to the client to its end, unless the client stalls: no byte taken for `stall`

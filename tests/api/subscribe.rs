@@ -723,3 +723,80 @@ async fn snapshots_are_limited_to_one_a_second_per_connection() {
         "{again}"
     );
 }
+
+/// A disabled user's socket is cut off mid-write: while one long write runs (a replay chunk of
+/// 1,024 events, ~6.6 MB, to a slow reader), the user re-check still runs, and the server stops
+/// sending within seconds of the disable instead of finishing the chunk first. The client has a
+/// small receive buffer, so what the kernel holds is bounded (~4 MB of send buffer): the Close
+/// arrives well before the chunk's end, which the old code always sent first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_user_is_cut_off_during_a_long_write() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = spawn_app_with(&["--ws-stall-timeout", "10s", "--ws-command-rate", "100000"]).await;
+    let admin = app.admin_token.clone();
+    const N: usize = 1_100;
+    assert_eq!(blast(&app, &admin, "long", N, 32).await.len(), N);
+    let viewer = app.user_token("slowvic", "viewer").await;
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(64 * 1024).expect("rcvbuf");
+    let stream = sock.connect(app.addr).await.expect("connect");
+    let mut req = format!("ws://{}/api/v1/ws", app.addr)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {viewer}").parse().expect("header"),
+    );
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .expect("ws");
+    assert_eq!(next_json(&mut ws, STEP).await["type"], "hello");
+    send_json(&mut ws, json!({"type": "subscribe", "from": 0})).await;
+    // Slowly (~100 KB/s) until 3 s after the disable, then at full speed to the Close.
+    const RATE: f64 = 100_000.0;
+    let reading = Instant::now();
+    let (mut bytes, mut events) = (0usize, 0u64);
+    let mut disabled_at = None;
+    let deadline = reading + Duration::from_secs(60);
+    loop {
+        match next_frame(&mut ws, deadline.saturating_duration_since(Instant::now())).await {
+            Got::Json(v) => {
+                assert_eq!(v["type"], "event", "{v}");
+                bytes += v.to_string().len();
+                events += 1;
+            }
+            Got::Ping => {}
+            Got::Close(code) => {
+                assert!(disabled_at.is_some(), "closed before the disable");
+                // 4001, or no Close frame at all when the kernel's buffers still held data
+                // for longer than the close linger: either way the stream is cut.
+                assert!(matches!(code, Some(4001) | None), "{code:?}");
+                println!("cut off after {events} events ({bytes} bytes), close {code:?}");
+                assert!(
+                    events < 1_000,
+                    "{events} events ({bytes} bytes) came before the Close: the chunk was finished first"
+                );
+                return;
+            }
+            other => panic!("after {events} events: {other:?}"),
+        }
+        if disabled_at.is_none() && bytes > 200_000 {
+            let r = app
+                .client
+                .patch(app.url("/api/v1/users/slowvic"))
+                .bearer_auth(&admin)
+                .json(&json!({"disabled": true}))
+                .send()
+                .await
+                .expect("patch");
+            assert_eq!(r.status().as_u16(), 200);
+            disabled_at = Some(Instant::now());
+        }
+        let slow = disabled_at.is_none_or(|t| t.elapsed() < Duration::from_secs(3));
+        let due = reading + Duration::from_secs_f64(bytes as f64 / RATE);
+        if slow && due > Instant::now() + Duration::from_millis(5) {
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
