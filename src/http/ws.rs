@@ -474,16 +474,23 @@ impl Connection {
                         Some(Ok(SubItem::Events(events))) => {
                             // Shared bytes: no copy per subscriber. They are UTF-8 by
                             // construction (JSON from a String); the check is a fast scan.
-                            let texts = events
+                            let texts: Vec<Utf8Bytes> = events
                                 .iter()
                                 .filter_map(|p| Utf8Bytes::try_from(p.wire().clone()).ok())
                                 .collect();
                             // A replay chunk to a slow reader can take long: the token's
                             // expiry and the user re-check still apply meanwhile.
-                            let (state, claims, expiry) =
-                                (&self.state, &self.principal.claims, due.expiry);
-                            let watch = || duty_that_cannot_wait(state, claims, expiry);
-                            if let Err(fail) = send_watched(ws, texts, stall, watch).await {
+                            // (Live batches, at most 64 events, go the plain way: a timer
+                            // per send to a thousand subscribers is not free.)
+                            let sent = if texts.len() > crate::ledger::hub::MAX_EVENTS_PER_SLOT {
+                                let (state, claims, expiry) =
+                                    (&self.state, &self.principal.claims, due.expiry);
+                                let watch = || duty_that_cannot_wait(state, claims, expiry);
+                                send_watched(ws, texts, stall, watch).await
+                            } else {
+                                send(ws, texts, stall).await
+                            };
+                            if let Err(fail) = sent {
                                 return self.ended(fail);
                             }
                         }
