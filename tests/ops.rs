@@ -153,6 +153,20 @@ fn unknown_variables_are_warned_about() {
     assert!(err.contains("unknown"), "{err}");
 }
 
+/// Logs in as admin on a server started by `start_server`; returns the token.
+async fn admin_login(client: &reqwest::Client, addr: &str) -> String {
+    let r = client
+        .post(format!("http://{addr}/api/v1/login"))
+        .json(&serde_json::json!({"username": "admin", "password": ADMIN_PASSWORD}))
+        .send()
+        .await
+        .expect("login");
+    r.json::<serde_json::Value>().await.expect("json")["token"]
+        .as_str()
+        .expect("token")
+        .to_string()
+}
+
 /// Starts the real binary on port 0 and returns it with its address (read from the log).
 fn start_server(data: &str) -> (Child, String) {
     let mut child = Command::new(BIN)
@@ -200,16 +214,7 @@ async fn sigterm_closes_websockets_with_1001_snapshots_and_exits_0() {
     let data = dir.path().display().to_string();
     let (mut child, addr) = start_server(&data);
     let client = reqwest::Client::new();
-    let r = client
-        .post(format!("http://{addr}/api/v1/login"))
-        .json(&serde_json::json!({"username": "admin", "password": ADMIN_PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    let token = r.json::<serde_json::Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = admin_login(&client, &addr).await;
     let r = client
         .post(format!("http://{addr}/api/v1/alarms"))
         .bearer_auth(&token)
@@ -387,16 +392,7 @@ async fn a_second_sigterm_during_shutdown_exits_at_once() {
     let data = dir.path().display().to_string();
     let (mut child, addr) = start_server(&data);
     let client = reqwest::Client::new();
-    let r = client
-        .post(format!("http://{addr}/api/v1/login"))
-        .json(&serde_json::json!({"username": "admin", "password": ADMIN_PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    let token = r.json::<serde_json::Value>().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = admin_login(&client, &addr).await;
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/ws?access_token={token}"))
             .await

@@ -560,18 +560,23 @@ async fn malformed_http_bodies_and_queries_are_400() {
     assert_serves(&app).await;
 }
 
+/// A correctly signed admin token that expired an hour ago.
+fn expired_admin_token() -> String {
+    alarm_ledger::auth::TokenService::new(SECRET.as_bytes().to_vec(), chrono::Duration::minutes(1))
+        .issue(
+            "admin",
+            alarm_ledger::auth::Role::Admin,
+            chrono::Utc::now() - chrono::Duration::hours(2),
+        )
+        .expect("token")
+        .token
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_without_a_valid_token_is_closed_4001_not_refused() {
     use alarm_ledger::auth::{Role, TokenService};
     let app = spawn_app().await;
-    let expired = TokenService::new(SECRET.as_bytes().to_vec(), chrono::Duration::minutes(1))
-        .issue(
-            "admin",
-            Role::Admin,
-            chrono::Utc::now() - chrono::Duration::hours(2),
-        )
-        .unwrap()
-        .token;
+    let expired = expired_admin_token();
     let foreign = TokenService::new(
         b"another-secret-another-secret-0123456".to_vec(),
         chrono::Duration::minutes(15),
@@ -615,16 +620,8 @@ async fn websocket_without_a_valid_token_is_closed_4001_not_refused() {
 /// frame on its way: the client would see "network down" instead of "log in again").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_client_that_already_sent_frames_gets_4001_and_no_reset() {
-    use alarm_ledger::auth::{Role, TokenService};
     let app = spawn_app().await;
-    let expired = TokenService::new(SECRET.as_bytes().to_vec(), chrono::Duration::minutes(1))
-        .issue(
-            "admin",
-            Role::Admin,
-            chrono::Utc::now() - chrono::Duration::hours(2),
-        )
-        .unwrap()
-        .token;
+    let expired = expired_admin_token();
     for i in 0..30 {
         let (bearer, reason) = if i % 2 == 0 {
             (expired.as_str(), "token expired")
