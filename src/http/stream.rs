@@ -5,10 +5,11 @@
 //! security-log writes, replays and history reads; so streams are bounded three ways:
 //! - at most `MAX_STREAMS` run at once (beyond: `503 overloaded` with `Retry-After`);
 //! - a client that takes no chunk for `stall` (the `ws-stall-timeout` setting) is cut off;
-//! - a client that went away is noticed at the next line, not only when a chunk is full (a
-//!   selective filter on a large log may produce nothing for a long time).
+//! - a client that went away is noticed at the next line it would get, not only when a chunk
+//!   is full. (A filter that matches nothing still reads to its end before it notices: the
+//!   scan itself does not look at the client; it is bounded by the log's size and by the 16.)
 //!
-//! The stream also ends at shutdown.
+//! The stream also ends at shutdown, at its next chunk.
 
 use super::errors::ApiError;
 use super::State;
