@@ -427,15 +427,8 @@ impl Connection {
                     }
                     if now >= due.recheck {
                         due.recheck = now + USER_RECHECK;
-                        match self.state.auth.users.check_token_still_valid(&self.principal.claims) {
-                            Ok(_) => {}
-                            Err(e) if e.is_client_fault() => {
-                                return End::Close(CLOSE_UNAUTHORIZED, format!("token revoked: {e}"));
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "user re-check failed");
-                                return End::Close(CLOSE_INTERNAL, "internal error".into());
-                            }
+                        if let Some(end) = user_recheck(&self.state, &self.principal.claims) {
+                            return end;
                         }
                     }
                     if now >= due.ping {
@@ -658,6 +651,7 @@ impl Connection {
                 .last_snapshot
                 .is_some_and(|t| t.elapsed() < SNAPSHOT_INTERVAL)
             {
+                self.state.metrics.rejected("rate_limited");
                 return Some(protocol::error(
                     req,
                     "rate_limited",
@@ -668,6 +662,7 @@ impl Connection {
             // Not waited for: a connection waiting here would answer nothing (pings, shutdown).
             let Ok(permit) = self.state.snapshot_builds.clone().try_acquire_owned() else {
                 self.last_snapshot = None;
+                self.state.metrics.rejected("overloaded");
                 return Some(protocol::error(
                     req,
                     "overloaded",
@@ -870,8 +865,8 @@ enum SendFail {
     Gone,
     /// The client did not take the data within the stall limit.
     Stalled,
-    /// A duty that cannot wait for the write's end (shutdown, token expiry or revocation)
-    /// ended the connection mid-write.
+    /// A duty that cannot wait for the write's end (token expiry, a revoked user) ended the
+    /// connection mid-write (`send_watched`).
     Ended(End),
 }
 
@@ -880,13 +875,15 @@ enum SendFail {
 /// (replay chunk of up to 1,024 events) takes.
 async fn send(ws: &mut WebSocket, texts: Vec<Utf8Bytes>, stall: Duration) -> Result<(), SendFail> {
     let progress = ws.get_ref().progress.clone();
-    unless_stalled(stall, &progress, async move {
-        for t in texts {
-            ws.feed(Message::text(t)).await?;
-        }
-        ws.flush().await
-    })
-    .await
+    unless_stalled(stall, &progress, feed_all(ws, texts)).await
+}
+
+/// The texts fed as one text frame each, then one flush.
+async fn feed_all(ws: &mut WebSocket, texts: Vec<Utf8Bytes>) -> Result<(), WsError> {
+    for t in texts {
+        ws.feed(Message::text(t)).await?;
+    }
+    ws.flush().await
 }
 
 async fn send_msg(ws: &mut WebSocket, msg: Message, stall: Duration) -> Result<(), SendFail> {
@@ -905,12 +902,7 @@ async fn send_watched(
     mut watch: impl FnMut() -> Option<End>,
 ) -> Result<(), SendFail> {
     let progress = ws.get_ref().progress.clone();
-    let write = unless_stalled(stall, &progress, async move {
-        for t in texts {
-            ws.feed(Message::text(t)).await?;
-        }
-        ws.flush().await
-    });
+    let write = unless_stalled(stall, &progress, feed_all(ws, texts));
     tokio::pin!(write);
     loop {
         match tokio::time::timeout(USER_RECHECK, &mut write).await {
@@ -935,6 +927,12 @@ fn duty_that_cannot_wait(
     if Instant::now() >= expiry {
         return Some(End::Close(CLOSE_UNAUTHORIZED, "token expired".into()));
     }
+    user_recheck(state, claims)
+}
+
+/// The periodic user re-check: `Some` closes the connection (4001 for a disabled, changed or
+/// removed user; 1011 when the user record cannot be read).
+fn user_recheck(state: &State, claims: &crate::auth::token::Claims) -> Option<End> {
     match state.auth.users.check_token_still_valid(claims) {
         Ok(_) => None,
         Err(e) if e.is_client_fault() => Some(End::Close(
