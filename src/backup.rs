@@ -64,24 +64,16 @@ fn backup_chunked(
             dest.display()
         )));
     }
-    let name = dest.file_name().ok_or_else(|| {
+    let staging = crate::staging::staging_path(dest).ok_or_else(|| {
         Error::Other(format!("backup destination {} has no name", dest.display()))
     })?;
-    let mut staging_name = name.to_os_string();
-    staging_name.push(".partial");
-    let staging = dest.with_file_name(staging_name);
     if staging.exists() {
         return Err(Error::Other(format!(
             "{} exists: an earlier backup to this destination was interrupted; remove it first",
             staging.display()
         )));
     }
-    let parent = staging
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    std::fs::create_dir_all(&parent)?;
+    std::fs::create_dir_all(crate::staging::parent_dir(&staging))?;
     let copied = copy_into(log, db, head, security_head, secret_file, &staging, chunk);
     let (head, head_hash) = match copied {
         Ok(done) => done,
@@ -91,8 +83,7 @@ fn backup_chunked(
             return Err(e);
         }
     };
-    std::fs::rename(&staging, dest)?;
-    std::fs::File::open(&parent)?.sync_all()?;
+    crate::staging::publish(&staging, dest)?;
     Ok(BackupReport {
         path: dest.to_path_buf(),
         head,
@@ -227,20 +218,6 @@ mod tests {
     use crate::time::Timestamp;
     use uuid::Uuid;
 
-    /// sled 0.34 lets go of its file lock only when its background threads do: a copy just
-    /// closed may still be held for a moment.
-    fn open_copy(dir: &Path) -> SledLog {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match SledLog::open_existing(dir, &SledOptions::default()) {
-                Err(Error::Locked { .. }) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-                other => return other.expect("the copy opens"),
-            }
-        }
-    }
-
     /// Far more outcomes, users and security-log entries than the chunk, and a chunk that does
     /// not divide any of the counts: everything up to the heads is copied, nothing beyond them.
     #[test]
@@ -319,7 +296,9 @@ mod tests {
         let r = backup_chunked(&src, src.db(), 10, 10, None, &dest, 3).unwrap();
         assert_eq!((r.head, r.head_hash.as_str()), (10, prev.to_hex().as_str()));
 
-        let copy = open_copy(&dest.join("ledger"));
+        // sled lets go of the copy's file lock a moment after the backup closed it.
+        let copy = SledLog::open_after_close(&dest.join("ledger"), &SledOptions::default())
+            .expect("the copy opens");
         let report = crate::verify::verify_log(&copy, None).expect("the copy verifies");
         assert_eq!((report.events, report.head), (10, 10));
         let mut copied: Vec<_> = copy.command_index().map(|o| o.unwrap()).collect();

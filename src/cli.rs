@@ -185,21 +185,10 @@ fn export_to_file(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
         let mut out = BufWriter::with_capacity(256 * 1024, std::fs::File::create(path)?);
         return write_export(log, args, &mut out);
     }
-    let name = path
-        .file_name()
+    let partial = crate::staging::staging_path(path)
         .ok_or_else(|| Error::Config(format!("--out {} has no file name", path.display())))?;
-    let mut partial_name = name.to_os_string();
-    partial_name.push(".partial");
-    let partial = path.with_file_name(partial_name);
-    let written = write_durably(log, args, &partial).and_then(|()| {
-        std::fs::rename(&partial, path)?;
-        let parent = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::File::open(parent)?.sync_all()?;
-        Ok(())
-    });
+    let written = write_durably(log, args, &partial)
+        .and_then(|()| Ok(crate::staging::publish(&partial, path)?));
     if let Err(e) = written {
         // Its file is closed by now: nothing half-written is left under either name.
         let _ = std::fs::remove_file(&partial);

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod projection;
 pub mod protocol;
 pub mod shutdown;
+pub mod staging;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
