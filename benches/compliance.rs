@@ -270,20 +270,6 @@ fn process_starts(with_snapshot: &Path, without: &Path, n: u64) {
     }
 }
 
-fn raise_nofile_limit() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a valid, owned struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-}
-
 fn timed(args: &[&str]) -> (Duration, std::process::Output) {
     let t = Instant::now();
     let out = Command::new(BIN)
@@ -303,7 +289,7 @@ fn main() {
     if args.iter().any(|a| a == "--list") {
         return; // `cargo bench -- --list` probes targets
     }
-    raise_nofile_limit(); // the paced appends may hold many connections during a stall
+    alarm_ledger::memory::raise_open_files_limit(); // the paced appends may hold many connections during a stall
     let tmp = tempfile::tempdir().expect("tempdir");
     // `--keep DIR`: build the ledger there and leave it (for profiling the tools by hand).
     let root = match args.iter().position(|a| a == "--keep") {

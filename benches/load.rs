@@ -396,7 +396,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     };
-    raise_nofile_limit();
+    alarm_ledger::memory::raise_open_files_limit();
     let name = cmd.name();
     if let Cmd::DiskRaw(a) = &cmd {
         return finish(name, None, disk_raw(a));
@@ -471,20 +471,6 @@ async fn run(cmd: Cmd) -> Res<Report> {
             Target::Redis => Err("idle has no Redis variant".into()),
         },
         Cmd::DiskRaw(_) => Err("disk-raw runs outside the runtime".into()),
-    }
-}
-
-fn raise_nofile_limit() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a valid, owned struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
     }
 }
 

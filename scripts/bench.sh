@@ -259,22 +259,21 @@ fi
 if in_time "idle connections"; then
   # Idle connections on a freshly restarted server (same data): RSS of a server at rest.
   stop_pid "$SERVER_PID"; SERVER_PID=""
+  # A server started on $WORK/data and at rest holds the connections; it is stopped after.
+  idle_run() {
+    start_server
+    wait_verified
+    sleep 1
+    run_load "$1" idle --url "$URL" --server-pid "$SERVER_PID" --timeout 240 \
+      --connections "$IDLE_CONNS" --hold 5
+    stop_pid "$SERVER_PID"; SERVER_PID=""
+  }
   log "restarting the server for the idle-connection run"
-  start_server
-  wait_verified
-  sleep 1
-  run_load "idle-$IDLE_CONNS" idle --url "$URL" --server-pid "$SERVER_PID" --timeout 240 \
-    --connections "$IDLE_CONNS" --hold 5
-  stop_pid "$SERVER_PID"; SERVER_PID=""
+  idle_run "idle-$IDLE_CONNS"
   # The same on a new, empty ledger: the connections' own cost without the large ledger's sled
   # page table and cache (a 1M-event sled database alone takes ~175 MiB once opened).
   mv "$WORK/data" "$WORK/data-big"
-  start_server
-  wait_verified
-  sleep 1
-  run_load "idle-$IDLE_CONNS-fresh" idle --url "$URL" --server-pid "$SERVER_PID" --timeout 240 \
-    --connections "$IDLE_CONNS" --hold 5
-  stop_pid "$SERVER_PID"; SERVER_PID=""
+  idle_run "idle-$IDLE_CONNS-fresh"
 fi
 stop_pid "$SERVER_PID"; SERVER_PID=""
 

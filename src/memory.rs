@@ -1,5 +1,5 @@
-//! Process-wide memory settings of the binary (and of the benchmarks, which must measure the same
-//! process).
+//! Process-wide memory and resource settings of the binary (and of the benchmarks, which must
+//! measure the same process).
 
 /// Turns transparent huge pages off for this process (Linux `PR_SET_THP_DISABLE`).
 ///
@@ -20,5 +20,21 @@ pub fn disable_transparent_huge_pages() {
             error = %std::io::Error::last_os_error(),
             "could not turn transparent huge pages off"
         );
+    }
+}
+
+/// Raises this process's soft limit of open files to its hard limit (the load generator and the
+/// benches hold thousands of sockets). Best effort.
+pub fn raise_open_files_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
     }
 }
