@@ -275,12 +275,9 @@ pub fn client_ip(
     if !is_trusted(&peer) {
         return Some(peer);
     }
-    let mut lines = headers.get_all("x-forwarded-for").iter().peekable();
-    if lines.peek().is_none() {
-        return Some(peer);
-    }
+    // No header: no hops, and the walk below leaves the peer as the client.
     let mut hops = Vec::new();
-    for line in lines {
+    for line in headers.get_all("x-forwarded-for") {
         // A line that is not ASCII cannot be walked: stop at the proxy, as for any bad hop.
         let Ok(line) = line.to_str() else {
             return Some(peer);
