@@ -48,6 +48,8 @@ pub struct Metrics {
     pub security_log_failures: Counter,
     pub http_requests: Family<HttpLabel, Counter>,
     pub snapshots_written: Counter,
+    pub http_streams_active: Gauge,
+    pub http_streams_cut_off: Counter,
 }
 
 impl Default for Metrics {
@@ -140,6 +142,18 @@ impl Metrics {
             "Projection snapshots written",
             snapshots_written.clone(),
         );
+        let http_streams_active = Gauge::default();
+        registry.register(
+            "http_streams_active",
+            "Streamed HTTP answers running (/events, /security-log, history; at most 16)",
+            http_streams_active.clone(),
+        );
+        let http_streams_cut_off = Counter::default();
+        registry.register(
+            "http_streams_cut_off",
+            "Streamed HTTP answers cut off because the client took no data within the stall timeout",
+            http_streams_cut_off.clone(),
+        );
         Metrics {
             registry,
             events_appended,
@@ -156,6 +170,8 @@ impl Metrics {
             security_log_failures,
             http_requests,
             snapshots_written,
+            http_streams_active,
+            http_streams_cut_off,
         }
     }
 

@@ -44,6 +44,7 @@ pub struct LineSink {
     /// then. Any other end (cut off, failed, shutdown) ends it with an error, so that a client
     /// never holds a prefix that looks like a complete answer.
     complete: Arc<std::sync::atomic::AtomicBool>,
+    cut_offs: prometheus_client::metrics::counter::Counter,
 }
 
 impl LineSink {
@@ -82,6 +83,7 @@ impl LineSink {
                     stall_ms = self.stall.as_millis() as u64,
                     "streamed answer cut off: the client took no data within the stall timeout"
                 );
+                self.cut_offs.inc();
                 self.over = true;
                 false
             }
@@ -111,6 +113,23 @@ impl LineSink {
                 }
             }
         }
+    }
+}
+
+/// Counts a running stream in `http_streams_active` for as long as it lives (a panicking
+/// producer included).
+struct Active(prometheus_client::metrics::gauge::Gauge);
+
+impl Active {
+    fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Active(gauge)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -162,9 +181,11 @@ fn streamed(
         shutdown: state.shutdown.clone(),
         over: false,
         complete: complete.clone(),
+        cut_offs: state.metrics.http_streams_cut_off.clone(),
     };
+    let active = Active::new(state.metrics.http_streams_active.clone());
     tokio::task::spawn_blocking(move || {
-        let _permit = permit;
+        let _held = (permit, active);
         let result = produce(&mut sink);
         sink.finish(result);
     });
