@@ -258,16 +258,19 @@ fn process_start(root: &Path, n: u64, snapshot: bool, run: &str) {
     );
 }
 
-/// The process starts on two untouched copies of the data directory as the build left it (plus
-/// its projection snapshot in the first): from the snapshot, then without it (full replay),
-/// each the first start after the ledger was written (sled recovers what was written since its
-/// last open) and once more. The copies are removed afterwards.
-fn process_starts(with_snapshot: &Path, without: &Path, n: u64) {
+/// The process starts on copies of the data directory (each with the build's projection
+/// snapshot but `without`): after a clean stop, from the snapshot, then without it (full
+/// replay), each the first start after the ledger was written and once more; and `after_crash`,
+/// the directory as the build left it before its shutdown checkpoint (sled recovers what was
+/// written since its last open, as after a SIGKILL). The copies are removed afterwards.
+fn process_starts(with_snapshot: &Path, without: &Path, after_crash: &Path, n: u64) {
     for (dir, snapshot) in [(with_snapshot, true), (without, false)] {
         process_start(dir, n, snapshot, "first");
         process_start(dir, n, snapshot, "again");
         let _ = std::fs::remove_dir_all(dir);
     }
+    process_start(after_crash, n, true, "after_crash");
+    let _ = std::fs::remove_dir_all(after_crash);
 }
 
 fn timed(args: &[&str]) -> (Duration, std::process::Output) {
@@ -311,6 +314,24 @@ fn main() {
         online_backup(&root_s, n);
         return;
     }
+    // `--only checkpoint`: the shutdown checkpoint after the build, three times in a row (what
+    // each open of sled recovers; for profiling the checkpoint by hand, with `--keep DIR`).
+    if only == Some("checkpoint") {
+        build_ledger(&root, n, None);
+        for round in 1..=3 {
+            let took = alarm_ledger::store::sled_log::checkpoint(
+                &root.join("ledger"),
+                Duration::from_secs(30),
+            )
+            .expect("checkpoint")
+            .expect("unlocked");
+            println!(
+                "{}",
+                json!({"bench": "shutdown_checkpoint", "round": round, "secs": took.as_secs_f64()})
+            );
+        }
+        return;
+    }
     assert!(
         !root.join("ledger").exists(),
         "{} already holds a ledger: the start-up measurements need a freshly written one",
@@ -322,8 +343,22 @@ fn main() {
         "{}",
         json!({"bench": "build_ledger", "events": head, "secs": secs})
     );
-    // Two copies of the directory as the build left it, for the process starts (each must be
-    // the first open of its sled database); the original is left as before, for verify.
+    // A copy as the build left it, before the shutdown checkpoint a server's clean stop does:
+    // what a crash leaves.
+    let start_crash = tmp.path().join("start-crash");
+    copy_dir(&root, &start_crash);
+    std::fs::copy(&snapshot, start_crash.join("projection.snapshot")).expect("copy snapshot");
+    // The clean stop's checkpoint (`alarm-ledger serve` does it after its final snapshot).
+    let took =
+        alarm_ledger::store::sled_log::checkpoint(&root.join("ledger"), Duration::from_secs(30))
+            .expect("checkpoint")
+            .expect("the build's sled handles were released");
+    println!(
+        "{}",
+        json!({"bench": "shutdown_checkpoint", "events": head, "secs": took.as_secs_f64()})
+    );
+    // Two copies of the directory as a clean stop leaves it, for the process starts (each must
+    // be the first open of its sled database); the original is left as before, for verify.
     let (start_snap, start_replay) = (
         tmp.path().join("start-snapshot"),
         tmp.path().join("start-replay"),
@@ -334,7 +369,7 @@ fn main() {
     if only == Some("start") {
         // SAFETY: sync(2) takes no arguments and cannot fail.
         unsafe { libc::sync() };
-        process_starts(&start_snap, &start_replay, n);
+        process_starts(&start_snap, &start_replay, &start_crash, n);
         return;
     }
 
@@ -389,7 +424,7 @@ fn main() {
     );
     let _ = std::fs::remove_file(&export);
 
-    process_starts(&start_snap, &start_replay, n);
+    process_starts(&start_snap, &start_replay, &start_crash, n);
     online_backup(&root_s, n);
 }
 

@@ -19,6 +19,34 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// A server that stopped cleanly: it still holds the data directory's lock, for the shutdown
+/// checkpoint (`checkpoint`), which runs once the runtime and every handle on the log are gone.
+pub struct Stopped {
+    dir: DataDir,
+}
+
+impl Stopped {
+    /// The sled shutdown checkpoint (`sled_log::checkpoint`), so that the next start does not
+    /// recover sled's log: call after the runtime has shut down (its tasks hold the log). Waits
+    /// at most `wait` for the last handle; logs what it did. Best effort: a start after a
+    /// skipped checkpoint recovers like one after a crash.
+    pub fn checkpoint(self, wait: Duration) {
+        let dir = self.dir.ledger_dir();
+        match crate::store::sled_log::checkpoint(&dir, wait) {
+            Ok(Some(took)) => tracing::info!(
+                elapsed_ms = took.as_millis() as u64,
+                "shutdown checkpoint written (sled page-table snapshot)"
+            ),
+            Ok(None) => tracing::warn!(
+                wait_ms = wait.as_millis() as u64,
+                "shutdown checkpoint skipped: the log was still open; the next start recovers sled's log"
+            ),
+            Err(e) => tracing::error!(error = %e, "shutdown checkpoint failed; the next start recovers sled's log"),
+        }
+        drop(self.dir);
+    }
+}
+
 pub struct Application {
     addr: SocketAddr,
     listener: tokio::net::TcpListener,
@@ -28,8 +56,8 @@ pub struct Application {
     shutdown_timeout: Duration,
     /// Printed once by `serve` when the admin account was just created with a random password.
     pub generated_admin_password: Option<String>,
-    /// Held until the process ends: the data directory's lock.
-    _dir: DataDir,
+    /// The data directory's lock: held until the server has stopped and checkpointed.
+    dir: DataDir,
 }
 
 impl Application {
@@ -141,7 +169,7 @@ impl Application {
                 // while the server already serves.
                 crate::background::spawn("integrity-scrub", move || {
                     let t = std::time::Instant::now();
-                    if l.scrub(offset).is_ok() {
+                    if let Ok(true) = l.scrub(offset) {
                         tracing::info!(
                             events = offset,
                             elapsed_ms = t.elapsed().as_millis() as u64,
@@ -197,7 +225,7 @@ impl Application {
             shutdown_tx,
             shutdown_timeout: args.shutdown_timeout,
             generated_admin_password,
-            _dir: dir,
+            dir,
         })
     }
 
@@ -215,18 +243,19 @@ impl Application {
 
     /// Serves until `signal` resolves, then shuts down gracefully: stop accepting, close every
     /// WebSocket with 1001, let in-flight requests and queued appends finish, write a final
-    /// projection snapshot, flush. Bounded by the shutdown timeout.
+    /// projection snapshot, flush. Bounded by the shutdown timeout. Returns the data directory's
+    /// lock, for the shutdown checkpoint (`Stopped::checkpoint`).
     pub async fn run_until_stopped(
         self,
         signal: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<()> {
+    ) -> Result<Stopped> {
         let Application {
             listener,
             state,
             ledger,
             shutdown_tx,
             shutdown_timeout,
-            _dir,
+            dir,
             ..
         } = self;
         let routes = http::routes(state.clone());
@@ -270,6 +299,6 @@ impl Application {
             tracing::error!(error = %e, "final flush failed");
         }
         tracing::info!("stopped");
-        Ok(())
+        Ok(Stopped { dir })
     }
 }

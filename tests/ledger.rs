@@ -877,8 +877,26 @@ fn a_clean_prefix_scrubs_clean() {
         panic!("expected a snapshot start, got {restore:?}")
     };
     assert!(!l.is_verified());
-    l.scrub(offset).unwrap();
+    assert!(l.scrub(offset).unwrap(), "the scrub ran to its end");
     assert!(l.is_verified());
+    assert!(l.integrity_failure().is_none());
+}
+
+/// A shutdown interrupts the scrub (it would hold the log open, and the shutdown checkpoint
+/// waits for that): it stops without a verdict, neither verified nor failed.
+#[test]
+fn a_stopped_ledger_abandons_its_scrub_without_a_verdict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    build(root, 10, "alice");
+    let (l, restore) = try_open(root, opts(Some(snap_path(root)))).unwrap();
+    let Restore::Snapshot { offset, .. } = restore else {
+        panic!("expected a snapshot start, got {restore:?}")
+    };
+    l.start().unwrap();
+    l.stop();
+    assert!(!l.scrub(offset).unwrap(), "the scrub was interrupted");
+    assert!(!l.is_verified());
     assert!(l.integrity_failure().is_none());
 }
 
@@ -1031,4 +1049,26 @@ fn verify_checks_the_snapshot_ledger_and_head_time() {
             other => panic!("expected {why:?}, got {other:?}"),
         }
     }
+}
+
+/// The shutdown checkpoint waits (bounded) for the last handle on the log and gives up while one
+/// lives; once they are gone it opens and closes the database, and the ledger is intact.
+#[test]
+fn shutdown_checkpoint_waits_for_the_last_handle() {
+    use alarm_ledger::store::sled_log::checkpoint;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    build(root, 10, "alice");
+    let dir = ledger_dir(root);
+    let held = SledLog::open_after_close(&dir, &Default::default()).unwrap();
+    let head = held.head().unwrap();
+    assert_eq!(
+        checkpoint(&dir, Duration::from_millis(200)).unwrap(),
+        None,
+        "checkpointed while a handle was open"
+    );
+    drop(held);
+    assert!(checkpoint(&dir, Duration::from_secs(10)).unwrap().is_some());
+    let log = SledLog::open_after_close(&dir, &Default::default()).unwrap();
+    assert_eq!(log.head().unwrap(), head);
 }

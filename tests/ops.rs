@@ -169,6 +169,12 @@ async fn admin_login(client: &reqwest::Client, addr: &str) -> String {
 
 /// Starts the real binary on port 0 and returns it with its address (read from the log).
 fn start_server(data: &str) -> (Child, String) {
+    let (child, addr, _log) = start_server_with_log(data);
+    (child, addr)
+}
+
+/// `start_server`, also returning the log lines printed after the address.
+fn start_server_with_log(data: &str) -> (Child, String, std::sync::mpsc::Receiver<String>) {
     let mut child = Command::new(BIN)
         .args([
             "serve",
@@ -187,10 +193,13 @@ fn start_server(data: &str) -> (Child, String) {
         .expect("spawn server");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let (log_tx, log_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && line.contains("listening") {
+            if sent {
+                let _ = log_tx.send(line);
+            } else if line.contains("listening") {
                 if let Some(i) = line.find("127.0.0.1:") {
                     let addr: String = line[i..]
                         .chars()
@@ -205,14 +214,14 @@ fn start_server(data: &str) -> (Child, String) {
     let addr = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("server address in log");
-    (child, addr)
+    (child, addr, log_rx)
 }
 
 #[tokio::test]
 async fn sigterm_closes_websockets_with_1001_snapshots_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().display().to_string();
-    let (mut child, addr) = start_server(&data);
+    let (mut child, addr, log) = start_server_with_log(&data);
     let client = reqwest::Client::new();
     let token = admin_login(&client, &addr).await;
     let r = client
@@ -248,6 +257,14 @@ async fn sigterm_closes_websockets_with_1001_snapshots_and_exits_0() {
     assert!(
         dir.path().join("projection.snapshot").exists(),
         "no snapshot at shutdown"
+    );
+    // The sled shutdown checkpoint ran after the runtime was gone (every handle released).
+    let lines: Vec<String> = log.iter().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("shutdown checkpoint written")),
+        "no shutdown checkpoint in the log: {lines:#?}"
     );
     let _ = ws.next().await;
     let out = run_bin(&["verify", "--data", &data], &[]);

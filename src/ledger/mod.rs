@@ -78,6 +78,9 @@ pub struct Ledger {
     integrity: std::sync::Mutex<Option<String>>,
     /// Whether every record below the head has been verified since start.
     verified: AtomicBool,
+    /// Set by `stop`: the scrub gives up (a shutdown must not wait for a read of the whole log,
+    /// and the shutdown checkpoint waits for its handle on the log).
+    stopping: AtomicBool,
     opts: LedgerOptions,
 }
 
@@ -195,6 +198,7 @@ impl Ledger {
             integrity: std::sync::Mutex::new(None),
             // A full replay verified everything; a snapshot start leaves the prefix to `scrub`.
             verified: AtomicBool::new(from == 0),
+            stopping: AtomicBool::new(false),
             opts,
         });
         Ok((ledger, restore))
@@ -212,6 +216,7 @@ impl Ledger {
     /// Stops the writer after it has finished every queued command, writes a final snapshot,
     /// and waits for it (blocking: call from a blocking context).
     pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         let tx = lock(&self.tx).take();
         if let Some(tx) = tx {
             // The writer drains everything queued before this message.
@@ -260,16 +265,20 @@ impl Ledger {
     /// Verifies the records a snapshot start skipped (offsets 1..=`upto`: contiguous, decoding,
     /// chaining to the snapshot's hash). Blocking; run it in the background after start so a
     /// large ledger starts in milliseconds and is still fully checked. On failure the ledger
-    /// refuses appends and readiness fails, naming the offset.
-    pub fn scrub(&self, upto: u64) -> Result<()> {
+    /// refuses appends and readiness fails, naming the offset. Returns `Ok(false)` when `stop`
+    /// interrupted it (nothing found so far, nothing concluded).
+    pub fn scrub(&self, upto: u64) -> Result<bool> {
         let ledger_id = self.info.ledger_id;
         let mut prev = chain::genesis(ledger_id);
         let mut expected = 1u64;
-        let result = (|| -> Result<()> {
+        let result = (|| -> Result<bool> {
             for item in self.log.iter_from(1) {
                 let e = item?;
                 if e.offset > upto {
                     break;
+                }
+                if e.offset % 4096 == 1 && self.stopping.load(Ordering::Relaxed) {
+                    return Ok(false);
                 }
                 check_link(&e, expected, &prev, ledger_id)?;
                 prev = e.hash;
@@ -281,10 +290,14 @@ impl Ledger {
                     reason: "gap: record missing below the snapshot offset".into(),
                 });
             }
-            Ok(())
+            Ok(true)
         })();
         match &result {
-            Ok(()) => self.verified.store(true, Ordering::Relaxed),
+            Ok(true) => self.verified.store(true, Ordering::Relaxed),
+            Ok(false) => tracing::info!(
+                checked = expected - 1,
+                "integrity check of the snapshot prefix interrupted by shutdown"
+            ),
             Err(e) => {
                 tracing::error!(error = %e, "integrity check failed: appends refused until the data directory is repaired (alarm-ledger verify names the offset)");
                 *lock(&self.integrity) = Some(format!("ledger integrity check failed: {e}"));
