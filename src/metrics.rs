@@ -42,6 +42,7 @@ pub struct Metrics {
     pub ws_connections: Gauge,
     pub subscribers: Family<ModeLabel, Gauge>,
     pub slow_consumer_closes: Counter,
+    pub subscriber_lag_fallbacks: Counter,
     pub commands_rejected: Family<CodeLabel, Counter>,
     pub login_failures: Counter,
     pub logins_throttled: Counter,
@@ -110,6 +111,12 @@ impl Metrics {
             "WebSockets closed with 4008 because the client stalled",
             slow_consumer_closes.clone(),
         );
+        let subscriber_lag_fallbacks = Counter::default();
+        registry.register(
+            "subscriber_lag_fallbacks",
+            "Live subscriptions that fell behind the broadcast and went back to reading the log",
+            subscriber_lag_fallbacks.clone(),
+        );
         let commands_rejected = Family::<CodeLabel, Counter>::default();
         registry.register(
             "commands_rejected",
@@ -164,6 +171,7 @@ impl Metrics {
             ws_connections,
             subscribers,
             slow_consumer_closes,
+            subscriber_lag_fallbacks,
             commands_rejected,
             login_failures,
             logins_throttled,

@@ -63,7 +63,9 @@ impl Server {
             addr,
             log,
             client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
+                // Generous: logins hash at SCHED_IDLE and backups run at the lowest priority,
+                // which on a busy 2-core CI machine can take many seconds.
+                .timeout(Duration::from_secs(120))
                 .build()
                 .unwrap(),
             token: String::new(),
@@ -802,11 +804,25 @@ async fn online_backup_while_appends_continue_is_a_complete_ledger() {
             n
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Appends are under way before the backup starts, and go on after it.
+    let head_reaches = |at_least: u64| {
+        let s = s.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while s.ledger().await["head"].as_u64().unwrap_or(0) < at_least {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "head never reached {at_least}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    head_reaches(20).await;
     let (st, v) = s.post("/api/v1/admin/backup", json!({})).await;
     assert_eq!(st, 200, "{v}");
     let (path, head, hash) = backup_json(&v);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    head_reaches(head + 20).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let written = writer.await.unwrap();
     let now = s.ledger().await["head"].as_u64().unwrap();

@@ -166,6 +166,7 @@ impl Subscription {
                         let first = batch.first().map(|p| p.event.offset).unwrap_or(0);
                         if first > self.last + 1 {
                             // Something between is only in the log (we lagged unnoticed).
+                            self.ledger.metrics.subscriber_lag_fallbacks.inc();
                             self.set_mode(Mode::Replay);
                             continue;
                         }
@@ -179,7 +180,10 @@ impl Subscription {
                             return Ok(Some(SubItem::Events(out)));
                         }
                     }
-                    Err(RecvError::Lagged(_)) => self.set_mode(Mode::Replay),
+                    Err(RecvError::Lagged(_)) => {
+                        self.ledger.metrics.subscriber_lag_fallbacks.inc();
+                        self.set_mode(Mode::Replay)
+                    }
                     Err(RecvError::Closed) => return Ok(None),
                 },
             }

@@ -289,6 +289,11 @@ async fn command_flood_is_rate_limited_per_connection() {
     let id = app.create_alarm("flood").await;
     let (mut ws, _) = app.ws(&app.admin_token).await;
     const N: usize = 40;
+    // The budget: a burst of 5, refilled at 5 per second, so what goes through depends on how
+    // long the flood took to be handled (seconds on a loaded machine).
+    let budget =
+        |since: std::time::Instant| 5 + (5.0 * since.elapsed().as_secs_f64()).ceil() as usize;
+    let flood = std::time::Instant::now();
     for i in 0..N {
         send_json(
             &mut ws,
@@ -314,10 +319,13 @@ async fn command_flood_is_rate_limited_per_connection() {
         "burst of 5 (plus a refill) goes through: {ok} ok"
     );
     assert_eq!(ok + limited.len(), N);
-    assert!(limited.len() >= N - 10, "{} limited", limited.len());
+    let allowed = budget(flood);
+    assert!(ok <= allowed, "{ok} ok, more than the budget of {allowed}");
+    assert!(ok < N / 2, "{ok} of {N} ok: the flood was not limited");
     // A subscribe flood spends the same budget (each one starts a log read). An accepted
     // subscribe answers with its replay, and the next one replaces it, so count the refusals
     // up to a ping sent after the flood.
+    let flood = std::time::Instant::now();
     for i in 0..N {
         send_json(&mut ws, json!({"type": "subscribe", "req": i, "from": 0})).await;
     }
@@ -335,9 +343,10 @@ async fn command_flood_is_rate_limited_per_connection() {
             _ => panic!("{v}"),
         }
     }
+    let allowed = budget(flood);
     assert!(
-        limited_subs >= N - 10,
-        "{limited_subs} of {N} subscribes limited"
+        limited_subs + allowed >= N && limited_subs > N / 2,
+        "{limited_subs} of {N} subscribes limited (budget {allowed})"
     );
     // Once the budget refills (5 per second here), subscribing works again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -756,9 +765,12 @@ async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // Half a request line, then nothing.
+    // Timed from before the connect: the server's clock starts at its accept.
+    let t0 = Instant::now();
     let mut half = TcpStream::connect(addr).await.expect("connect");
     half.write_all(b"GET /healthz HT").await.expect("write");
-    let (got, took) = until_closed(&mut half, "half a request line").await;
+    let (got, _) = until_closed(&mut half, "half a request line").await;
+    let took = t0.elapsed();
     assert!(got.is_empty(), "no answer to half a request: {got:?}");
     assert!(took >= LIMIT - Duration::from_millis(100), "{took:?}");
 

@@ -66,9 +66,10 @@ async fn disabling_a_user_refuses_logins_and_closes_their_live_socket_with_4001(
     let (s, v) = patch_user(&app, &app.admin_token, "dora", json!({"disabled": true})).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["disabled"], true);
-    let (code, reason) = expect_close(&mut ws, Duration::from_secs(5)).await;
+    // The re-check runs every 2 s; 10 s leaves room for a loaded CI machine.
+    let (code, reason) = expect_close(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(code, 4001, "{reason}");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(10));
 
     // The right password no longer logs in, and the old token is refused everywhere.
     let (s, _, v) = login_raw(&app, "dora", USER_PASSWORD, None).await;

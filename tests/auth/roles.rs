@@ -145,8 +145,8 @@ async fn role_change_revokes_old_tokens_and_closes_live_sockets() {
     assert_error(&app.get(&op, "/api/v1/alarms").await, 401, "unauthorized");
     let got = app.post(&op, "/api/v1/alarms", json!({"name": "x"})).await;
     assert_error(&got, 401, "unauthorized");
-    // The live socket is closed within the re-check period.
-    let (code, reason) = expect_close(&mut ws, Duration::from_secs(5)).await;
+    // The live socket is closed within the re-check period (2 s; 10 s for a loaded machine).
+    let (code, reason) = expect_close(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(code, 4001, "{reason}");
     // A new login carries the new role, which is enforced.
     let fresh = app.login("olga", USER_PASSWORD).await;
