@@ -828,12 +828,18 @@ fn a_second_open_of_one_log_fails_at_once_too() {
 // server runs in the background right after start. A bad record there refuses appends and fails
 // readiness, naming the offset.
 
-fn scrub_fails_at(root: &Path) -> (u64, String) {
+/// Opens the ledger in `root` from its projection snapshot; returns it and the snapshot's offset.
+fn start_from_snapshot(root: &Path) -> (Arc<Ledger>, u64) {
     let (l, restore) =
         try_open(root, opts(Some(snap_path(root)))).expect("starts from the snapshot");
     let Restore::Snapshot { offset, .. } = restore else {
         panic!("expected a snapshot start, got {restore:?}")
     };
+    (l, offset)
+}
+
+fn scrub_fails_at(root: &Path) -> (u64, String) {
+    let (l, offset) = start_from_snapshot(root);
     l.start().unwrap();
     let found = match l.scrub(offset) {
         Err(Error::Corrupt { offset, reason }) => (offset, reason),
@@ -872,10 +878,7 @@ fn a_clean_prefix_scrubs_clean() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     build(root, 10, "alice");
-    let (l, restore) = try_open(root, opts(Some(snap_path(root)))).unwrap();
-    let Restore::Snapshot { offset, .. } = restore else {
-        panic!("expected a snapshot start, got {restore:?}")
-    };
+    let (l, offset) = start_from_snapshot(root);
     assert!(!l.is_verified());
     assert!(l.scrub(offset).unwrap(), "the scrub ran to its end");
     assert!(l.is_verified());
@@ -889,10 +892,7 @@ fn a_stopped_ledger_abandons_its_scrub_without_a_verdict() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     build(root, 10, "alice");
-    let (l, restore) = try_open(root, opts(Some(snap_path(root)))).unwrap();
-    let Restore::Snapshot { offset, .. } = restore else {
-        panic!("expected a snapshot start, got {restore:?}")
-    };
+    let (l, offset) = start_from_snapshot(root);
     l.start().unwrap();
     l.stop();
     assert!(!l.scrub(offset).unwrap(), "the scrub was interrupted");
