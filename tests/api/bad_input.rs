@@ -283,28 +283,18 @@ async fn invalid_utf8_closes_1007_and_protocol_violations_close_1002() {
     assert_serves(&app).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn command_flood_is_rate_limited_per_connection() {
-    let app = spawn_app_with(&["--ws-command-rate", "5"]).await;
-    let id = app.create_alarm("flood").await;
-    let (mut ws, _) = app.ws(&app.admin_token).await;
-    const N: usize = 40;
-    // The budget: a burst of 5, refilled at 5 per second, so what goes through depends on how
-    // long the flood took to be handled (seconds on a loaded machine).
-    let budget =
-        |since: std::time::Instant| 5 + (5.0 * since.elapsed().as_secs_f64()).ceil() as usize;
-    let flood = std::time::Instant::now();
-    for i in 0..N {
-        send_json(
-            &mut ws,
-            json!({"type": "trigger", "req": i, "alarm_id": id}),
-        )
-        .await;
+/// Sends the `n` frames `frame(0..n)` at once, then reads their `n` answers: how many were
+/// accepted (`ok`), the `req` of those refused with `rate_limited`, and the seconds from the
+/// first send to the last answer.
+async fn flood(ws: &mut Ws, n: usize, frame: impl Fn(usize) -> Value) -> (usize, Vec<u64>, f64) {
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        send_json(ws, frame(i)).await;
     }
     let mut ok = 0;
     let mut limited = Vec::new();
-    for _ in 0..N {
-        let v = next_json(&mut ws, STEP).await;
+    for _ in 0..n {
+        let v = next_json(ws, STEP).await;
         match v["type"].as_str() {
             Some("ok") => ok += 1,
             Some("error") => {
@@ -314,18 +304,39 @@ async fn command_flood_is_rate_limited_per_connection() {
             _ => panic!("{v}"),
         }
     }
+    (ok, limited, started.elapsed().as_secs_f64())
+}
+
+/// What `--ws-command-rate 5` lets through in `secs`: the burst of 5, plus the refill of 5 per
+/// second (what goes through depends on how long the flood took: seconds on a loaded machine).
+fn budget_of_5_per_s(secs: f64) -> usize {
+    5 + (5.0 * secs).ceil() as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_flood_is_rate_limited_per_connection() {
+    let app = spawn_app_with(&["--ws-command-rate", "5"]).await;
+    let id = app.create_alarm("flood").await;
+    let (mut ws, _) = app.ws(&app.admin_token).await;
+    const N: usize = 40;
+    let (ok, limited, secs) = flood(
+        &mut ws,
+        N,
+        |i| json!({"type": "trigger", "req": i, "alarm_id": id}),
+    )
+    .await;
     assert!(
         (5..N).contains(&ok),
         "burst of 5 (plus a refill) goes through: {ok} ok"
     );
     assert_eq!(ok + limited.len(), N);
-    let allowed = budget(flood);
+    let allowed = budget_of_5_per_s(secs);
     assert!(ok <= allowed, "{ok} ok, more than the budget of {allowed}");
     assert!(ok < N / 2, "{ok} of {N} ok: the flood was not limited");
     // A subscribe flood spends the same budget (each one starts a log read). An accepted
     // subscribe answers with its replay, and the next one replaces it, so count the refusals
     // up to a ping sent after the flood.
-    let flood = std::time::Instant::now();
+    let subs_started = std::time::Instant::now();
     for i in 0..N {
         send_json(&mut ws, json!({"type": "subscribe", "req": i, "from": 0})).await;
     }
@@ -343,7 +354,7 @@ async fn command_flood_is_rate_limited_per_connection() {
             _ => panic!("{v}"),
         }
     }
-    let allowed = budget(flood);
+    let allowed = budget_of_5_per_s(subs_started.elapsed().as_secs_f64());
     assert!(
         limited_subs + allowed >= N && limited_subs > N / 2,
         "{limited_subs} of {N} subscribes limited (budget {allowed})"
@@ -415,35 +426,18 @@ async fn refresh_flood_is_rate_limited_and_logs_at_most_the_budget() {
     let before = ws_refreshes_logged(&app).await;
     let (mut ws, _) = app.ws(&app.admin_token).await;
     const N: usize = 40;
-    let started = tokio::time::Instant::now();
-    for i in 0..N {
-        send_json(
-            &mut ws,
-            json!({"type": "refresh", "req": i, "token": token}),
-        )
-        .await;
-    }
-    let mut ok = 0;
-    let mut limited = 0;
-    for _ in 0..N {
-        let v = next_json(&mut ws, STEP).await;
-        match v["type"].as_str() {
-            Some("ok") => ok += 1,
-            Some("error") => {
-                assert_eq!(v["code"], "rate_limited", "{v}");
-                limited += 1;
-            }
-            _ => panic!("{v}"),
-        }
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    // The burst (5) plus what refilled (5 per second) while the flood was answered.
-    let budget = 5 + (5.0 * elapsed).ceil() as usize;
+    let (ok, limited, elapsed) = flood(
+        &mut ws,
+        N,
+        |i| json!({"type": "refresh", "req": i, "token": token}),
+    )
+    .await;
+    let budget = budget_of_5_per_s(elapsed);
     assert!(
         (5..=budget).contains(&ok),
         "{ok} refreshes accepted, budget {budget} ({elapsed:.2} s)"
     );
-    assert_eq!(ok + limited, N);
+    assert_eq!(ok + limited.len(), N);
     let logged = ws_refreshes_logged(&app).await - before;
     assert_eq!(logged, ok, "one security-log entry per accepted refresh");
     // The connection stays open, and once the budget refills a refresh works again.
