@@ -21,6 +21,17 @@ use std::path::{Path, PathBuf};
 /// chunked the same way.
 const CHUNK: usize = 256;
 
+/// What a backup copies: the log up to `head`, the users and security-log trees of `db` (the
+/// security log up to `security_head`), and the JWT secret file if there is one.
+#[derive(Clone, Copy)]
+pub struct Source<'a> {
+    pub log: &'a dyn EventLog,
+    pub db: &'a sled::Db,
+    pub head: u64,
+    pub security_head: u64,
+    pub secret_file: Option<&'a Path>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupReport {
     pub path: PathBuf,
@@ -28,35 +39,20 @@ pub struct BackupReport {
     pub head_hash: String,
 }
 
-/// Copies `log` (offsets 1..=head), and the auxiliary trees of `db`, into `dest` (a new or empty
-/// directory). Each copied event is re-checked against the chain as it goes.
+/// Copies `src` (the log's offsets 1..=head and the auxiliary trees of its `db`) into `dest` (a
+/// new or empty directory). Each copied event is re-checked against the chain as it goes.
 ///
 /// The copy is written into `<dest>.partial` and renamed to `dest` only once it is complete and
 /// durable, so a `dest` that exists is a complete backup: an interrupted one (crash, full disk)
 /// never looks like a shorter ledger that verifies. A failed copy removes its `.partial`; one
 /// left by a crash must be removed by hand (the next backup to the same name refuses to start).
-pub fn backup(
-    log: &dyn EventLog,
-    db: &sled::Db,
-    head: u64,
-    security_head: u64,
-    secret_file: Option<&Path>,
-    dest: &Path,
-) -> Result<BackupReport> {
-    backup_chunked(log, db, head, security_head, secret_file, dest, CHUNK)
+pub fn backup(src: &Source<'_>, dest: &Path) -> Result<BackupReport> {
+    backup_chunked(src, dest, CHUNK)
 }
 
 /// [`backup`] writing `chunk` records per batch (a parameter so a test can cross many chunk
 /// boundaries with a small ledger).
-fn backup_chunked(
-    log: &dyn EventLog,
-    db: &sled::Db,
-    head: u64,
-    security_head: u64,
-    secret_file: Option<&Path>,
-    dest: &Path,
-    chunk: usize,
-) -> Result<BackupReport> {
+fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupReport> {
     let chunk = chunk.max(1);
     if dest.exists() && std::fs::read_dir(dest)?.next().is_some() {
         return Err(Error::Other(format!(
@@ -74,7 +70,7 @@ fn backup_chunked(
         )));
     }
     std::fs::create_dir_all(crate::staging::parent_dir(&staging))?;
-    let copied = copy_into(log, db, head, security_head, secret_file, &staging, chunk);
+    let copied = copy_into(src, &staging, chunk);
     let (head, head_hash) = match copied {
         Ok(done) => done,
         Err(e) => {
@@ -92,15 +88,14 @@ fn backup_chunked(
 }
 
 /// The copy itself, into `dest`; returns the head and its hash once everything is durable.
-fn copy_into(
-    log: &dyn EventLog,
-    db: &sled::Db,
-    head: u64,
-    security_head: u64,
-    secret_file: Option<&Path>,
-    dest: &Path,
-    chunk: usize,
-) -> Result<(u64, String)> {
+fn copy_into(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<(u64, String)> {
+    let Source {
+        log,
+        db,
+        head,
+        security_head,
+        secret_file,
+    } = *src;
     let info = log.info();
     let dir = DataDir::lock(dest)?;
     let out = SledLog::open_with(
@@ -293,7 +288,14 @@ mod tests {
         let ten = security.iter().nth(9).unwrap().unwrap();
 
         let dest = tmp.path().join("copy");
-        let r = backup_chunked(&src, src.db(), 10, 10, None, &dest, 3).unwrap();
+        let from = Source {
+            log: &src,
+            db: src.db(),
+            head: 10,
+            security_head: 10,
+            secret_file: None,
+        };
+        let r = backup_chunked(&from, &dest, 3).unwrap();
         assert_eq!((r.head, r.head_hash.as_str()), (10, prev.to_hex().as_str()));
 
         // sled lets go of the copy's file lock a moment after the backup closed it.

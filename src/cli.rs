@@ -325,7 +325,14 @@ pub fn backup(args: BackupArgs) -> Result<String> {
         .map_err(|e| Error::Storage(e.to_string()))?;
     let (security_head, _) = security.head();
     let secret = dir.root().join(crate::auth::token::SECRET_FILE);
-    let r = crate::backup::backup(&log, log.db(), head, security_head, Some(&secret), &args.to)?;
+    let src = crate::backup::Source {
+        log: &log,
+        db: log.db(),
+        head,
+        security_head,
+        secret_file: Some(&secret),
+    };
+    let r = crate::backup::backup(&src, &args.to)?;
     // Recorded in the source's security log (after the copy, as the online backup does), so
     // the backup itself does not contain it.
     security

@@ -335,14 +335,14 @@ pub async fn backup(state: &State, req: &Request) -> Result<Response, ApiError> 
         let head = st.ledger.head().offset;
         let (security_head, _) = st.auth.security.head();
         let secret = st.settings.data_dir.join(crate::auth::token::SECRET_FILE);
-        crate::backup::backup(
-            st.ledger.log().as_ref(),
-            &st.db,
+        let src = crate::backup::Source {
+            log: st.ledger.log().as_ref(),
+            db: &st.db,
             head,
             security_head,
-            Some(&secret),
-            &dest,
-        )
+            secret_file: Some(&secret),
+        };
+        crate::backup::backup(&src, &dest)
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
