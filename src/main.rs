@@ -52,10 +52,8 @@ fn run_server(args: config::ServeArgs) -> Result<(), Error> {
         // yet, and sled recovers a half-done start like a crash.
         let app = tokio::select! {
             app = Application::build(&args) => app?,
-            _ = signals.wait() => {
-                eprintln!("interrupted during start-up");
-                return Err(Error::Other("interrupted during start-up".into()));
-            }
+            // `main` prints it (`error: interrupted during start-up`) and exits 1.
+            _ = signals.wait() => return Err(Error::Other("interrupted during start-up".into())),
         };
         let addr = app.local_addr();
         tracing::info!(%addr, data = %args.data.data.display(), "alarm-ledger listening");
@@ -77,7 +75,7 @@ fn run_server(args: config::ServeArgs) -> Result<(), Error> {
     // must not hold the exit: the runtime's own drop would wait for it without a bound.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     // With the runtime gone, so are the handles on the log (a blocking task abandoned above may
-    // still hold one: the checkpoint then gives up after its wait).
-    result?.checkpoint(std::time::Duration::from_secs(5));
+    // still hold one: the checkpoint then gives up at its bound).
+    result?.checkpoint();
     Ok(())
 }

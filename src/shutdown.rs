@@ -59,3 +59,14 @@ pub fn exit_on_second(mut signals: Signals) {
         std::process::exit(1);
     });
 }
+
+/// Gives SIGTERM and SIGINT back their default action (end the process), for the last phase of
+/// a stop that runs after the runtime, whose handlers caught them, is gone (the shutdown
+/// checkpoint): a signal then still ends the process at once instead of being swallowed.
+pub fn restore_default_signals() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler code; no Rust state is involved.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    }
+}

@@ -10,6 +10,7 @@ use crate::http::{self, ApiSettings, AppState, AuthCtx};
 use crate::ledger::datadir::DataDir;
 use crate::ledger::{Ledger, LedgerOptions, Restore};
 use crate::metrics::Metrics;
+use crate::shutdown;
 use crate::store::sled_log::{SledLog, SledOptions};
 use crate::store::EventLog;
 use std::future::Future;
@@ -23,27 +24,50 @@ use tokio::sync::watch;
 /// checkpoint (`checkpoint`), which runs once the runtime and every handle on the log are gone.
 pub struct Stopped {
     dir: DataDir,
+    /// The shutdown timeout: the checkpoint's bound.
+    budget: Duration,
 }
 
 impl Stopped {
     /// The sled shutdown checkpoint (`sled_log::checkpoint`), so that the next start does not
-    /// recover sled's log: call after the runtime has shut down (its tasks hold the log). Waits
-    /// at most `wait` for the last handle; logs what it did. Best effort: a start after a
-    /// skipped checkpoint recovers like one after a crash.
-    pub fn checkpoint(self, wait: Duration) {
-        let dir = self.dir.ledger_dir();
-        match crate::store::sled_log::checkpoint(&dir, wait) {
-            Ok(Some(took)) => tracing::info!(
+    /// recover sled's log: call after the runtime has shut down (its tasks hold the log).
+    ///
+    /// Bounded by the shutdown timeout as a whole (the wait for the last handle and sled's
+    /// open): it runs on a thread of its own, and past the bound the process goes on to exit,
+    /// which ends the checkpoint like a crash would (harmless: everything is durable, and sled
+    /// replaces its snapshot atomically). A signal during it ends the process at once: the
+    /// runtime that handled signals is gone, so their default action is restored. Best effort:
+    /// a start after a skipped checkpoint recovers like one after a crash. Logs what it did.
+    pub fn checkpoint(self) {
+        shutdown::restore_default_signals();
+        let (dir, budget) = (self.dir.ledger_dir(), self.budget);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                let _ = tx.send(crate::store::sled_log::checkpoint(&dir, budget));
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "shutdown checkpoint not started; the next start recovers sled's log");
+            return;
+        }
+        match rx.recv_timeout(budget) {
+            Ok(Ok(Some(took))) => tracing::info!(
                 elapsed_ms = took.as_millis() as u64,
                 "shutdown checkpoint written (sled page-table snapshot)"
             ),
-            Ok(None) => tracing::warn!(
-                wait_ms = wait.as_millis() as u64,
+            Ok(Ok(None)) => tracing::warn!(
+                wait_ms = budget.as_millis() as u64,
                 "shutdown checkpoint skipped: the log was still open; the next start recovers sled's log"
             ),
-            Err(e) => tracing::error!(error = %e, "shutdown checkpoint failed; the next start recovers sled's log"),
+            Ok(Err(e)) => tracing::error!(error = %e, "shutdown checkpoint failed; the next start recovers sled's log"),
+            Err(_) => tracing::warn!(
+                timeout_ms = budget.as_millis() as u64,
+                "shutdown checkpoint abandoned at the shutdown timeout; the next start recovers sled's log"
+            ),
         }
-        drop(self.dir);
+        // The data directory's lock goes with the process (the checkpoint thread may still run).
+        std::mem::forget(self.dir);
     }
 }
 
@@ -291,14 +315,23 @@ impl Application {
         let stop = tokio::task::spawn_blocking(move || l.stop());
         if tokio::time::timeout(shutdown_timeout, stop).await.is_err() {
             tracing::error!(timeout = ?shutdown_timeout, "the writer did not stop in time; exiting without the final snapshot");
+            // The writer may still write until the process exits: keep the directory locked.
+            std::mem::forget(dir);
             return Err(Error::Other(format!(
                 "the writer did not stop within {shutdown_timeout:?} (acknowledged events are durable; the next start replays the log's tail)"
             )));
         }
         if let Err(e) = ledger.log().sync() {
+            // No checkpoint on a disk that just failed: exit 1 (what was acknowledged was
+            // durable when it was acknowledged; the next start recovers as after a crash).
             tracing::error!(error = %e, "final flush failed");
+            std::mem::forget(dir);
+            return Err(Error::Storage(format!("final flush failed: {e}")));
         }
         tracing::info!("stopped");
-        Ok(Stopped { dir })
+        Ok(Stopped {
+            dir,
+            budget: shutdown_timeout,
+        })
     }
 }

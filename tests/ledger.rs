@@ -1071,4 +1071,9 @@ fn shutdown_checkpoint_waits_for_the_last_handle() {
     assert!(checkpoint(&dir, Duration::from_secs(10)).unwrap().is_some());
     let log = SledLog::open_after_close(&dir, &Default::default()).unwrap();
     assert_eq!(log.head().unwrap(), head);
+    // A directory without a database is left alone (sled's open would create an empty one).
+    let empty = tmp.path().join("no-ledger");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_eq!(checkpoint(&empty, Duration::from_secs(1)).unwrap(), None);
+    assert!(!empty.join("db").exists(), "the checkpoint created a database");
 }
