@@ -1075,5 +1075,8 @@ fn shutdown_checkpoint_waits_for_the_last_handle() {
     let empty = tmp.path().join("no-ledger");
     std::fs::create_dir_all(&empty).unwrap();
     assert_eq!(checkpoint(&empty, Duration::from_secs(1)).unwrap(), None);
-    assert!(!empty.join("db").exists(), "the checkpoint created a database");
+    assert!(
+        !empty.join("db").exists(),
+        "the checkpoint created a database"
+    );
 }
