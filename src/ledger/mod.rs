@@ -324,7 +324,7 @@ impl Ledger {
     pub async fn submit(&self, cmd: Command) -> Result<Outcome, CommandError> {
         self.enqueue(cmd)?
             .await
-            .unwrap_or(Err(CommandError::ShuttingDown))
+            .unwrap_or(Err(CommandError::Unanswered))
     }
 
     /// Queues a command now (synchronously: commands enqueued one after the other are decided

@@ -54,6 +54,10 @@ pub enum CommandError {
     Storage(String),
     #[error("the server is shutting down; retry with the same command_id")]
     ShuttingDown,
+    /// The writer took the command and ended without answering (it failed: it answers
+    /// everything it took, at shutdown too). The command may have been flushed first.
+    #[error("the writer failed without answering; the command may or may not have been applied (retry with the same command_id to find out)")]
+    Unanswered,
     /// A repeat of a command_id whose first attempt was refused: the same refusal.
     #[error("{message}")]
     Repeated { code: String, message: String },
@@ -64,7 +68,7 @@ impl CommandError {
         match self {
             CommandError::Rejected(r) => r.code(),
             CommandError::Overloaded => "overloaded",
-            CommandError::Storage(_) => "internal",
+            CommandError::Storage(_) | CommandError::Unanswered => "internal",
             // Nothing was appended and the command may be sent again (to this server once it is
             // back, or another): what `overloaded` tells a client ("retry with the same
             // command_id"), where `internal` would read as a failure of the command itself.
