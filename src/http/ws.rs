@@ -651,8 +651,7 @@ impl Connection {
                 .last_snapshot
                 .is_some_and(|t| t.elapsed() < SNAPSHOT_INTERVAL)
             {
-                self.state.metrics.rejected("rate_limited");
-                return Some(protocol::error(
+                return Some(self.refuse(
                     req,
                     "rate_limited",
                     "at most one snapshot per second per connection",
@@ -662,8 +661,7 @@ impl Connection {
             // Not waited for: a connection waiting here would answer nothing (pings, shutdown).
             let Ok(permit) = self.state.snapshot_builds.clone().try_acquire_owned() else {
                 self.last_snapshot = None;
-                self.state.metrics.rejected("overloaded");
-                return Some(protocol::error(
+                return Some(self.refuse(
                     req,
                     "overloaded",
                     "other snapshots are being built; retry shortly",
@@ -759,26 +757,15 @@ impl Connection {
     /// Starts a command; its answer arrives later through `answers`.
     fn command(&mut self, req: Req, msg: ClientMessage) -> Option<String> {
         if !self.principal.role.can_command() {
-            self.state.metrics.rejected("forbidden");
-            return Some(protocol::error(
-                &req,
-                "forbidden",
-                "viewers cannot send commands",
-            ));
+            return Some(self.refuse(&req, "forbidden", "viewers cannot send commands"));
         }
         if !self.take_token() {
-            self.state.metrics.rejected("rate_limited");
-            return Some(protocol::error(
-                &req,
-                "rate_limited",
-                "too many commands on this connection; slow down",
-            ));
+            return Some(self.rate_limited(&req));
         }
         let cmd = match protocol::command_of(msg, &self.principal.name) {
             Some(Ok(cmd)) => cmd,
             Some(Err(bad)) => {
-                self.state.metrics.rejected("bad_request");
-                return Some(protocol::error(&req, "bad_request", &bad.0));
+                return Some(self.refuse(&req, "bad_request", &bad.0));
             }
             None => return Some(protocol::error(&req, "bad_request", "not a command")),
         };
@@ -788,7 +775,7 @@ impl Connection {
         let queued = self.state.ledger.enqueue(cmd);
         self.answers.push(Box::pin(async move {
             let outcome = match queued {
-                Ok(rx) => rx.await.unwrap_or(Err(CommandError::ShuttingDown)),
+                Ok(rx) => rx.await.unwrap_or(Err(CommandError::Unanswered)),
                 Err(e) => Err(e),
             };
             match outcome {
@@ -805,10 +792,15 @@ impl Connection {
         None
     }
 
+    /// A refusal: counted in `commands_rejected_total{code}`, answered as an `error`.
+    fn refuse(&self, req: &Req, code: &str, message: &str) -> String {
+        self.state.metrics.rejected(code);
+        protocol::error(req, code, message)
+    }
+
     /// The answer to a subscribe or refresh beyond the connection's budget.
     fn rate_limited(&self, req: &Req) -> String {
-        self.state.metrics.rejected("rate_limited");
-        protocol::error(
+        self.refuse(
             req,
             "rate_limited",
             "too many commands, subscribes and refreshes on this connection; slow down",
