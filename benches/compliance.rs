@@ -1,13 +1,15 @@
 //! Compliance benchmarks (issue 5): export and verify of a 1,000,000-event ledger with the real
 //! binary, and an online backup while 1,000 events/s are appended (append latency during it,
 //! from each append's scheduled time), and the start of the real server process on that ledger
-//! (`process_start`: spawn → listening → `/readyz` 200, from a projection snapshot and with a
-//! full replay, each the first start after the ledger was written and once more).
+//! (`process_start`: spawn → listening → `/readyz` 200, after a clean stop from a projection
+//! snapshot and with a full replay, each the first start after the ledger was written and once
+//! more, and from the snapshot after a crash, `after_crash`), with the shutdown checkpoint's cost
+//! (`shutdown_checkpoint`).
 //!
 //! `cargo bench --bench compliance` (add `-- --events N` for another size; `-- --keep DIR` builds
 //! the ledger in DIR and leaves it; `-- --keep DIR --only backup` runs the online backup alone,
 //! on DIR's ledger if there is one; `-- --only start` builds a ledger and measures the process
-//! starts alone). Prints one JSON line per measurement. Loopback only; every loop bounded in count and time.
+//! starts alone; `-- --only checkpoint` builds one and checkpoints it three times). Prints one JSON line per measurement. Loopback only; every loop bounded in count and time.
 
 use alarm_ledger::auth::users::BOOTSTRAP_ADMIN;
 use alarm_ledger::auth::{NewSecurityEntry, SecurityAction, SecurityLog, UserStore};

@@ -313,8 +313,9 @@ fi
 
 # ------------------------------------------------------------------ 5. compliance (issue 5)
 # Export and verify of a 1,000,000-event ledger with the real binary; the start of the server
-# process on it (spawn → /readyz 200, from a projection snapshot and with a full replay, each
-# the first start after the write and once more: the start-up targets); online backup while
+# process on it (spawn → /readyz 200 after a clean stop, from a projection snapshot and with a
+# full replay, each the first start after the write and once more: the start-up targets; and
+# from the snapshot after a crash, with the shutdown checkpoint's cost); online backup while
 # 1,000 events/s are appended (append latency during the backup, from the scheduled send time).
 COMPLIANCE_EVENTS=1000000
 [[ $QUICK == 1 ]] && COMPLIANCE_EVENTS=20000
