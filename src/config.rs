@@ -198,7 +198,7 @@ pub struct ExportArgs {
     #[arg(long, conflicts_with_all = ["from", "to", "since", "until", "alarm", "actor", "format"])]
     pub state: bool,
     /// With --state: an offset or an RFC 3339 time (default: head).
-    #[arg(long, requires = "state", value_parser = parse_as_of)]
+    #[arg(long, requires = "state", value_parser = AsOf::parse)]
     pub as_of: Option<AsOf>,
 }
 
@@ -224,23 +224,27 @@ pub enum AsOf {
     Time(crate::time::Timestamp),
 }
 
+impl AsOf {
+    /// Digits only: an offset (`+5` and `-1` are neither); anything else: an RFC 3339 time.
+    /// The one parser of `--as-of` and `?as_of=`.
+    pub fn parse(s: &str) -> Result<AsOf, String> {
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            return s
+                .parse()
+                .map(AsOf::Offset)
+                .map_err(|_| format!("offset {s:?} is too large"));
+        }
+        crate::time::Timestamp::parse_rfc3339(s)
+            .map(AsOf::Time)
+            .ok_or_else(|| format!("expected an offset or an RFC 3339 time, got {s:?}"))
+    }
+}
+
 // ------------------------------------------------------------------ parsers
 
 fn parse_role(s: &str) -> Result<crate::auth::Role, String> {
     s.parse()
         .map_err(|_| format!("expected admin, operator or viewer, got {s:?}"))
-}
-
-fn parse_as_of(s: &str) -> Result<AsOf, String> {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s
-            .parse()
-            .map(AsOf::Offset)
-            .map_err(|_| format!("offset {s:?} is too large"));
-    }
-    crate::time::Timestamp::parse_rfc3339(s)
-        .map(AsOf::Time)
-        .ok_or_else(|| format!("expected an offset or an RFC 3339 time, got {s:?}"))
 }
 
 /// A whole number in `min..=max`, with a message that says so (clap's own says only "invalid

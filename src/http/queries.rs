@@ -35,15 +35,10 @@ fn parse_offset(v: &str) -> Option<u64> {
 
 /// `as_of`: an offset, or an RFC 3339 time (the last event with `at` ≤ it).
 pub fn parse_as_of(state: &State, v: &str) -> Result<u64, ApiError> {
-    if let Some(n) = parse_offset(v) {
-        return Ok(n);
+    match crate::config::AsOf::parse(v).map_err(|e| ApiError::bad_request(format!("as_of: {e}")))? {
+        crate::config::AsOf::Offset(n) => Ok(n),
+        crate::config::AsOf::Time(t) => Ok(state.ledger.offset_at_time(t)?),
     }
-    let t = Timestamp::parse_rfc3339(v).ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "as_of must be an offset or an RFC 3339 time, got {v:?}"
-        ))
-    })?;
-    Ok(state.ledger.offset_at_time(t)?)
 }
 
 fn state_filter(v: Option<&str>) -> Result<StateFilter, ApiError> {
