@@ -203,3 +203,20 @@ impl Metrics {
             .clone()
     }
 }
+
+/// Counts something in a gauge for as long as the guard lives (up at `enter`, down on drop, an
+/// unwinding task included).
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub fn enter(gauge: &Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -116,23 +116,6 @@ impl LineSink {
     }
 }
 
-/// Counts a running stream in `http_streams_active` for as long as it lives (a panicking
-/// producer included).
-struct Active(prometheus_client::metrics::gauge::Gauge);
-
-impl Active {
-    fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        Active(gauge)
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// Takes a stream permit, or answers `overloaded`.
 pub fn permit(state: &State) -> Result<OwnedSemaphorePermit, ApiError> {
     state.streams.clone().try_acquire_owned().map_err(|_| {
@@ -183,7 +166,8 @@ fn streamed(
         complete: complete.clone(),
         cut_offs: state.metrics.http_streams_cut_off.clone(),
     };
-    let active = Active::new(state.metrics.http_streams_active.clone());
+    // Counted in `http_streams_active` for as long as the producer runs (a panicking one too).
+    let active = crate::metrics::GaugeGuard::enter(&state.metrics.http_streams_active);
     tokio::task::spawn_blocking(move || {
         let _held = (permit, active);
         let result = produce(&mut sink);

@@ -340,14 +340,7 @@ impl Connection {
 
     async fn run(mut self, socket: WebSocket) {
         // A guard, not a decrement at the end: a task that unwinds must not leave the gauge up.
-        struct Counted(prometheus_client::metrics::gauge::Gauge);
-        impl Drop for Counted {
-            fn drop(&mut self) {
-                self.0.dec();
-            }
-        }
-        self.state.metrics.ws_connections.inc();
-        let _counted = Counted(self.state.metrics.ws_connections.clone());
+        let _counted = crate::metrics::GaugeGuard::enter(&self.state.metrics.ws_connections);
         tracing::info!(role = self.principal.role.as_str(), "websocket connected");
         let mut socket = socket;
         let end = self.serve(&mut socket).await;
