@@ -103,20 +103,9 @@ pub fn for_each(
         }
         return Ok(sent);
     }
-    let mut expected = from;
-    for item in log.iter_from(from) {
+    // A filtered extract must not quietly lose a missing record: `contiguous` fails on one.
+    for item in contiguous(log, from, to) {
         let e = item?;
-        if e.offset > to {
-            break;
-        }
-        // A filtered extract must not quietly lose a missing record.
-        if e.offset != expected {
-            return Err(Error::Corrupt {
-                offset: expected,
-                reason: format!("gap: next record has offset {}", e.offset),
-            });
-        }
-        expected += 1;
         if filter.until.is_some_and(|u| e.at > u) {
             return Ok(sent); // `at` never decreases along the log
         }
@@ -127,14 +116,42 @@ pub fn for_each(
             }
         }
     }
-    // Reached only when the records ran out (or passed `to`): none may be missing below it.
-    if expected <= to {
-        return Err(Error::Corrupt {
-            offset: expected,
-            reason: "missing record below the head".into(),
-        });
-    }
     Ok(sent)
+}
+
+/// The events `from..=to` (`from` ≥ 1) in order, each one there: a gap, or records that run
+/// out before `to`, is an `Error::Corrupt` naming the first missing offset (and ends the walk).
+pub fn contiguous(
+    log: &dyn EventLog,
+    from: u64,
+    to: u64,
+) -> impl Iterator<Item = Result<Event>> + '_ {
+    let mut records = log.iter_from(from);
+    let mut expected = from;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || expected > to {
+            return None;
+        }
+        let missing = |reason: String| Error::Corrupt {
+            offset: expected,
+            reason,
+        };
+        let next = match records.next() {
+            None => Err(missing("missing record below the head".into())),
+            Some(Err(e)) => Err(e),
+            Some(Ok(e)) if e.offset != expected => {
+                Err(missing(format!("gap: next record has offset {}", e.offset)))
+            }
+            Some(Ok(e)) => Ok(e),
+        };
+        // After an error the walk is over.
+        match next {
+            Ok(_) => expected += 1,
+            Err(_) => failed = true,
+        }
+        Some(next)
+    })
 }
 
 /// CSV header and row (RFC 4180 quoting). `data` is the event's data object as JSON text.
@@ -188,27 +205,8 @@ pub fn offset_at_time(log: &dyn EventLog, head: u64, t: Timestamp) -> Result<u64
 /// (an alarm's trigger, its deletion) would be a wrong answer, so a gap is corruption.
 pub fn state_as_of(log: &dyn EventLog, offset: u64) -> Result<Projection> {
     let mut p = Projection::new();
-    let mut expected = 1u64;
-    for item in log.iter_from(1) {
-        let e = item?;
-        if e.offset > offset {
-            break;
-        }
-        if e.offset != expected {
-            return Err(Error::Corrupt {
-                offset: expected,
-                reason: format!("gap: next record has offset {}", e.offset),
-            });
-        }
-        p.apply(&e);
-        expected += 1;
-    }
-    // The records ran out (or passed `offset`) before `offset` was reached.
-    if expected <= offset {
-        return Err(Error::Corrupt {
-            offset: expected,
-            reason: "missing record below the head".into(),
-        });
+    for item in contiguous(log, 1, offset) {
+        p.apply(&item?);
     }
     Ok(p)
 }
