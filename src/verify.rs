@@ -90,12 +90,12 @@ fn verify_with(
     if let Some(s) = &snap {
         if s.offset == 0 {
             // Start-up takes the head from a snapshot: at offset 0 it must be the empty head.
-            if s.head_hash != chain::genesis(info.ledger_id)
-                || s.head_at != crate::time::Timestamp(0)
-            {
+            if let Some(why) = s.empty_head_mismatch(info.ledger_id) {
                 return Err(Error::Corrupt {
                     offset: 0,
-                    reason: "projection snapshot at offset 0 is not the empty head (genesis hash, no time)".into(),
+                    reason: format!(
+                        "projection snapshot at offset 0 {why} (it must be the empty head)"
+                    ),
                 });
             }
             compare(&projection, s)?;

@@ -459,19 +459,12 @@ fn validate_snapshot(
         )));
     }
     if s.offset == 0 {
-        // No record to hold it against, but the empty head is known exactly: a snapshot at
-        // offset 0 saying anything else would be the starting point of the replay (a foreign
-        // hash every event 1 fails to chain to, a head time new events are stamped from,
-        // alarms no event created).
-        if s.head_hash != chain::genesis(ledger_id) {
-            return Err(SnapshotCheck::Untrusted(
-                "snapshot at offset 0 does not have the genesis hash".into(),
-            ));
-        }
-        if s.head_at != Timestamp(0) {
-            return Err(SnapshotCheck::Untrusted(
-                "snapshot at offset 0 has a head time".into(),
-            ));
+        // It would be the starting point of the replay: exactly the empty head, and no alarms
+        // (none that an event created).
+        if let Some(why) = s.empty_head_mismatch(ledger_id) {
+            return Err(SnapshotCheck::Untrusted(format!(
+                "snapshot at offset 0 {why}"
+            )));
         }
         if !s.alarms.is_empty() {
             return Err(SnapshotCheck::Untrusted(format!(

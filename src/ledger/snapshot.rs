@@ -29,6 +29,22 @@ pub struct Snapshot {
     pub alarms: Vec<Alarm>,
 }
 
+impl Snapshot {
+    /// What a snapshot at offset 0 gets wrong about the empty head, if anything. There is no
+    /// record to hold it against, but the empty head is known exactly, and start-up takes the
+    /// head from the snapshot (a foreign hash every event 1 fails to chain to, a head time new
+    /// events are stamped from). The alarms are for the caller to compare.
+    pub fn empty_head_mismatch(&self, ledger_id: Uuid) -> Option<&'static str> {
+        if self.head_hash != crate::store::chain::genesis(ledger_id) {
+            Some("does not have the genesis hash")
+        } else if self.head_at != Timestamp(0) {
+            Some("has a head time")
+        } else {
+            None
+        }
+    }
+}
+
 pub fn encode(s: &Snapshot) -> Result<Vec<u8>, String> {
     let body = codec::encode_value(s).map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(body.len() + 39);
