@@ -71,6 +71,7 @@ pub async fn serve_with(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let fd = std::os::unix::io::AsRawFd::as_raw_fd(&stream);
         let filter = warp::service(routes.clone());
         let state = state.clone();
         let service =
@@ -80,7 +81,12 @@ pub async fn serve_with(
                 let state = state.clone();
                 async move {
                     if req.uri().path() == "/api/v1/ws" && ws::is_upgrade(&req) {
-                        return Ok::<Response, Infallible>(ws::upgrade(state, req, Some(peer)));
+                        return Ok::<Response, Infallible>(ws::upgrade(
+                            state,
+                            req,
+                            Some(peer),
+                            Some(fd),
+                        ));
                     }
                     tower_service::Service::call(&mut filter, req).await
                 }

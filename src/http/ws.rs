@@ -23,6 +23,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Map};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::os::unix::io::RawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -141,6 +142,7 @@ pub fn upgrade(
     state: State,
     mut req: hyper::Request<hyper::body::Incoming>,
     peer: Option<SocketAddr>,
+    socket: Option<RawFd>,
 ) -> warp::reply::Response {
     let headers = req.headers().clone();
     if headers
@@ -201,6 +203,9 @@ pub fn upgrade(
             let io = Tracked {
                 io: hyper_util::rt::TokioIo::new(upgraded),
                 progress: Arc::new(Progress::new()),
+                socket,
+                written: 0,
+                waited: false,
             };
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             match auth {
@@ -383,6 +388,7 @@ impl Connection {
         // socket and the subscription, so one timer costs one poll where four cost four.
         let mut due = Due::new(Instant::now(), settings.ws_ping_interval, self.expires_at);
         let mut last_seen = Instant::now();
+        let mut drain = Drain::new(last_seen);
         let timer = sleep_until(due.next(self.warned));
         tokio::pin!(timer);
         loop {
@@ -426,7 +432,10 @@ impl Connection {
                     }
                     if now >= due.ping {
                         due.ping = now + settings.ws_ping_interval;
-                        if last_seen.elapsed() > settings.ws_idle_timeout {
+                        // Alive: a frame came in, or the peer worked through data queued to
+                        // it (a slow reader of a long replay, whose pong waits behind it).
+                        drain.observe(now, ws.get_mut().delivery());
+                        if last_seen.max(drain.at).elapsed() > settings.ws_idle_timeout {
                             tracing::info!("peer silent beyond the idle timeout; dropping");
                             return End::Gone;
                         }
@@ -984,6 +993,99 @@ impl Progress {
 struct Tracked {
     io: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
     progress: Arc<Progress>,
+    /// The TCP socket under `io` (owned by it, so valid while `io` lives), to ask the kernel how
+    /// much of what was written the peer has acknowledged.
+    socket: Option<RawFd>,
+    /// Bytes the kernel took from this connection's writes.
+    written: u64,
+    /// A write found the send buffer full since the last `delivery()`.
+    waited: bool,
+}
+
+/// How far the peer is through what was written to it.
+#[derive(Clone, Copy, Debug)]
+struct Delivery {
+    /// Bytes written and acknowledged by the peer's TCP.
+    acked: u64,
+    /// Bytes written and not acknowledged yet (sent or still in the send buffer).
+    queued: u64,
+    /// A write found the send buffer full since the previous sample.
+    waited: bool,
+}
+
+impl Tracked {
+    fn wrote(&mut self, r: &Poll<std::io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.progress.mark();
+                self.written += *n as u64;
+            }
+            Poll::Pending => self.waited = true,
+            Poll::Ready(_) => {}
+        }
+    }
+
+    /// A sample of the peer's progress; `None` where the kernel cannot tell (not Linux, no
+    /// socket, a failed call).
+    fn delivery(&mut self) -> Option<Delivery> {
+        let waited = std::mem::take(&mut self.waited);
+        let queued = unacknowledged_bytes(self.socket?)?;
+        Some(Delivery {
+            acked: self.written.saturating_sub(queued),
+            queued,
+            waited,
+        })
+    }
+}
+
+/// Bytes in a TCP socket's send queue, not yet acknowledged by the peer (`SIOCOUTQ`, tcp(7)).
+#[cfg(target_os = "linux")]
+fn unacknowledged_bytes(socket: RawFd) -> Option<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: `socket` is a TCP socket owned by the connection calling this, open for as long
+    // as it lives; SIOCOUTQ (= TIOCOUTQ) writes one int.
+    let rc = unsafe { libc::ioctl(socket, libc::TIOCOUTQ, &mut queued as *mut libc::c_int) };
+    (rc == 0).then(|| u64::try_from(queued).ok()).flatten()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unacknowledged_bytes(_socket: RawFd) -> Option<u64> {
+    None
+}
+
+/// Whether a peer that sends nothing is working through what was queued to it, sampled at each
+/// ping: its pong waits behind every byte queued before the ping (megabytes during a long
+/// replay: seconds to minutes for a slow reader), so a frame from it is not the only proof of
+/// life. The peer counts as alive at a sample if it has acknowledged more since the previous
+/// one while data was waiting for it: unacknowledged at the previous sample, or a write found
+/// the send buffer full in between. Acknowledgements alone prove little (a hung client's
+/// kernel acknowledges pings and small events), but with data waiting they come only as the
+/// client reads and its receive window opens; once its window is closed nothing moves, and
+/// the idle timeout (or the stall limit, during a write) applies.
+struct Drain {
+    /// When the peer last made such progress (the connection's start if never).
+    at: Instant,
+    acked: u64,
+    waiting: bool,
+}
+
+impl Drain {
+    fn new(now: Instant) -> Self {
+        Drain {
+            at: now,
+            acked: 0,
+            waiting: false,
+        }
+    }
+
+    fn observe(&mut self, now: Instant, sample: Option<Delivery>) {
+        let Some(d) = sample else { return };
+        if (self.waiting || d.waited) && d.acked > self.acked {
+            self.at = now;
+        }
+        self.acked = d.acked;
+        self.waiting = d.queued > 0;
+    }
 }
 
 impl tokio::io::AsyncRead for Tracked {
@@ -1003,9 +1105,7 @@ impl tokio::io::AsyncWrite for Tracked {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.progress.mark();
-        }
+        self.wrote(&r);
         r
     }
 
@@ -1015,9 +1115,7 @@ impl tokio::io::AsyncWrite for Tracked {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.progress.mark();
-        }
+        self.wrote(&r);
         r
     }
 

@@ -293,10 +293,22 @@ async fn stalled_reader_does_not_stall_writers_or_others_and_resumes_after_4008(
 
 /// A slow but steady reader is not a stalled one (PROTOCOL.md guarantee 2): the stall limit
 /// measures time without progress, not the time a whole replay chunk takes to go through.
+/// Nor is it a silent one: its pong waits behind megabytes of queued events, seconds longer
+/// than the 2 s idle timeout here, and draining a full send buffer is what keeps it alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_but_steady_reader_is_not_closed_4008() {
     let started = std::time::Instant::now();
-    let app = spawn_app_with(&["--ws-stall-timeout", "2s", "--ws-command-rate", "100000"]).await;
+    let app = spawn_app_with(&[
+        "--ws-stall-timeout",
+        "2s",
+        "--ws-command-rate",
+        "100000",
+        "--ws-ping-interval",
+        "1s",
+        "--ws-idle-timeout",
+        "2s",
+    ])
+    .await;
     let token = app.admin_token.clone();
     // Two replay chunks of 1,024 events of ~6.5 KB and a few more: ~14 MB, more than the socket
     // buffers take, so the second chunk goes through at the reader's pace.
@@ -313,7 +325,9 @@ async fn slow_but_steady_reader_is_not_closed_4008() {
         started.elapsed()
     );
 
-    let (mut ws, _) = app.ws(&token).await;
+    // 256 KiB of receive buffer: at the end of the replay, what is left to read waits on the
+    // server's side (see `ws_with_receive_buffer`).
+    let (mut ws, _) = app.ws_with_receive_buffer(&token, 256 * 1024).await;
     send_json(&mut ws, json!({"type": "subscribe", "from": 0})).await;
     let mut check = StreamCheck::new("steady", 0);
     // ~1.5 MB/s: a chunk of 1,024 events (~6.6 MB) takes about 4.4 s, twice the stall limit,
@@ -654,14 +668,22 @@ async fn silent_peer_is_dropped_after_the_idle_timeout() {
     let (mut alive, _) = app.ws(&app.admin_token).await;
     // A client that never reads never answers a ping: a dead peer.
     let (_dead, _) = app.ws(&app.admin_token).await;
-    assert_eq!(metric(&app, gauge).await, 2.0);
+    // A dead subscriber: the server's writes of live events go into a send buffer with room,
+    // which proves nothing about the peer, so they must not keep it alive.
+    let (mut dead_subscriber, _) = app.ws(&app.admin_token).await;
+    send_json(
+        &mut dead_subscriber,
+        json!({"type": "subscribe", "from": 0}),
+    )
+    .await;
+    assert_eq!(metric(&app, gauge).await, 3.0);
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut pings = 0;
+    let mut events = 0;
     while metric(&app, gauge).await > 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the silent peer was never dropped"
-        );
+        assert!(Instant::now() < deadline, "a silent peer was never dropped");
+        app.create_alarm(&format!("idle-{events}")).await;
+        events += 1;
         if let Got::Ping = next_frame(&mut alive, Duration::from_millis(200)).await {
             pings += 1;
         }

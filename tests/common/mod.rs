@@ -195,6 +195,34 @@ impl TestApp {
         ws
     }
 
+    /// Opens a WebSocket (and reads its `hello`) over a socket whose receive buffer is fixed at
+    /// `rcvbuf` bytes before it connects, which turns off the kernel's receive autotuning (up to
+    /// 6 MiB here): what the server has written then waits in the server's send queue, not in
+    /// this client's kernel, where the server cannot see whether it is being read.
+    pub async fn ws_with_receive_buffer(&self, token: &str, rcvbuf: usize) -> (Ws, Value) {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(rcvbuf).expect("rcvbuf");
+        socket.connect(&self.addr.into()).expect("connect");
+        socket.set_nonblocking(true).expect("nonblocking");
+        let tcp = TcpStream::from_std(socket.into()).expect("tokio socket");
+        tcp.set_nodelay(true).expect("nodelay");
+        let mut req = format!("ws://{}/api/v1/ws", self.addr)
+            .into_client_request()
+            .expect("request");
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        let (mut ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp))
+            .await
+            .expect("ws connect");
+        let hello = recv_json(&mut ws).await.expect("hello");
+        assert_eq!(hello["type"], "hello", "{hello}");
+        (ws, hello)
+    }
+
     /// Stops the server gracefully and waits for it.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
