@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_alarm-ledger");
 const ADMIN_PASSWORD: &str = "compliance-admin-password";
 const USER_PASSWORD: &str = "compliance-user-password";
 const SECRET: &str = "compliance-secret-compliance-secret-01234";
@@ -219,7 +218,7 @@ async fn ws_subscribe(ws: &mut Ws, msg: Value) -> Value {
 // ------------------------------------------------------------------ the CLI
 
 fn cli(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("the CLI runs")
+    process::bin().args(args).output().expect("the CLI runs")
 }
 
 fn cli_ok(args: &[&str]) -> String {
@@ -929,7 +928,7 @@ async fn offline_commands_on_a_held_directory_fail_fast_and_clearly() {
         vec!["serve", "--data", dir, "--listen", "127.0.0.1:0"],
     ] {
         let t = Instant::now();
-        let out = Command::new(BIN)
+        let out = process::bin()
             .args(&args)
             .env("ALARM_LEDGER_JWT_SECRET", SECRET)
             .output()
@@ -1407,7 +1406,7 @@ async fn a_filesystem_gone_read_only_fails_appends_clearly_and_loses_nothing() {
 
     // Starting on a read-only directory fails at once, saying why.
     let t = Instant::now();
-    let out = Command::new(BIN)
+    let out = process::bin()
         .args(["serve", "--data", d(&data), "--listen", "127.0.0.1:0"])
         .env("ALARM_LEDGER_JWT_SECRET", SECRET)
         .output()

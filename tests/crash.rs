@@ -19,12 +19,11 @@ mod process;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_alarm-ledger");
 const ADMIN_PASSWORD: &str = "crash-test-admin-password";
 const SECRET: &str = "crash-test-secret-crash-test-secret-0123";
 const CLIENTS: usize = 6;
@@ -158,7 +157,7 @@ async fn client_loop(base: String, token: String, acked: Arc<Mutex<Vec<Acked>>>)
 }
 
 fn verify(data: &Path) -> (u64, String) {
-    let out = Command::new(BIN)
+    let out = process::bin()
         .args(["verify", "--data"])
         .arg(data)
         .output()

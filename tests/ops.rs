@@ -10,8 +10,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_alarm-ledger");
-
 #[tokio::test]
 async fn healthz_readyz_and_metrics_parse() {
     let app = spawn_app().await;
@@ -65,7 +63,7 @@ async fn healthz_readyz_and_metrics_parse() {
 }
 
 fn run_bin(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut c = Command::new(BIN);
+    let mut c = process::bin();
     c.args(args).env_remove("RUST_LOG");
     for (k, v) in env {
         c.env(k, v);
@@ -175,7 +173,7 @@ fn start_server(data: &str) -> (Child, String) {
 
 /// `start_server`, also returning the log lines printed after the address.
 fn start_server_with_log(data: &str) -> (Child, String, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new(BIN)
+    let mut child = process::bin()
         .args([
             "serve",
             "--data",
@@ -283,7 +281,7 @@ fn containerfile_matches_the_build() {
     let cf = std::fs::read_to_string(format!("{root}/Containerfile")).unwrap();
     let cargo = std::fs::read_to_string(format!("{root}/Cargo.toml")).unwrap();
     assert!(cargo.contains("name = \"alarm-ledger\""));
-    assert!(BIN.ends_with("alarm-ledger"));
+    assert!(process::BIN.ends_with("alarm-ledger"));
     assert!(cf.contains("cargo build --release --locked --bin alarm-ledger"));
     assert!(cf.contains("target/release/alarm-ledger /usr/local/bin/alarm-ledger"));
     assert!(cf.contains("ENTRYPOINT [\"/usr/local/bin/alarm-ledger\"]"));

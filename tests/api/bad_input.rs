@@ -699,9 +699,8 @@ async fn disabled_users_live_socket_is_closed_4001() {
 /// application's state and routes, and the timeout shortened to 1 s (30 s in `serve`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
-    use alarm_ledger::config::{Cli, Command};
+    use alarm_ledger::config::Command;
     use alarm_ledger::startup::Application;
-    use clap::Parser;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::time::Instant;
@@ -720,7 +719,7 @@ async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
         "--jwt-secret",
         SECRET,
     ];
-    let Command::Serve(args) = Cli::try_parse_from(argv).expect("arguments").command else {
+    let Command::Serve(args) = parse_cli(argv).command else {
         panic!("not serve")
     };
     let app = Application::build(&args).await.expect("server builds");

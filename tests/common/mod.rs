@@ -2,9 +2,10 @@
 //! own temporary data directory, real HTTP (reqwest) and WebSocket (tokio-tungstenite) clients.
 #![allow(dead_code)]
 
+pub mod process;
+
 use alarm_ledger::config::{Cli, Command};
 use alarm_ledger::startup::Application;
-use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -28,6 +29,24 @@ pub struct TestApp {
     pub admin_token: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// `Cli` from `argv` alone: the `ALARM_LEDGER_*` variables of whoever runs the tests are not
+/// read, so a developer's environment (say `ALARM_LEDGER_WS_COMMAND_RATE` exported for a local
+/// server) cannot change the server a test builds.
+pub fn parse_cli<I, T>(argv: I) -> Cli
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let no_env = |a: clap::Arg| a.env(None::<&'static str>);
+    let matches = Cli::command()
+        .mut_args(no_env)
+        .mut_subcommands(|s| s.mut_args(no_env))
+        .try_get_matches_from(argv)
+        .expect("test arguments parse");
+    Cli::from_arg_matches(&matches).expect("test arguments parse")
 }
 
 /// A server on a fresh temporary data directory.
@@ -59,7 +78,7 @@ pub async fn spawn_app_in(data: &Path, extra: &[&str]) -> TestApp {
         "test-secret-test-secret-test-secret-0123".into(),
     ];
     argv.extend(extra.iter().map(|s| s.to_string()));
-    let cli = Cli::try_parse_from(argv).expect("test arguments parse");
+    let cli = parse_cli(argv);
     let Command::Serve(args) = cli.command else {
         panic!("not serve")
     };

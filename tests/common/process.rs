@@ -13,6 +13,18 @@ use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_alarm-ledger");
 
+/// The `alarm-ledger` binary as a command whose environment holds no `ALARM_LEDGER_*` variable
+/// of whoever runs the tests (a test sets the ones it means with `.env`).
+pub fn bin() -> Command {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ALARM_LEDGER_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 pub struct Spawned {
     pub child: Child,
     pub addr: SocketAddr,
@@ -23,7 +35,7 @@ pub struct Spawned {
 /// Starts `serve --data DATA --listen 127.0.0.1:0 EXTRA...` with `env`, and waits (≤ 30 s) for
 /// its address. Panics with the server's log if it does not come up.
 pub fn spawn_server(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Spawned {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = bin();
     cmd.args(["--log-format", "json", "serve", "--data"])
         .arg(data)
         .args(["--listen", "127.0.0.1:0"])
