@@ -198,8 +198,11 @@ impl TestApp {
         (ws, hello)
     }
 
-    /// Opens a WebSocket without reading anything.
-    pub async fn ws_raw(&self, token: &str) -> Ws {
+    /// The upgrade request of `/api/v1/ws` with `token` as its bearer.
+    fn ws_request(
+        &self,
+        token: &str,
+    ) -> tokio_tungstenite::tungstenite::handshake::client::Request {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut req = format!("ws://{}/api/v1/ws", self.addr)
             .into_client_request()
@@ -208,7 +211,12 @@ impl TestApp {
             "authorization",
             format!("Bearer {token}").parse().expect("header"),
         );
-        let (ws, _) = tokio_tungstenite::connect_async(req)
+        req
+    }
+
+    /// Opens a WebSocket without reading anything.
+    pub async fn ws_raw(&self, token: &str) -> Ws {
+        let (ws, _) = tokio_tungstenite::connect_async(self.ws_request(token))
             .await
             .expect("ws connect");
         ws
@@ -219,7 +227,6 @@ impl TestApp {
     /// 6 MiB here): what the server has written then waits in the server's send queue, not in
     /// this client's kernel, where the server cannot see whether it is being read.
     pub async fn ws_with_receive_buffer(&self, token: &str, rcvbuf: usize) -> (Ws, Value) {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
             .expect("socket");
         socket.set_recv_buffer_size(rcvbuf).expect("rcvbuf");
@@ -227,16 +234,10 @@ impl TestApp {
         socket.set_nonblocking(true).expect("nonblocking");
         let tcp = TcpStream::from_std(socket.into()).expect("tokio socket");
         tcp.set_nodelay(true).expect("nodelay");
-        let mut req = format!("ws://{}/api/v1/ws", self.addr)
-            .into_client_request()
-            .expect("request");
-        req.headers_mut().insert(
-            "authorization",
-            format!("Bearer {token}").parse().expect("header"),
-        );
-        let (mut ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp))
-            .await
-            .expect("ws connect");
+        let (mut ws, _) =
+            tokio_tungstenite::client_async(self.ws_request(token), MaybeTlsStream::Plain(tcp))
+                .await
+                .expect("ws connect");
         let hello = recv_json(&mut ws).await.expect("hello");
         assert_eq!(hello["type"], "hello", "{hello}");
         (ws, hello)
