@@ -138,6 +138,10 @@ impl Due {
 }
 
 /// Answers the upgrade request (101) and runs the connection once hyper hands the socket over.
+///
+/// `socket` must be the descriptor of the TCP stream `req` came on (the accept loop's): the
+/// connection owns that stream once upgraded, so the descriptor stays its own while it runs,
+/// and only asks the kernel about it (`SIOCOUTQ`, see `Drain`).
 pub fn upgrade(
     state: State,
     mut req: hyper::Request<hyper::body::Incoming>,
@@ -1039,7 +1043,7 @@ impl Tracked {
 }
 
 /// Bytes in a TCP socket's send queue, not yet acknowledged by the peer (`SIOCOUTQ`, tcp(7)).
-#[cfg(target_os = "linux")]
+#[cfg(any(target_os = "linux", target_os = "android"))]
 fn unacknowledged_bytes(socket: RawFd) -> Option<u64> {
     let mut queued: libc::c_int = 0;
     // SAFETY: `socket` is a TCP socket owned by the connection calling this, open for as long
@@ -1048,26 +1052,34 @@ fn unacknowledged_bytes(socket: RawFd) -> Option<u64> {
     (rc == 0).then(|| u64::try_from(queued).ok()).flatten()
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn unacknowledged_bytes(_socket: RawFd) -> Option<u64> {
     None
 }
 
 /// Whether a peer that sends nothing is working through what was queued to it, sampled at each
 /// ping: its pong waits behind every byte queued before the ping (megabytes during a long
-/// replay: seconds to minutes for a slow reader), so a frame from it is not the only proof of
-/// life. The peer counts as alive at a sample if it has acknowledged more since the previous
-/// one while data was waiting for it: unacknowledged at the previous sample, or a write found
-/// the send buffer full in between. Acknowledgements alone prove little (a hung client's
-/// kernel acknowledges pings and small events), but with data waiting they come only as the
-/// client reads and its receive window opens; once its window is closed nothing moves, and
-/// the idle timeout (or the stall limit, during a write) applies.
+/// replay: seconds to minutes for a slow reader), and the connection reads no frame while a
+/// write to it is in progress, so a frame from it is not the only proof of life.
+///
+/// The peer counts as alive at a sample if it has acknowledged more since the previous one
+/// while there was a backlog: at least `BACKLOG` bytes unacknowledged at the previous sample,
+/// or a write that found the send buffer full in between. Acknowledgements alone prove little:
+/// a hung client's kernel acknowledges pings and live events until its receive buffer is full,
+/// and on a long link a few KiB are unacknowledged at any moment. A backlog builds up only
+/// once the client's window limits the sender, and then acknowledgements come as the client
+/// reads; when its window closes nothing moves, and the idle timeout (or the stall limit,
+/// during a write) applies. Linux only (`SIOCOUTQ`); elsewhere only frames count.
 struct Drain {
     /// When the peer last made such progress (the connection's start if never).
     at: Instant,
     acked: u64,
     waiting: bool,
 }
+
+/// Unacknowledged bytes that make a backlog (see `Drain`): far more than a round trip of live
+/// events (a few KiB at 1,000 events/s on a 10 ms link), less than a socket buffer.
+const BACKLOG: u64 = 64 * 1024;
 
 impl Drain {
     fn new(now: Instant) -> Self {
@@ -1084,7 +1096,7 @@ impl Drain {
             self.at = now;
         }
         self.acked = d.acked;
-        self.waiting = d.queued > 0;
+        self.waiting = d.queued >= BACKLOG;
     }
 }
 

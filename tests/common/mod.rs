@@ -31,9 +31,10 @@ pub struct TestApp {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
-/// `Cli` from `argv` alone: the `ALARM_LEDGER_*` variables of whoever runs the tests are not
-/// read, so a developer's environment (say `ALARM_LEDGER_WS_COMMAND_RATE` exported for a local
-/// server) cannot change the server a test builds.
+/// `Cli` from `argv` alone for `serve` (the top level's and the subcommands' own options; not
+/// those of nested subcommands like `user add`): the `ALARM_LEDGER_*` variables of whoever runs
+/// the tests are not read, so a developer's environment (say `ALARM_LEDGER_WS_COMMAND_RATE`
+/// exported for a local server) cannot change the server a test builds.
 pub fn parse_cli<I, T>(argv: I) -> Cli
 where
     I: IntoIterator<Item = T>,
