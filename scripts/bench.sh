@@ -127,6 +127,14 @@ if [[ "$NOFILE" != unlimited && "$NOFILE" -lt $((IDLE_CONNS + 1000)) ]]; then
   IDLE_CONNS=$((NOFILE - 1000))
 fi
 
+# Redis for the comparison, installed before the machine line records its version.
+if ! command -v redis-server >/dev/null; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null && (($(date +%s) < DEADLINE)); then
+    log "installing redis-server (Debian)"
+    { timeout 300 apt-get update && timeout 300 apt-get install -y redis-server; } >>"$LOG" 2>&1 || true
+  fi
+fi
+
 # ------------------------------------------------------------------ machine
 python3 - "$DATE" "$COMMIT" "$WORK" >>"$OUT" <<'EOF'
 import json, os, platform, subprocess, sys
@@ -278,12 +286,6 @@ fi
 stop_pid "$SERVER_PID"; SERVER_PID=""
 
 # ------------------------------------------------------------------ 4. Redis Streams
-if ! command -v redis-server >/dev/null; then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null && (($(date +%s) < DEADLINE)); then
-    log "installing redis-server (Debian)"
-    { timeout 300 apt-get update && timeout 300 apt-get install -y redis-server; } >>"$LOG" 2>&1 || true
-  fi
-fi
 if ! in_time "Redis Streams"; then :
 elif command -v redis-server >/dev/null; then
   RPORT=$(free_port)
