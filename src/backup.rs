@@ -12,6 +12,7 @@ use crate::ledger::datadir::DataDir;
 use crate::store::sled_log::{SledLog, SledOptions};
 use crate::store::{chain, EventLog, OutcomeKind};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Records (events, command outcomes, users, security-log entries) per batch written to the
 /// destination. Small: sled 0.34 keeps several KB of memory per event written in batches of
@@ -30,7 +31,17 @@ pub struct Source<'a> {
     pub head: u64,
     pub security_head: u64,
     pub secret_file: Option<&'a Path>,
+    /// Pause after each chunk is written out: `ONLINE_CHUNK_PAUSE` while a writer shares the
+    /// disk, zero for an offline copy.
+    pub chunk_pause: Duration,
 }
+
+/// The online backup's pause after each chunk written out, which leaves the disk to the live
+/// writer's commits in between. Measured with benches/compliance.rs (1M events, 1,000 appends/s,
+/// alternating runs): append p99 during the backup 11.0 and 13.0 ms with a 2 ms pause against
+/// 17.8 and 18.6 ms without (p50 4.0–4.8 against 6.2–6.5 ms), the backup 43–49 s against
+/// 42–45 s: the copy is bound by the disk, so the pauses cost it little.
+pub const ONLINE_CHUNK_PAUSE: Duration = Duration::from_millis(2);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupReport {
@@ -95,7 +106,13 @@ fn copy_into(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<(u64, String
         head,
         security_head,
         secret_file,
+        chunk_pause,
     } = *src;
+    let pause = || {
+        if !chunk_pause.is_zero() {
+            std::thread::sleep(chunk_pause);
+        }
+    };
     let info = log.info();
     let dir = DataDir::lock(dest)?;
     let out = SledLog::open_with(
@@ -126,6 +143,7 @@ fn copy_into(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<(u64, String
         // backup: 22-27 ms synced per chunk or every 64 chunks, 17-19 ms written out per chunk).
         out.write_unsynced(&events, &[])?;
         out.write_out()?;
+        pause();
     }
     // Outcomes of commands that appended nothing (the appended ones came with their events).
     // Only those decided up to the copied head: later ones may refer to later events. Written
@@ -139,6 +157,7 @@ fn copy_into(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<(u64, String
                 out.write_unsynced(&[], &outcomes)?;
                 out.write_out()?;
                 outcomes.clear();
+                pause();
             }
         }
     }
@@ -146,13 +165,21 @@ fn copy_into(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<(u64, String
         out.write_unsynced(&[], &outcomes)?;
         out.write_out()?;
     }
-    copy_tree(db, out.db(), crate::auth::users::USERS_TREE, None, chunk)?;
+    copy_tree(
+        db,
+        out.db(),
+        crate::auth::users::USERS_TREE,
+        None,
+        chunk,
+        &pause,
+    )?;
     copy_tree(
         db,
         out.db(),
         crate::auth::security_log::SECURITY_LOG_TREE,
         Some(security_head),
         chunk,
+        &pause,
     )?;
     out.sync()?;
     if let Some(src) = secret_file.filter(|p| p.exists()) {
@@ -167,13 +194,15 @@ fn copy_into(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<(u64, String
 }
 
 /// Copies a sled tree, `chunk` entries per batch, each written out (not synced: the caller
-/// syncs once at the end); with `upto`, only keys that are big-endian u64 ≤ `upto`.
+/// syncs once at the end), `pause` called after each; with `upto`, only keys that are
+/// big-endian u64 ≤ `upto`.
 fn copy_tree(
     src: &sled::Db,
     dst: &sled::Db,
     name: &str,
     upto: Option<u64>,
     chunk: usize,
+    pause: &dyn Fn(),
 ) -> Result<()> {
     let from = src.open_tree(name)?;
     let to = dst.open_tree(name)?;
@@ -195,6 +224,7 @@ fn copy_tree(
             to.apply_batch(std::mem::take(&mut batch))?;
             dst.flush()?;
             in_batch = 0;
+            pause();
         }
     }
     if in_batch > 0 {
@@ -294,6 +324,7 @@ mod tests {
             head: 10,
             security_head: 10,
             secret_file: None,
+            chunk_pause: Duration::from_micros(10),
         };
         let r = backup_chunked(&from, &dest, 3).unwrap();
         assert_eq!((r.head, r.head_hash.as_str()), (10, prev.to_hex().as_str()));

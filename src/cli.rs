@@ -331,6 +331,8 @@ pub fn backup(args: BackupArgs) -> Result<String> {
         head,
         security_head,
         secret_file: Some(&secret),
+        // Offline: no writer shares the disk.
+        chunk_pause: std::time::Duration::ZERO,
     };
     let r = crate::backup::backup(&src, &args.to)?;
     // Recorded in the source's security log (after the copy, as the online backup does), so

@@ -341,6 +341,7 @@ pub async fn backup(state: &State, req: &Request) -> Result<Response, ApiError> 
             head,
             security_head,
             secret_file: Some(&secret),
+            chunk_pause: crate::backup::ONLINE_CHUNK_PAUSE,
         };
         crate::backup::backup(&src, &dest)
     })
