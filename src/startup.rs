@@ -240,6 +240,9 @@ impl Application {
             snapshot_builds: Arc::new(tokio::sync::Semaphore::new(
                 crate::http::ws::MAX_SNAPSHOT_BUILDS,
             )),
+            as_of_builds: Arc::new(tokio::sync::Semaphore::new(
+                crate::http::queries::MAX_AS_OF_BUILDS,
+            )),
         });
         Ok(Application {
             addr,

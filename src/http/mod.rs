@@ -158,6 +158,8 @@ pub struct AppState {
     pub handlers: Arc<Connections>,
     /// Permits of WebSocket snapshot builds (`ws::MAX_SNAPSHOT_BUILDS`).
     pub snapshot_builds: Arc<tokio::sync::Semaphore>,
+    /// Permits of past-state reconstructions (`queries::MAX_AS_OF_BUILDS`).
+    pub as_of_builds: Arc<tokio::sync::Semaphore>,
 }
 
 /// Counts live tasks that shutdown waits for: WebSocket connections (spawned apart from the

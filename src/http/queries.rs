@@ -52,6 +52,12 @@ fn state_filter(v: Option<&str>) -> Result<StateFilter, ApiError> {
     }
 }
 
+/// Reconstructions of a past state (`GET /alarms?as_of=`) at once, server-wide. Each replays the
+/// log from offset 1 to its point (about a second of CPU per million events) and holds the
+/// whole projection it builds, so without a bound a burst of them would take every core from
+/// the writer and the fan-out, and memory with them. Beyond it: `503 overloaded`, Retry-After 1.
+pub const MAX_AS_OF_BUILDS: usize = 2;
+
 pub async fn alarms(state: &State, req: &Request) -> Result<Response, ApiError> {
     authenticate(state, &req.headers)?;
     let q = req.query_pairs()?;
@@ -70,10 +76,23 @@ pub async fn alarms(state: &State, req: &Request) -> Result<Response, ApiError> 
             (o, a.iter().map(|a| a.to_json()).collect::<Vec<_>>())
         }
         Some(v) => {
+            let permit = state.as_of_builds.clone().try_acquire_owned().map_err(|_| {
+                let mut e = ApiError::new(
+                    "overloaded",
+                    format!(
+                        "{MAX_AS_OF_BUILDS} past states are already being reconstructed; retry shortly"
+                    ),
+                );
+                e.retry_after = Some(std::time::Duration::from_secs(1));
+                e
+            })?;
             let ledger = state.ledger.clone();
             let v = v.to_string();
             let st = state.clone();
-            tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+            // A thread of its own at the lowest CPU priority, as backups: the replay must not
+            // delay the writer (`background::lowest_priority`).
+            crate::background::run("as-of", move || -> Result<_, ApiError> {
+                let _permit = permit;
                 let offset = parse_as_of(&st, &v)?.min(ledger.head().offset);
                 let p = ledger.projection_as_of(offset)?;
                 let alarms = p

@@ -520,3 +520,60 @@ async fn streamed_answers_are_bounded_and_a_stalled_reader_is_cut_off() {
     drop(stalled);
     assert_serves(&app).await;
 }
+
+/// Past states are rebuilt by replaying the log, at most `MAX_AS_OF_BUILDS` (2) at once: a burst
+/// of `as_of` queries gets `503 overloaded` with Retry-After beyond them (never a wrong or
+/// partial answer), and the permits come back once the answers are out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_state_reconstructions_are_bounded() {
+    let app = spawn_app_with(&["--ws-command-rate", "100000"]).await;
+    let tok = app.admin_token.clone();
+    const N: usize = 3_000;
+    let offsets = blast(&app, &tok, "asof", N, 64).await;
+    let head = *offsets.iter().max().expect("appended");
+    let path = format!("/api/v1/alarms?as_of={head}");
+    let ask = || async {
+        let r = app
+            .client
+            .get(app.url(&path))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .expect("get");
+        let status = r.status().as_u16();
+        let retry_after = r.headers().get("retry-after").is_some();
+        let v: Value = r.json().await.expect("json");
+        (status, retry_after, v)
+    };
+    let mut refused = 0;
+    let mut served = 0;
+    for _round in 0..5 {
+        let answers = futures_util::future::join_all((0..12).map(|_| ask())).await;
+        for (status, retry_after, v) in answers {
+            match status {
+                200 => {
+                    served += 1;
+                    assert_eq!(v["offset"], json!(head), "{}", v["offset"]);
+                    assert_eq!(v["alarms"].as_array().map(Vec::len), Some(N));
+                }
+                503 => {
+                    refused += 1;
+                    assert!(retry_after, "a refusal says when to retry");
+                    assert_eq!(v["error"]["code"], "overloaded", "{v}");
+                }
+                other => panic!("as_of answered {other}: {v}"),
+            }
+        }
+        if refused > 0 {
+            break;
+        }
+    }
+    assert!(served >= 1, "no reconstruction was served");
+    assert!(
+        refused >= 1,
+        "12 concurrent reconstructions, none refused: no bound"
+    );
+    // The permits are back: one at a time is always served.
+    let (status, _, v) = ask().await;
+    assert_eq!(status, 200, "{v}");
+}
