@@ -172,10 +172,14 @@ impl Writer {
                 }
             }
             if stopping {
-                // Finish in-flight work: everything already queued is still processed.
+                // Finish in-flight work: everything already queued is still processed. After
+                // `close`, `recv` (not `try_recv`, which reports `Empty` while a sender is
+                // still inside `try_send`) returns every message a sender got in, then `None`.
                 rx.close();
-                while let Ok(WriterMsg::Command(r)) = rx.try_recv() {
-                    batch.push(r);
+                while let Some(msg) = rx.blocking_recv() {
+                    if let WriterMsg::Command(r) = msg {
+                        batch.push(r);
+                    }
                 }
             }
             let mut all = std::mem::take(&mut batch);
