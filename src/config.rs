@@ -229,11 +229,10 @@ impl AsOf {
     /// Digits only: an offset (`+5` and `-1` are neither); anything else: an RFC 3339 time.
     /// The one parser of `--as-of` and `?as_of=`.
     pub fn parse(s: &str) -> Result<AsOf, String> {
-        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-            return s
-                .parse()
+        if is_digits(s) {
+            return parse_offset(s)
                 .map(AsOf::Offset)
-                .map_err(|_| format!("offset {s:?} is too large"));
+                .ok_or_else(|| format!("offset {s:?} is too large"));
         }
         crate::time::Timestamp::parse_rfc3339(s)
             .map(AsOf::Time)
@@ -243,6 +242,21 @@ impl AsOf {
 
 // ------------------------------------------------------------------ parsers
 
+/// Non-empty and ASCII digits only (no sign, no space: `u64::from_str` would take `+5`).
+fn is_digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A non-negative decimal integer written with digits only; `None` for anything else or one
+/// beyond `u64`. The one offset syntax of flags and query parameters.
+pub fn parse_offset(s: &str) -> Option<u64> {
+    if is_digits(s) {
+        s.parse().ok()
+    } else {
+        None
+    }
+}
+
 fn parse_role(s: &str) -> Result<crate::auth::Role, String> {
     s.parse()
         .map_err(|_| format!("expected admin, operator or viewer, got {s:?}"))
@@ -251,15 +265,11 @@ fn parse_role(s: &str) -> Result<crate::auth::Role, String> {
 /// A whole number in `min..=max`, with a message that says so (clap's own says only "invalid
 /// digit found in string" for `zero`, and nothing of the range).
 fn whole(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync {
-    move |s: &str| {
-        let expected = || format!("expected a whole number from {min} to {max}, got {s:?}");
-        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(expected());
-        }
-        match s.parse::<u64>() {
-            Ok(n) if (min..=max).contains(&n) => Ok(n),
-            _ => Err(expected()),
-        }
+    move |s: &str| match parse_offset(s) {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a whole number from {min} to {max}, got {s:?}"
+        )),
     }
 }
 

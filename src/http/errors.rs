@@ -53,6 +53,13 @@ impl ApiError {
         e
     }
 
+    /// `503 overloaded` with `Retry-After: 1`: a bounded resource is busy, retry shortly.
+    pub fn overloaded(message: impl Into<String>) -> ApiError {
+        let mut e = Self::new("overloaded", message);
+        e.retry_after = Some(Duration::from_secs(1));
+        e
+    }
+
     pub fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
         let mut resp =

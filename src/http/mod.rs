@@ -105,9 +105,9 @@ impl Hasher {
         use std::sync::atomic::Ordering;
         if self.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_HASHES {
             self.pending.fetch_sub(1, Ordering::SeqCst);
-            let mut e = ApiError::new("overloaded", "too many logins in progress; retry shortly");
-            e.retry_after = Some(std::time::Duration::from_secs(1));
-            return Err(e);
+            return Err(ApiError::overloaded(
+                "too many logins in progress; retry shortly",
+            ));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let pending = self.pending.clone();

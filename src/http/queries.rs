@@ -25,17 +25,16 @@ pub async fn ledger(state: &State, req: &Request) -> Result<Response, ApiError> 
     })))
 }
 
-/// A non-negative decimal integer, digits only (`u64::from_str` would also take `+5`).
-fn parse_offset(v: &str) -> Option<u64> {
-    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    v.parse().ok()
-}
+use crate::config::parse_offset;
 
 /// `as_of`: an offset, or an RFC 3339 time (the last event with `at` ≤ it).
-pub fn parse_as_of(state: &State, v: &str) -> Result<u64, ApiError> {
-    match crate::config::AsOf::parse(v).map_err(|e| ApiError::bad_request(format!("as_of: {e}")))? {
+fn parse_as_of(v: &str) -> Result<crate::config::AsOf, ApiError> {
+    crate::config::AsOf::parse(v).map_err(|e| ApiError::bad_request(format!("as_of: {e}")))
+}
+
+/// The offset an `as_of` point stands for (a time: a look-up in the log).
+fn as_of_offset(state: &State, point: crate::config::AsOf) -> Result<u64, ApiError> {
+    match point {
         crate::config::AsOf::Offset(n) => Ok(n),
         crate::config::AsOf::Time(t) => Ok(state.ledger.offset_at_time(t)?),
     }
@@ -76,24 +75,24 @@ pub async fn alarms(state: &State, req: &Request) -> Result<Response, ApiError> 
             (o, a.iter().map(|a| a.to_json()).collect::<Vec<_>>())
         }
         Some(v) => {
-            let permit = state.as_of_builds.clone().try_acquire_owned().map_err(|_| {
-                let mut e = ApiError::new(
-                    "overloaded",
-                    format!(
-                        "{MAX_AS_OF_BUILDS} past states are already being reconstructed; retry shortly"
-                    ),
-                );
-                e.retry_after = Some(std::time::Duration::from_secs(1));
-                e
-            })?;
+            // Malformed input is a 400 whatever the load: checked before a slot is taken.
+            let point = parse_as_of(v)?;
+            let permit = state
+                .as_of_builds
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| {
+                    ApiError::overloaded(format!(
+                    "{MAX_AS_OF_BUILDS} past states are already being reconstructed; retry shortly"
+                ))
+                })?;
             let ledger = state.ledger.clone();
-            let v = v.to_string();
             let st = state.clone();
             // A thread of its own at the lowest CPU priority, as backups: the replay must not
             // delay the writer (`background::lowest_priority`).
             crate::background::run("as-of", move || -> Result<_, ApiError> {
                 let _permit = permit;
-                let offset = parse_as_of(&st, &v)?.min(ledger.head().offset);
+                let offset = as_of_offset(&st, point)?.min(ledger.head().offset);
                 let p = ledger.projection_as_of(offset)?;
                 let alarms = p
                     .list(filter)

@@ -119,12 +119,9 @@ impl LineSink {
 /// Takes a stream permit, or answers `overloaded`.
 pub fn permit(state: &State) -> Result<OwnedSemaphorePermit, ApiError> {
     state.streams.clone().try_acquire_owned().map_err(|_| {
-        let mut e = ApiError::new(
-            "overloaded",
-            format!("{MAX_STREAMS} streamed exports are already running; retry shortly"),
-        );
-        e.retry_after = Some(Duration::from_secs(1));
-        e
+        ApiError::overloaded(format!(
+            "{MAX_STREAMS} streamed exports are already running; retry shortly"
+        ))
     })
 }
 

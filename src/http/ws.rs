@@ -142,7 +142,7 @@ impl Due {
 /// `socket` must be the descriptor of the TCP stream `req` came on (the accept loop's): the
 /// connection owns that stream once upgraded, so the descriptor stays its own while it runs,
 /// and only asks the kernel about it (`SIOCOUTQ`, see `Drain`).
-pub fn upgrade(
+pub(crate) fn upgrade(
     state: State,
     mut req: hyper::Request<hyper::body::Incoming>,
     peer: Option<SocketAddr>,
@@ -992,8 +992,9 @@ impl Progress {
     }
 }
 
-/// The upgraded connection under tungstenite, noting every write that moved bytes: the stall
-/// limit is time without progress.
+/// The upgraded connection under tungstenite, noting every write that moved bytes (the stall
+/// limit is time without progress), the bytes written and whether a write found the send
+/// buffer full (the idle check's `Delivery`).
 struct Tracked {
     io: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
     progress: Arc<Progress>,
@@ -1009,7 +1010,9 @@ struct Tracked {
 /// How far the peer is through what was written to it.
 #[derive(Clone, Copy, Debug)]
 struct Delivery {
-    /// Bytes written and acknowledged by the peer's TCP.
+    /// Bytes written here and acknowledged by the peer's TCP: an estimate, `written` minus
+    /// `SIOCOUTQ`, which also counts what hyper wrote before the upgrade (the 101 answer) until
+    /// it is acknowledged, hence the saturating subtraction.
     acked: u64,
     /// Bytes written and not acknowledged yet (sent or still in the send buffer).
     queued: u64,
