@@ -103,8 +103,8 @@ pub struct ServeArgs {
     /// Server WebSocket ping interval.
     #[arg(long, env = "ALARM_LEDGER_WS_PING_INTERVAL", default_value = "20s", value_parser = parse_ping_interval)]
     pub ws_ping_interval: Duration,
-    /// A peer silent for this long (no frame, no pong, and no progress through data queued to
-    /// it) is dropped. Longer than the ping interval (a quiet client is only heard from when it
+    /// A peer silent for this long (no frame, no pong, and no acknowledged progress through a
+    /// backlog queued to it) is dropped. Longer than the ping interval (a quiet client is only heard from when it
     /// answers a ping).
     #[arg(long, env = "ALARM_LEDGER_WS_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_idle_timeout)]
     pub ws_idle_timeout: Duration,

@@ -160,8 +160,8 @@ pub fn open_db_after_close(dir: &Path) -> sled::Result<sled::Db> {
     )
 }
 
-/// The one sled configuration of a ledger directory (every open goes through it: sled refuses
-/// an open whose persisted options differ from the database's).
+/// The sled configuration of a ledger directory, for every open (the cache size is the caller's;
+/// sled persists only segment size and compression, so one place keeps those from diverging).
 fn sled_config(dir: &Path, cache_bytes: u64) -> sled::Config {
     sled::Config::new().path(dir).cache_capacity(cache_bytes)
 }
@@ -174,7 +174,7 @@ const CHECKPOINT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 ///
 /// sled 0.34 writes its page-table snapshot (`snap.*`) only when it opens a database; until then
 /// every open recovers the page table by reading the log segments written since the last
-/// snapshot, 1.7–2.1 s after 1,000,000 appended events here. Opening and closing the
+/// snapshot, 1.4–2.1 s after 1,000,000 appended events here. Opening and closing the
 /// database once at a clean stop moves that cost from the next start to this stop, as a
 /// database's shutdown checkpoint does; after a crash the next start still pays it. sled writes
 /// the snapshot to a `.generating` file, fsyncs it and renames it: a checkpoint interrupted by a
