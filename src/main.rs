@@ -74,6 +74,8 @@ fn run_server(args: config::ServeArgs) -> Result<(), Error> {
     // Blocking work still running (a writer past the shutdown deadline, a stuck disk probe)
     // must not hold the exit: the runtime's own drop would wait for it without a bound.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    // No runtime is left to handle a second signal: let it stop the process at once.
+    shutdown::restore_default_signals();
     // With the runtime gone, so are the handles on the log (a blocking task abandoned above may
     // still hold one: the checkpoint then gives up at its bound).
     result?.checkpoint();

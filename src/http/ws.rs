@@ -781,7 +781,7 @@ impl Connection {
         let queued = self.state.ledger.enqueue(cmd);
         self.answers.push(Box::pin(async move {
             let outcome = match queued {
-                Ok(rx) => rx.await.unwrap_or(Err(CommandError::Unanswered)),
+                Ok(rx) => crate::ledger::Ledger::outcome(rx).await,
                 Err(e) => Err(e),
             };
             match outcome {

@@ -322,9 +322,15 @@ impl Ledger {
     /// Queues a command for the writer and waits for its durable outcome. A full queue answers
     /// `Overloaded` at once rather than buffering without bound.
     pub async fn submit(&self, cmd: Command) -> Result<Outcome, CommandError> {
-        self.enqueue(cmd)?
-            .await
-            .unwrap_or(Err(CommandError::Unanswered))
+        Self::outcome(self.enqueue(cmd)?).await
+    }
+
+    /// Waits for the outcome of an `enqueue`d command; a reply dropped by a failed writer is
+    /// `Unanswered` (the command may or may not have been applied).
+    pub async fn outcome(
+        queued: oneshot::Receiver<Result<Outcome, CommandError>>,
+    ) -> Result<Outcome, CommandError> {
+        queued.await.unwrap_or(Err(CommandError::Unanswered))
     }
 
     /// Queues a command now (synchronously: commands enqueued one after the other are decided
