@@ -48,7 +48,19 @@ pub struct BackupReport {
     pub path: PathBuf,
     pub head: u64,
     pub head_hash: String,
+    /// How long the copy's checkpoint took, or `None` if it was skipped (the copy is complete
+    /// either way; its first open then recovers sled's log, as after a crash).
+    pub checkpoint: Option<Duration>,
 }
+
+/// sled page cache of the copy being written: it is only written, never read back. Measured
+/// with the offline backup of 1M events: peak RSS 1.40 GB with the default 256 MiB, 0.95 GB
+/// with 64 MiB in the same time (45 s), 0.78 GB with 16 MiB but 56 s.
+const DEST_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How long the copy's checkpoint waits for sled to release the copy's file lock (its IO
+/// threads let go a moment after the last handle is dropped).
+const CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 
 /// Copies `src` (the log's offsets 1..=head and the auxiliary trees of its `db`) into `dest` (a
 /// new or empty directory). Each copied event is re-checked against the chain as it goes.
@@ -82,7 +94,7 @@ fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupR
     }
     std::fs::create_dir_all(crate::staging::parent_dir(&staging))?;
     let copied = copy_into(src, &staging, chunk);
-    let (head, head_hash) = match copied {
+    let (head, head_hash, checkpoint) = match copied {
         Ok(done) => done,
         Err(e) => {
             // Its sled handles are closed: nothing half-written is left to look like a backup.
@@ -95,11 +107,17 @@ fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupR
         path: dest.to_path_buf(),
         head,
         head_hash,
+        checkpoint,
     })
 }
 
-/// The copy itself, into `dest`; returns the head and its hash once everything is durable.
-fn copy_into(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<(u64, String)> {
+/// The copy itself, into `dest`; returns the head and its hash once everything is durable, and
+/// how long the copy's checkpoint took (`None`: skipped).
+fn copy_into(
+    src: &Source<'_>,
+    dest: &Path,
+    chunk: usize,
+) -> Result<(u64, String, Option<Duration>)> {
     let Source {
         log,
         db,
@@ -117,10 +135,17 @@ fn copy_into(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<(u64, String
     let dir = DataDir::lock(dest)?;
     let out = SledLog::open_with(
         &dir.ledger_dir(),
-        &SledOptions::default(),
+        &SledOptions {
+            cache_bytes: DEST_CACHE_BYTES,
+        },
         Some((info.ledger_id, info.created_at)),
     )?;
     let mut prev = chain::genesis(info.ledger_id);
+    // The empty head's time is 0 (`Snapshot::empty_head_mismatch`).
+    let mut prev_at = crate::time::Timestamp(0);
+    // Rebuilt from the copied events, for the copy's projection snapshot: a restored copy then
+    // starts from it instead of replaying its whole log.
+    let mut projection = crate::projection::Projection::new();
     let mut next = 1u64;
     while next <= head {
         let max = chunk.min((head - next + 1) as usize);
@@ -134,6 +159,8 @@ fn copy_into(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<(u64, String
         for e in &events {
             check_link(e, next, &prev, info.ledger_id)?;
             prev = e.hash;
+            prev_at = e.at;
+            projection.apply(e);
             next += 1;
         }
         // Written out chunk by chunk (sled's flush), made durable once at the end: an
@@ -182,6 +209,19 @@ fn copy_into(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<(u64, String
         &pause,
     )?;
     out.sync()?;
+    // The projection at the copied head, in the snapshot file a server starts from (written
+    // durably: temp file, fsync, rename, directory fsync). `verify` checks it against the log.
+    crate::ledger::snapshot::save(
+        &dir.snapshot_path(),
+        &crate::ledger::snapshot::Snapshot {
+            ledger_id: info.ledger_id,
+            offset: head,
+            head_hash: prev,
+            head_at: prev_at,
+            alarms: projection.alarms_sorted(),
+        },
+    )?;
+    drop(projection);
     if let Some(src) = secret_file.filter(|p| p.exists()) {
         let to = dest.join(crate::auth::token::SECRET_FILE);
         std::fs::copy(src, &to)?;
@@ -189,8 +229,23 @@ fn copy_into(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<(u64, String
     }
     std::fs::File::open(dest)?.sync_all()?;
     drop(out);
+    // The copy is complete and durable. sled writes its page-table snapshot only when it opens
+    // a database, so without this the first start on a restored copy would recover sled's
+    // whole log (1.4-2 s per million events): one open and close now, as at a server's clean
+    // stop (`sled_log::checkpoint`). Best effort: a skipped checkpoint costs only that start.
+    let checkpoint = match crate::store::sled_log::checkpoint(&dir.ledger_dir(), CHECKPOINT_WAIT) {
+        Ok(Some(took)) => Some(took),
+        Ok(None) => {
+            tracing::warn!("backup copy not checkpointed (sled's lock still held); its first start recovers sled's log");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "backup copy not checkpointed; its first start recovers sled's log");
+            None
+        }
+    };
     drop(dir);
-    Ok((head, prev.to_hex()))
+    Ok((head, prev.to_hex(), checkpoint))
 }
 
 /// Copies a sled tree, `chunk` entries per batch, each written out (not synced: the caller
@@ -328,12 +383,29 @@ mod tests {
         };
         let r = backup_chunked(&from, &dest, 3).unwrap();
         assert_eq!((r.head, r.head_hash.as_str()), (10, prev.to_hex().as_str()));
+        // Checkpointed: sled's page-table snapshot is there (without the checkpoint a new copy
+        // has none, and its first open would recover sled's whole log).
+        assert!(r.checkpoint.is_some(), "the copy is checkpointed");
+        let snapshots = std::fs::read_dir(dest.join("ledger"))
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("snap.")
+            })
+            .count();
+        assert_eq!(snapshots, 1, "sled's snapshot of the copy");
 
         // sled lets go of the copy's file lock a moment after the backup closed it.
         let copy = SledLog::open_after_close(&dest.join("ledger"), &SledOptions::default())
             .expect("the copy opens");
-        let report = crate::verify::verify_log(&copy, None).expect("the copy verifies");
+        let report = crate::verify::verify_log(&copy, Some(&dest.join("projection.snapshot")))
+            .expect("the copy verifies, its projection snapshot too");
         assert_eq!((report.events, report.head), (10, 10));
+        assert_eq!(
+            report.snapshot_checked,
+            Some(10),
+            "the copy has a projection snapshot at its head"
+        );
         let mut copied: Vec<_> = copy.command_index().map(|o| o.unwrap()).collect();
         let mut expected: Vec<_> = events
             .iter()

@@ -841,13 +841,24 @@ async fn online_backup_while_appends_continue_is_a_complete_ledger() {
     let copy = cli_ok(&["export", "--data", d(&path)]);
     assert_eq!(copy, source);
 
-    // A server started on the copy is the same ledger at the backup's head.
+    // The copy carries a projection snapshot at its head (verify above held it against the
+    // log), so a restore starts from it instead of replaying.
+    assert!(path.join("projection.snapshot").is_file());
+
+    // A server started on the copy is the same ledger at the backup's head, with the state
+    // the source had there.
     let b = Server::start(&path).await;
     let bl = b.ledger().await;
     assert_eq!(bl["ledger_id"], info["ledger_id"]);
     assert_eq!(bl["created_at"], info["created_at"]);
     assert_eq!(bl["head"], head);
     assert_eq!(bl["head_hash"], hash);
+    let (st, restored) = b.get("/api/v1/alarms").await;
+    assert_eq!(st, 200, "{restored}");
+    let (st, then) = s.get(&format!("/api/v1/alarms?as_of={head}")).await;
+    assert_eq!(st, 200, "{then}");
+    assert_eq!(restored["alarms"], then["alarms"]);
+    assert_eq!(restored["alarms"].as_array().map(Vec::len), Some(head as usize));
     // The security log recorded the backup, with who did it.
     let (st, sec) = s.req("GET", &s.token, "/api/v1/security-log", None).await;
     assert_eq!(st, 200);
