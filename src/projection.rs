@@ -16,7 +16,7 @@ pub struct Projection {
 }
 
 /// Which alarms a listing returns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum StateFilter {
     /// Every alarm that is not deleted.
     #[default]

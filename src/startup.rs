@@ -243,6 +243,7 @@ impl Application {
             as_of_builds: Arc::new(tokio::sync::Semaphore::new(
                 crate::http::queries::MAX_AS_OF_BUILDS,
             )),
+            current_state: Default::default(),
         });
         Ok(Application {
             addr,

@@ -858,7 +858,10 @@ async fn online_backup_while_appends_continue_is_a_complete_ledger() {
     let (st, then) = s.get(&format!("/api/v1/alarms?as_of={head}")).await;
     assert_eq!(st, 200, "{then}");
     assert_eq!(restored["alarms"], then["alarms"]);
-    assert_eq!(restored["alarms"].as_array().map(Vec::len), Some(head as usize));
+    assert_eq!(
+        restored["alarms"].as_array().map(Vec::len),
+        Some(head as usize)
+    );
     // The security log recorded the backup, with who did it.
     let (st, sec) = s.req("GET", &s.token, "/api/v1/security-log", None).await;
     assert_eq!(st, 200);

@@ -439,8 +439,11 @@ fn every_server_message_builder_conforms() {
                 token_expires_at: expires.clone(),
             }),
         ),
-        ("snapshot".into(), protocol::snapshot(9, &golden_alarms())),
-        ("empty snapshot".into(), protocol::snapshot(0, &[])),
+        (
+            "snapshot".into(),
+            protocol::snapshot(9, &golden_alarms()).unwrap(),
+        ),
+        ("empty snapshot".into(), protocol::snapshot(0, &[]).unwrap()),
         ("live".into(), protocol::live(9)),
         ("live at 0".into(), protocol::live(0)),
         ("token_expiring".into(), protocol::token_expiring(&expires)),
@@ -1119,4 +1122,18 @@ fn openapi_components_accept_what_the_code_emits() {
         &json!({"username": "alice", "password": "pw"}),
         "login body",
     );
+}
+
+/// The alarm wire form, both ways it is written (a `Value` per alarm, and straight to bytes for
+/// state answers), is byte for byte the golden one (`snapshots/v1/alarms.json`, the alarms of the
+/// golden projection snapshot as the code wrote them before the direct writer existed).
+#[test]
+fn alarm_wire_form_is_the_golden_one() {
+    let alarms = golden_alarms();
+    let golden = std::fs::read_to_string(root().join("snapshots/v1/alarms.json")).unwrap();
+    let values: Vec<Value> = alarms.iter().map(Alarm::to_json).collect();
+    assert_eq!(serde_json::to_string(&values).unwrap() + "\n", golden);
+    let mut direct = Vec::new();
+    alarm_ledger::domain::write_alarms_json(&mut direct, &alarms).unwrap();
+    assert_eq!(String::from_utf8(direct).unwrap() + "\n", golden);
 }

@@ -6,6 +6,6 @@ pub mod alarm;
 pub mod command;
 pub mod event;
 
-pub use alarm::{Alarm, AlarmState, Severity};
+pub use alarm::{write_alarms_json, Alarm, AlarmState, AlarmView, Severity};
 pub use command::{decide, Command, CommandKind, Decision, Rejection};
 pub use event::{AlarmChanges, AlarmSpec, Event, EventData, EventKind, Hash};

@@ -160,6 +160,8 @@ pub struct AppState {
     pub snapshot_builds: Arc<tokio::sync::Semaphore>,
     /// Permits of past-state reconstructions (`queries::MAX_AS_OF_BUILDS`).
     pub as_of_builds: Arc<tokio::sync::Semaphore>,
+    /// Current-state answers (`GET /api/v1/alarms`), built one at a time and shared.
+    pub current_state: queries::CurrentState,
 }
 
 /// Counts live tasks that shutdown waits for: WebSocket connections (spawned apart from the

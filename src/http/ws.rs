@@ -681,8 +681,8 @@ impl Connection {
             })
             .await;
             match built {
-                Ok((sub, text)) => (sub, Some(text)),
-                Err(_) => return Some(protocol::error(req, "internal", "snapshot failed")),
+                Ok((sub, Ok(text))) => (sub, Some(text)),
+                _ => return Some(protocol::error(req, "internal", "snapshot failed")),
             }
         } else {
             let head = ledger.head().offset;

@@ -577,3 +577,75 @@ async fn past_state_reconstructions_are_bounded() {
     let (status, _, v) = ask().await;
     assert_eq!(status, 200, "{v}");
 }
+
+/// Current-state answers are built one at a time and shared by the requests that wait for them,
+/// yet never older than what a client could see: while appends go on, every answer's offset is
+/// at or beyond the last `ok` acknowledged before the request was sent, and its alarms are
+/// exactly the state at that offset (each event here creates one alarm).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_state_answers_are_never_older_than_acknowledged_writes() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let app = Arc::new(spawn_app_with(&["--ws-command-rate", "100000"]).await);
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (app, acked, stop) = (app.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let tok = app.admin_token.clone();
+            let mut n = 0u64;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                let (st, v) = app
+                    .post(&tok, "/api/v1/alarms", json!({"name": format!("s{n}")}))
+                    .await;
+                assert_eq!(st, 200, "{v}");
+                acked.fetch_max(v["offset"].as_u64().expect("offset"), Ordering::SeqCst);
+                n += 1;
+            }
+        })
+    };
+    while acked.load(Ordering::SeqCst) < 50 {
+        sleep(Duration::from_millis(10)).await;
+    }
+    let readers = (0..8).map(|_| {
+        let (app, acked) = (app.clone(), acked.clone());
+        tokio::spawn(async move {
+            let tok = app.admin_token.clone();
+            let mut offsets = Vec::new();
+            for _ in 0..15 {
+                let seen = acked.load(Ordering::SeqCst);
+                let (st, v) = app.get(&tok, "/api/v1/alarms").await;
+                assert_eq!(st, 200, "{v}");
+                let offset = v["offset"].as_u64().expect("offset");
+                assert!(
+                    offset >= seen,
+                    "answer at {offset}, older than the acked {seen}"
+                );
+                let alarms = v["alarms"].as_array().expect("alarms");
+                assert_eq!(alarms.len() as u64, offset, "the state at its offset");
+                assert!(alarms
+                    .iter()
+                    .all(|a| a["last_offset"].as_u64().is_some_and(|o| o <= offset)));
+                offsets.push(offset);
+            }
+            offsets
+        })
+    });
+    let answered: Vec<Vec<u64>> = futures_util::future::try_join_all(readers)
+        .await
+        .expect("readers");
+    stop.store(true, Ordering::SeqCst);
+    writer.await.expect("writer");
+    // With the writer stopped, the answer is the final head (a cached one is at the head too).
+    let head = acked.load(Ordering::SeqCst);
+    for filter in ["", "?state=armed"] {
+        let (st, v) = app
+            .get(&app.admin_token, &format!("/api/v1/alarms{filter}"))
+            .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["offset"], json!(head));
+        assert_eq!(v["alarms"].as_array().map(Vec::len), Some(head as usize));
+    }
+    assert_eq!(answered.iter().map(Vec::len).sum::<usize>(), 8 * 15);
+}
