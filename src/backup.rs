@@ -147,21 +147,18 @@ fn copy_into(
     // starts from it instead of replaying its whole log.
     let mut projection = crate::projection::Projection::new();
     let mut next = 1u64;
-    while next <= head {
-        let max = chunk.min((head - next + 1) as usize);
-        let events = log.read_from(next, max)?;
-        if events.is_empty() {
-            return Err(Error::Corrupt {
-                offset: next,
-                reason: "missing record below the head".into(),
-            });
-        }
-        for e in &events {
-            check_link(e, next, &prev, info.ledger_id)?;
-            prev = e.hash;
-            prev_at = e.at;
-            projection.apply(e);
-            next += 1;
+    let mut events = Vec::with_capacity(chunk);
+    // `contiguous` fails on a missing record below the head.
+    for item in crate::export::contiguous(log, 1, head) {
+        let e = item?;
+        check_link(&e, next, &prev, info.ledger_id)?;
+        prev = e.hash;
+        prev_at = e.at;
+        projection.apply(&e);
+        next += 1;
+        events.push(e);
+        if events.len() < chunk && next <= head {
+            continue;
         }
         // Written out chunk by chunk (sled's flush), made durable once at the end: an
         // fdatasync per chunk queued with the live writer's on the same disk, and a big dirty
@@ -170,6 +167,7 @@ fn copy_into(
         // backup: 22-27 ms synced per chunk or every 64 chunks, 17-19 ms written out per chunk).
         out.write_unsynced(&events, &[])?;
         out.write_out()?;
+        events.clear();
         pause();
     }
     // Outcomes of commands that appended nothing (the appended ones came with their events).

@@ -252,9 +252,12 @@ pub struct AlarmView<'a> {
 
 /// Appends `alarms` as a JSON array of their wire forms, without building a `Value` per alarm
 /// (a state answer of 10,000 alarms is ~6 MB).
-pub fn write_alarms_json(out: &mut Vec<u8>, alarms: &[Alarm]) -> serde_json::Result<()> {
+pub fn write_alarms_json<'a>(
+    out: &mut Vec<u8>,
+    alarms: impl IntoIterator<Item = &'a Alarm>,
+) -> serde_json::Result<()> {
     out.push(b'[');
-    for (i, a) in alarms.iter().enumerate() {
+    for (i, a) in alarms.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }

@@ -70,40 +70,33 @@ pub async fn alarms(state: &State, req: &Request) -> Result<Response, ApiError> 
     }
     let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let filter = state_filter(get("state"))?;
-    let (offset, alarms) = match get("as_of") {
-        None | Some("") => return state.current_state.answer(&state.ledger, filter).await,
-        Some(v) => {
-            // Malformed input is a 400 whatever the load: checked before a slot is taken.
-            let point = parse_as_of(v)?;
-            let permit = state
-                .as_of_builds
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| {
-                    ApiError::overloaded(format!(
-                    "{MAX_AS_OF_BUILDS} past states are already being reconstructed; retry shortly"
-                ))
-                })?;
-            let ledger = state.ledger.clone();
-            let st = state.clone();
-            // A thread of its own at the lowest CPU priority, as backups: the replay must not
-            // delay the writer (`background::lowest_priority`).
-            crate::background::run("as-of", move || -> Result<_, ApiError> {
-                let _permit = permit;
-                let offset = as_of_offset(&st, point)?.min(ledger.head().offset);
-                let p = ledger.projection_as_of(offset)?;
-                let alarms = p
-                    .list(filter)
-                    .iter()
-                    .map(|a| a.to_json())
-                    .collect::<Vec<_>>();
-                Ok((offset, alarms))
-            })
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))??
-        }
+    let Some(v) = get("as_of").filter(|v| !v.is_empty()) else {
+        return state.current_state.answer(&state.ledger, filter).await;
     };
-    Ok(json_ok(&json!({"offset": offset, "alarms": alarms})))
+    // Malformed input is a 400 whatever the load: checked before a slot is taken.
+    let point = parse_as_of(v)?;
+    let permit = state
+        .as_of_builds
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::overloaded(format!(
+                "{MAX_AS_OF_BUILDS} past states are already being reconstructed; retry shortly"
+            ))
+        })?;
+    let ledger = state.ledger.clone();
+    let st = state.clone();
+    // A thread of its own at the lowest CPU priority, as backups: the replay must not delay the
+    // writer (`background::lowest_priority`).
+    let body = crate::background::run("as-of", move || -> Result<_, ApiError> {
+        let _permit = permit;
+        let offset = as_of_offset(&st, point)?.min(ledger.head().offset);
+        let p = ledger.projection_as_of(offset)?;
+        state_answer(offset, p.list(filter))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(json_bytes(body))
 }
 
 /// Current-state answers (`GET /api/v1/alarms` without `as_of`), which every client loads when
@@ -150,12 +143,7 @@ impl CurrentState {
                 }
             }
         };
-        let mut resp = warp::http::Response::new(body).into_response();
-        resp.headers_mut().insert(
-            "content-type",
-            warp::http::HeaderValue::from_static("application/json"),
-        );
-        Ok(resp)
+        Ok(json_bytes(body))
     }
 
     fn cached(&self, filter: StateFilter, seen: u64) -> Option<bytes::Bytes> {
@@ -180,14 +168,32 @@ fn build_answer(
     filter: StateFilter,
 ) -> Result<(u64, bytes::Bytes), ApiError> {
     let (offset, alarms) = ledger.alarms(filter);
-    let mut out = Vec::with_capacity(alarms.len() * 640 + 64);
+    Ok((offset, state_answer(offset, &alarms)?))
+}
+
+/// `{"alarms":[…],"offset":N}`, written straight to bytes.
+fn state_answer<'a>(
+    offset: u64,
+    alarms: impl IntoIterator<Item = &'a crate::domain::Alarm>,
+) -> Result<bytes::Bytes, ApiError> {
+    let mut out = Vec::with_capacity(64 * 1024);
     out.extend_from_slice(b"{\"alarms\":");
-    crate::domain::write_alarms_json(&mut out, &alarms)
+    crate::domain::write_alarms_json(&mut out, alarms)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     out.extend_from_slice(b",\"offset\":");
     out.extend_from_slice(offset.to_string().as_bytes());
     out.push(b'}');
-    Ok((offset, bytes::Bytes::from(out)))
+    Ok(bytes::Bytes::from(out))
+}
+
+/// A JSON answer from its bytes.
+fn json_bytes(body: bytes::Bytes) -> Response {
+    let mut resp = warp::http::Response::new(body).into_response();
+    resp.headers_mut().insert(
+        "content-type",
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
