@@ -48,8 +48,9 @@ pub struct BackupReport {
     pub path: PathBuf,
     pub head: u64,
     pub head_hash: String,
-    /// How long the copy's checkpoint took, or `None` if it was skipped (the copy is complete
-    /// either way; its first open then recovers sled's log, as after a crash).
+    /// How long the copy's checkpoint took, or `None` if sled still held the copy's lock after
+    /// the wait (the copy is complete either way; its first open then recovers sled's log, as
+    /// after a crash).
     pub checkpoint: Option<Duration>,
 }
 
@@ -216,10 +217,9 @@ fn copy_into(
             offset: head,
             head_hash: prev,
             head_at: prev_at,
-            alarms: projection.alarms_sorted(),
+            alarms: projection.into_sorted_alarms(),
         },
     )?;
-    drop(projection);
     if let Some(src) = secret_file.filter(|p| p.exists()) {
         let to = dest.join(crate::auth::token::SECRET_FILE);
         std::fs::copy(src, &to)?;
@@ -231,17 +231,12 @@ fn copy_into(
     // a database, so without this the first start on a restored copy would recover sled's
     // whole log (1.4-2 s per million events): one open and close now, as at a server's clean
     // stop (`sled_log::checkpoint`). Best effort: a skipped checkpoint costs only that start.
-    let checkpoint = match crate::store::sled_log::checkpoint(&dir.ledger_dir(), CHECKPOINT_WAIT) {
-        Ok(Some(took)) => Some(took),
-        Ok(None) => {
-            tracing::warn!("backup copy not checkpointed (sled's lock still held); its first start recovers sled's log");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "backup copy not checkpointed; its first start recovers sled's log");
-            None
-        }
-    };
+    // A copy sled cannot open again is not a backup: that fails it (its `.partial` is removed).
+    // A lock sled's IO threads hold past the wait only costs the copy's first start (logged).
+    let checkpoint = crate::store::sled_log::checkpoint(&dir.ledger_dir(), CHECKPOINT_WAIT)?;
+    if checkpoint.is_none() {
+        tracing::warn!("backup copy not checkpointed (sled's lock still held); its first start recovers sled's log");
+    }
     drop(dir);
     Ok((head, prev.to_hex(), checkpoint))
 }

@@ -88,6 +88,13 @@ impl Projection {
     }
 
     /// Every alarm, sorted by id: the deterministic order used by snapshots and comparisons.
+    /// `alarms_sorted` without a copy.
+    pub fn into_sorted_alarms(self) -> Vec<Alarm> {
+        let mut v: Vec<Alarm> = self.alarms.into_values().collect();
+        v.sort_by_key(|a| a.id);
+        v
+    }
+
     pub fn alarms_sorted(&self) -> Vec<Alarm> {
         let mut v: Vec<Alarm> = self.alarms.values().cloned().collect();
         v.sort_by_key(|a| a.id);

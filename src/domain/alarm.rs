@@ -181,7 +181,8 @@ impl Alarm {
     /// The wire form of an alarm (PROTOCOL.md `alarm`). Optional fields are `null` when unset so
     /// that clients see one fixed shape.
     pub fn to_json(&self) -> Value {
-        // Serializing a struct of strings, numbers and options into a `Value` cannot fail.
+        // A struct of strings, numbers and options always converts (serde_json fails only on
+        // non-string map keys and non-finite floats, neither of which it has).
         serde_json::to_value(self.view()).unwrap_or_default()
     }
 

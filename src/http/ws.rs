@@ -682,7 +682,14 @@ impl Connection {
             .await;
             match built {
                 Ok((sub, Ok(text))) => (sub, Some(text)),
-                _ => return Some(protocol::error(req, "internal", "snapshot failed")),
+                Ok((_, Err(why))) => {
+                    tracing::error!(error = %why, "snapshot message not written");
+                    return Some(protocol::error(req, "internal", "snapshot failed"));
+                }
+                Err(why) => {
+                    tracing::error!(error = %why, "snapshot build failed");
+                    return Some(protocol::error(req, "internal", "snapshot failed"));
+                }
             }
         } else {
             let head = ledger.head().offset;
