@@ -662,6 +662,11 @@ fn online_backup(root: &str, n: u64) {
         let out = Command::new(BIN).args(["verify", "--data", &path]).output().expect("verify");
         assert!(out.status.success(), "backup does not verify: {}", String::from_utf8_lossy(&out.stderr));
         println!("{}", json!({"bench": "online_backup_verify", "result": String::from_utf8_lossy(&out.stdout).trim()}));
+        // A restore: the first start on the copy (its projection snapshot and checkpoint), then
+        // again.
+        let copied = report["head"].as_u64().expect("backup head");
+        process_start(Path::new(&path), copied, true, "restored_backup_first");
+        process_start(Path::new(&path), copied, true, "restored_backup_again");
     });
     drop(child);
 }
