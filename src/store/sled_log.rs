@@ -155,7 +155,7 @@ fn retry_while_locked<T, E>(
 pub fn open_db_after_close(dir: &Path) -> sled::Result<sled::Db> {
     retry_while_locked(
         REOPEN_WAIT,
-        || sled_config(dir, DEFAULT_CACHE_BYTES).open(),
+        || open_sled(dir, DEFAULT_CACHE_BYTES),
         is_lock_error,
     )
 }
@@ -164,6 +164,46 @@ pub fn open_db_after_close(dir: &Path) -> sled::Result<sled::Db> {
 /// sled persists only segment size and compression, so one place keeps those from diverging).
 fn sled_config(dir: &Path, cache_bytes: u64) -> sled::Config {
     sled::Config::new().path(dir).cache_capacity(cache_bytes)
+}
+
+/// Every open of a ledger's sled database: first `remove_partial_snapshots`, then sled's open.
+/// The caller holds the data directory's lock (or owns the directory: a backup being written, a
+/// test's temp dir), so no other process is writing a snapshot there.
+fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
+    remove_partial_snapshots(dir);
+    sled_config(dir, cache_bytes).open()
+}
+
+/// Removes `snap.*.generating` files from `dir`. sled 0.34 writes its page-table snapshot (at
+/// every open that recovered log) to `snap.<lsn>.generating`, fsyncs it, renames it to
+/// `snap.<lsn>`, then deletes the older snapshot. A process killed before the rename (a crash
+/// during start-up, the shutdown checkpoint cut off by its deadline, a Ctrl-C on an offline
+/// tool) leaves that file behind, and sled's next open takes the highest-named `snap.*` file,
+/// `.generating` included: a partial one fails its checksum and the database will not open
+/// (upstream #1527). Such a file is never needed: until the rename the previous snapshot is
+/// still in place, and the open recovers from it and the log. Best effort: a file that cannot
+/// be removed is logged, and sled's open then reports the corruption itself.
+fn remove_partial_snapshots(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::warn!(
+                    file = %entry.path().display(),
+                    "removed a partial sled snapshot left by an interrupted open"
+                ),
+                Err(e) => tracing::error!(
+                    file = %entry.path().display(),
+                    error = %e,
+                    "cannot remove a partial sled snapshot; sled's open will refuse it"
+                ),
+            }
+        }
+    }
 }
 
 /// Page cache of a checkpoint's open: it reads sled's log segments, not the tree.
@@ -178,7 +218,8 @@ const CHECKPOINT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// database once at a clean stop moves that cost from the next start to this stop, as a
 /// database's shutdown checkpoint does; after a crash the next start still pays it. sled writes
 /// the snapshot to a `.generating` file, fsyncs it and renames it: a checkpoint interrupted by a
-/// crash leaves the previous snapshot, and the next open recovers as without one.
+/// crash leaves the previous snapshot and that partial file, which the next open removes
+/// (`remove_partial_snapshots`) and then recovers as without a checkpoint.
 ///
 /// Waits at most `wait` for sled's lock (its IO threads release it a moment after the last
 /// handle is dropped, or never while a handle leaked past shutdown still lives). Returns how
@@ -189,7 +230,7 @@ pub fn checkpoint(dir: &Path, wait: std::time::Duration) -> Result<Option<std::t
         // Nothing to checkpoint, and sled's open would create an empty database.
         return Ok(None);
     }
-    let open = || sled_config(dir, CHECKPOINT_CACHE_BYTES).open();
+    let open = || open_sled(dir, CHECKPOINT_CACHE_BYTES);
     let t = std::time::Instant::now();
     match retry_while_locked(wait, open, is_lock_error) {
         Ok(db) => {
@@ -253,7 +294,7 @@ impl SledLog {
         create: bool,
     ) -> Result<SledLog> {
         std::fs::create_dir_all(dir)?;
-        let db = sled_config(dir, opts.cache_bytes).open().map_err(|e| {
+        let db = open_sled(dir, opts.cache_bytes).map_err(|e| {
             if is_lock_error(&e) {
                 Error::Locked {
                     path: dir.to_path_buf(),
@@ -442,10 +483,12 @@ impl SledLog {
             }
             present.insert(name);
         }
-        *synced = present;
         if new {
             File::open(&dir)?.sync_all()?;
         }
+        // Only now: names recorded before their directory entry is durable would let the next
+        // sync skip the directory after this one failed.
+        *synced = present;
         Ok(())
     }
 
