@@ -449,3 +449,100 @@ async fn a_second_sigterm_during_shutdown_exits_at_once() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The server's resident memory in KiB (Linux `/proc/PID/status`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// A client that loaded a snapshot (megabytes with many alarms) must not keep the server holding
+/// that much memory for as long as it stays connected: tungstenite's send buffer keeps the
+/// capacity of the largest frame it ever held, so the server sends long messages as fragmented
+/// messages of small frames. Measured on the real process, connections that each loaded a
+/// ~1.3 MB snapshot and stay open: with one frame per message the server kept 1,271 KiB per
+/// connection (40 of them); with frames of 16 KiB, 54 KiB (120 of them; most of it is memory
+/// the allocator keeps after the builds, the same for 40 or 120).
+#[tokio::test]
+async fn clients_that_loaded_a_snapshot_do_not_pin_its_size_in_the_server() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    const CLIENTS: usize = 100;
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start_server(tmp.path().to_str().unwrap());
+    let client = reqwest::Client::new();
+    let token = admin_login(&client, &addr).await;
+    // 200 alarms of ~6.5 KB: a snapshot of ~1.3 MB.
+    let tags: Vec<String> = (0..32)
+        .map(|t| format!("{t:02}-{}", "x".repeat(48)))
+        .collect();
+    for i in 0..200 {
+        let r = client
+            .post(format!("http://{addr}/api/v1/alarms"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({
+                "name": format!("big {i}"),
+                "condition": "PX_LAST > 200 AND ".repeat(220),
+                "tags": tags,
+            }))
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(r.status(), 200);
+    }
+    let connect = || async {
+        let url = format!("ws://{addr}/api/v1/ws?access_token={token}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws");
+        let hello = ws.next().await.expect("hello").expect("hello");
+        assert!(hello.to_text().unwrap().contains("\"hello\""));
+        ws
+    };
+    // One snapshot first, so that what every server process allocates once (the first snapshot
+    // build, the blocking pool's threads) is in the baseline.
+    let mut warm = connect().await;
+    load_snapshot(&mut warm).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(child.id());
+    let mut held = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        let mut ws = connect().await;
+        load_snapshot(&mut ws).await;
+        held.push(ws);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(child.id());
+    let per_client = (after.saturating_sub(before)) / CLIENTS as u64;
+    eprintln!("server RSS {before} KiB -> {after} KiB with {CLIENTS} snapshot clients held: {per_client} KiB each");
+    assert!(
+        per_client < 300,
+        "each client that loaded a 1.3 MB snapshot costs the server {per_client} KiB while it stays connected"
+    );
+    for mut ws in held {
+        let _ = ws.send(Message::Close(None)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+
+    async fn load_snapshot(ws: &mut common::Ws) {
+        ws.send(Message::text(r#"{"type":"subscribe","snapshot":true}"#))
+            .await
+            .expect("subscribe");
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+                .await
+                .expect("snapshot in time")
+                .expect("open")
+                .expect("frame");
+            let Message::Text(t) = m else { continue };
+            let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("one JSON message");
+            if v["type"] == "snapshot" {
+                assert_eq!(v["alarms"].as_array().map(Vec::len), Some(200));
+                return;
+            }
+        }
+    }
+}

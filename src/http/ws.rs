@@ -32,7 +32,8 @@ use std::time::Duration;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
@@ -89,14 +90,24 @@ pub fn is_upgrade<B>(req: &hyper::Request<B>) -> bool {
 /// never buffers more than the limit and this margin.
 const TRANSPORT_MARGIN: usize = 4 * 1024;
 
+/// The largest frame the server writes, and the size at which its send buffer goes to the
+/// socket. tungstenite's send buffer keeps, for the life of the connection, the capacity of the
+/// most it ever held (frames are drained from a `Vec`): with its defaults (128 KiB written at
+/// once, any frame size) every client that loaded a 6 MB snapshot of 10,000 alarms held 6 MB
+/// until it disconnected. A longer message goes out as one fragmented message of frames this
+/// size (RFC 6455 §5.4: the client sees one message), so a connection keeps at most about twice
+/// this, whatever it was sent.
+const MAX_FRAME_OUT: usize = 16 * 1024;
+
 /// The transport configuration of every socket: small buffers (tungstenite's default 128 KiB
-/// read buffer is filled at the first read; with 10,000 connections that alone is 1.3 GB),
-/// and a message limit just above ours (`TRANSPORT_MARGIN`); either way an oversized message
-/// is closed with 1008.
+/// read buffer is filled at the first read; with 10,000 connections that alone is 1.3 GB; the
+/// send side: `MAX_FRAME_OUT`), and a message limit just above ours (`TRANSPORT_MARGIN`);
+/// either way an oversized message is closed with 1008.
 fn transport_config(limit: usize) -> WebSocketConfig {
     let backstop = limit.saturating_add(TRANSPORT_MARGIN);
     WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
+        .write_buffer_size(MAX_FRAME_OUT)
         .max_message_size(Some(backstop))
         .max_frame_size(Some(backstop))
 }
@@ -588,7 +599,17 @@ impl Connection {
             command => self.command(req, command),
         };
         if let Some(text) = reply {
-            if let Err(fail) = send(sink, vec![text.into()], stall).await {
+            let sent = if text.len() > MAX_FRAME_OUT {
+                // A snapshot (megabytes) to a slow reader takes as long as the reader takes: the
+                // token's expiry and the user re-check still apply meanwhile.
+                let (state, claims, expiry) =
+                    (&self.state, &self.principal.claims, self.expires_at);
+                let watch = || duty_that_cannot_wait(state, claims, expiry);
+                Box::pin(send_watched(sink, vec![text.into()], stall, watch)).await
+            } else {
+                send(sink, vec![text.into()], stall).await
+            };
+            if let Err(fail) = sent {
                 return Some(self.ended(fail));
             }
         }
@@ -883,12 +904,47 @@ async fn send(ws: &mut WebSocket, texts: Vec<Utf8Bytes>, stall: Duration) -> Res
     unless_stalled(stall, &progress, feed_all(ws, texts)).await
 }
 
-/// The texts fed as one text frame each, then one flush.
+/// The texts fed as one message each (one text frame, or `fragments` of a long one), then one
+/// flush.
 async fn feed_all(ws: &mut WebSocket, texts: Vec<Utf8Bytes>) -> Result<(), WsError> {
     for t in texts {
-        ws.feed(Message::text(t)).await?;
+        if t.len() <= MAX_FRAME_OUT {
+            ws.feed(Message::text(t)).await?;
+        } else {
+            for frame in fragments(t, MAX_FRAME_OUT) {
+                ws.feed(Message::Frame(frame)).await?;
+            }
+        }
     }
     ws.flush().await
+}
+
+/// One text message as frames of at most `max` bytes (at least 4: one UTF-8 character): a text
+/// frame, continuation frames, the last one final. Cut at character boundaries, so every frame
+/// is valid UTF-8 by itself (RFC 6455 allows cuts inside a character, but a client that decodes
+/// frames one by one need not reassemble them). The bytes are shared, not copied.
+fn fragments(text: Utf8Bytes, max: usize) -> Vec<Frame> {
+    let max = max.max(4);
+    let mut cuts = Vec::with_capacity(text.len() / max + 2);
+    let s = text.as_str();
+    let mut start = 0;
+    while start < s.len() {
+        let mut end = (start + max).min(s.len());
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        cuts.push(start..end);
+        start = end;
+    }
+    let bytes = bytes::Bytes::from(text);
+    let last = cuts.len().saturating_sub(1);
+    cuts.into_iter()
+        .enumerate()
+        .map(|(i, range)| {
+            let opcode = if i == 0 { Data::Text } else { Data::Continue };
+            Frame::message(bytes.slice(range), OpCode::Data(opcode), i == last)
+        })
+        .collect()
 }
 
 async fn send_msg(ws: &mut WebSocket, msg: Message, stall: Duration) -> Result<(), SendFail> {
@@ -1162,4 +1218,44 @@ fn expiry(exp: i64) -> (Instant, String) {
         Instant::now() + Duration::from_millis(left),
         Timestamp(exp.saturating_mul(1000)).to_rfc3339(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(frames: &[Frame]) -> Vec<u8> {
+        frames.iter().flat_map(|f| f.payload().to_vec()).collect()
+    }
+
+    #[test]
+    fn a_long_message_is_cut_into_frames_at_character_boundaries() {
+        // 3-byte characters, so a cut at a multiple of 16 would fall inside one.
+        let text = "€".repeat(100) + "end";
+        let frames = fragments(Utf8Bytes::from(text.clone()), 16);
+        assert_eq!(joined(&frames), text.as_bytes());
+        for (i, f) in frames.iter().enumerate() {
+            assert!(
+                f.payload().len() <= 16,
+                "frame {i}: {} bytes",
+                f.payload().len()
+            );
+            assert!(
+                std::str::from_utf8(f.payload()).is_ok(),
+                "frame {i} cut a character"
+            );
+            let want = if i == 0 { Data::Text } else { Data::Continue };
+            assert_eq!(f.header().opcode, OpCode::Data(want), "frame {i}");
+            assert_eq!(f.header().is_final, i == frames.len() - 1, "frame {i}");
+        }
+        assert_eq!(frames.len(), 20, "303 bytes in frames of 15 (5 characters)");
+    }
+
+    #[test]
+    fn a_message_that_fits_is_one_final_text_frame() {
+        let frames = fragments(Utf8Bytes::from("{\"type\":\"live\"}"), MAX_FRAME_OUT);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].header().opcode, OpCode::Data(Data::Text));
+        assert!(frames[0].header().is_final);
+    }
 }

@@ -853,3 +853,59 @@ async fn a_revoked_user_is_cut_off_during_a_long_write() {
         }
     }
 }
+
+/// The same during a snapshot (one message of megabytes, sent as many frames): a client that
+/// stopped reading in the middle of it is cut off with 4001 within seconds of its user being
+/// disabled, not left to the stall limit (30 s here, after which it would get 4008, "reconnect
+/// and resume", instead of "log in again").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_user_is_cut_off_during_a_long_snapshot() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = spawn_app_with(&["--ws-stall-timeout", "30s", "--ws-command-rate", "100000"]).await;
+    let admin = app.admin_token.clone();
+    const N: usize = 1_100;
+    assert_eq!(blast(&app, &admin, "snap", N, 32).await.len(), N);
+    let viewer = app.user_token("stuckvic", "viewer").await;
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(64 * 1024).expect("rcvbuf");
+    let stream = sock.connect(app.addr).await.expect("connect");
+    let mut req = format!("ws://{}/api/v1/ws", app.addr)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {viewer}").parse().expect("header"),
+    );
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .expect("ws");
+    assert_eq!(next_json(&mut ws, STEP).await["type"], "hello");
+    send_json(&mut ws, json!({"type": "subscribe", "snapshot": true})).await;
+    // Not read from here on: the snapshot (~7 MB) fills the socket buffers and its send waits.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = app
+        .client
+        .patch(app.url("/api/v1/users/stuckvic"))
+        .bearer_auth(&admin)
+        .json(&json!({"disabled": true}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status().as_u16(), 200);
+    let disabled = Instant::now();
+    while metric(&app, "alarm_ledger_websocket_connections").await > 0.0 {
+        assert!(
+            disabled.elapsed() < Duration::from_secs(15),
+            "the connection still runs 15 s after its user was disabled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("ended {:?} after the disable", disabled.elapsed());
+    assert_eq!(
+        metric(&app, "alarm_ledger_slow_consumer_closes_total").await,
+        0.0,
+        "ended as unauthorized, not as a slow consumer"
+    );
+    drop(ws);
+}
