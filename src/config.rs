@@ -116,8 +116,8 @@ pub struct ServeArgs {
     /// answers whose client takes no chunk this long are cut off too.
     #[arg(long, env = "ALARM_LEDGER_WS_STALL_TIMEOUT", default_value = "30s", value_parser = parse_stall_timeout)]
     pub ws_stall_timeout: Duration,
-    /// Commands, subscribes and refreshes per second per connection (burst = the same number)
-    /// before `rate_limited`.
+    /// Commands per second per connection (burst = the same number) before `rate_limited`.
+    /// Subscribes and refreshes have a budget of their own: 20 a second, or this rate if lower.
     #[arg(long, env = "ALARM_LEDGER_WS_COMMAND_RATE", default_value_t = 2_000, value_parser = whole_u32(1, 1_000_000))]
     pub ws_command_rate: u32,
     /// Grace period for in-flight work at shutdown.

@@ -403,16 +403,27 @@ pub fn hello(h: &Hello<'_>) -> String {
 
 /// `{"alarms":[…],"offset":N,"type":"snapshot"}`, written straight to text (keys in the same
 /// sorted order as every other message; 10,000 alarms are ~6 MB).
-pub fn snapshot(offset: u64, alarms: &[Alarm]) -> Result<String, String> {
+/// With the subscribe's `req`, if it had one (`live` too): after a second `subscribe` the
+/// client can tell which subscription a `snapshot` or `live` belongs to (messages of the one it
+/// replaced may still be on their way).
+pub fn snapshot(offset: u64, alarms: &[Alarm], req: &Req) -> Result<String, String> {
     let mut out = Vec::with_capacity(alarms.len() * 640 + 64);
     out.extend_from_slice(b"{\"alarms\":");
     crate::domain::write_alarms_json(&mut out, alarms).map_err(|e| e.to_string())?;
-    out.extend_from_slice(format!(",\"offset\":{offset},\"type\":\"snapshot\"}}").as_bytes());
+    out.extend_from_slice(format!(",\"offset\":{offset}").as_bytes());
+    if let Some(r) = req {
+        out.extend_from_slice(b",\"req\":");
+        serde_json::to_writer(&mut out, r).map_err(|e| e.to_string())?;
+    }
+    out.extend_from_slice(b",\"type\":\"snapshot\"}");
     String::from_utf8(out).map_err(|e| e.to_string())
 }
 
-pub fn live(offset: u64) -> String {
-    json!({"type": "live", "offset": offset}).to_string()
+pub fn live(offset: u64, req: &Req) -> String {
+    let mut m = Map::new();
+    m.insert("type".into(), json!("live"));
+    m.insert("offset".into(), json!(offset));
+    with_req(m, req)
 }
 
 /// The `ok` object of a command. HTTP command answers are the same object (with `type`), so a

@@ -441,11 +441,30 @@ fn every_server_message_builder_conforms() {
         ),
         (
             "snapshot".into(),
-            protocol::snapshot(9, &golden_alarms()).unwrap(),
+            protocol::snapshot(9, &golden_alarms(), &None).unwrap(),
         ),
-        ("empty snapshot".into(), protocol::snapshot(0, &[]).unwrap()),
-        ("live".into(), protocol::live(9)),
-        ("live at 0".into(), protocol::live(0)),
+        (
+            "snapshot, string req".into(),
+            protocol::snapshot(9, &golden_alarms(), &Some(json!("s1"))).unwrap(),
+        ),
+        (
+            "empty snapshot, integer req".into(),
+            protocol::snapshot(0, &[], &Some(json!(5))).unwrap(),
+        ),
+        (
+            "empty snapshot".into(),
+            protocol::snapshot(0, &[], &None).unwrap(),
+        ),
+        ("live".into(), protocol::live(9, &None)),
+        (
+            "live, string req".into(),
+            protocol::live(9, &Some(json!("s1"))),
+        ),
+        (
+            "live at 0, integer req".into(),
+            protocol::live(0, &Some(json!(5))),
+        ),
+        ("live at 0".into(), protocol::live(0, &None)),
         ("token_expiring".into(), protocol::token_expiring(&expires)),
         ("pong".into(), protocol::pong(&None)),
         (

@@ -62,6 +62,40 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(60);
 /// How often a live socket re-checks that its user is still enabled with the same role.
 const USER_RECHECK: Duration = Duration::from_secs(2);
 
+/// Subscribes and refreshes a second per connection, at most (`Connection::control`).
+const CONTROL_RATE: f64 = 20.0;
+
+/// A token bucket: `rate` tokens a second, holding at most `rate`.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Bucket {
+    fn full(rate: f64) -> Self {
+        Bucket {
+            rate,
+            tokens: rate,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Least time between two snapshots on one connection.
 const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -326,9 +360,17 @@ struct Connection {
     /// The subscription, polled directly in the connection's `select!` (it is cancel-safe):
     /// no task or channel between the broadcast and the socket.
     sub: Option<Subscription>,
+    /// The `req` of the subscribe that started `sub`, echoed in its `snapshot` and `live`.
+    sub_req: Req,
     malformed: VecDeque<Instant>,
-    /// Token bucket for commands, subscribes and refreshes: (tokens, last refill).
-    bucket: (f64, Instant),
+    /// Commands: `--ws-command-rate` a second, burst the same.
+    commands: Bucket,
+    /// Subscribes and refreshes, which cost far more than a command (a subscribe starts a log
+    /// read on the blocking pool, a refresh appends a security-log entry and syncs it): at most
+    /// `CONTROL_RATE` a second, or the command rate if lower. A client needs one of each per
+    /// connection and token lifetime; at the command rate (2,000 a second by default) one
+    /// viewer could queue thousands of log reads a second by resubscribing.
+    control: Bucket,
     expires_at: Instant,
     expires_at_text: String,
     warned: bool,
@@ -348,8 +390,10 @@ impl Connection {
             meta,
             answers: FuturesUnordered::new(),
             sub: None,
+            sub_req: None,
             malformed: VecDeque::new(),
-            bucket: (rate, Instant::now()),
+            commands: Bucket::full(rate),
+            control: Bucket::full(rate.min(CONTROL_RATE)),
             expires_at,
             expires_at_text,
             warned: false,
@@ -510,7 +554,7 @@ impl Connection {
                             }
                         }
                         Some(Ok(SubItem::Live { offset })) => {
-                            if let Err(fail) = send(ws, vec![protocol::live(offset).into()], stall).await {
+                            if let Err(fail) = send(ws, vec![protocol::live(offset, &self.sub_req).into()], stall).await {
                                 return self.ended(fail);
                             }
                         }
@@ -576,25 +620,21 @@ impl Connection {
                 from_hash,
                 snapshot,
             } => {
-                // A subscribe starts a log read (or a snapshot of every alarm): it spends the
-                // same per-connection budget as a command, so a subscribe flood cannot pile up
-                // reads on the blocking pool.
-                if self.take_token() {
-                    self.subscribe(&req, from, ledger_id, from_hash, snapshot)
-                        .await
-                } else {
-                    Some(self.rate_limited(&req))
-                }
+                // A subscribe that starts a log read (or a snapshot of every alarm) spends the
+                // connection's control budget (`subscribe`), so a subscribe flood cannot pile
+                // up reads on the blocking pool.
+                self.subscribe(&req, from, ledger_id, from_hash, snapshot)
+                    .await
             }
             ClientMessage::Unsubscribe {} => {
                 self.stop_subscription();
                 Some(protocol::ok_plain(&req, Map::new()))
             }
             // A refresh appends a security-log entry (with a disk sync): the same budget.
-            ClientMessage::Refresh { token } => Some(if self.take_token() {
+            ClientMessage::Refresh { token } => Some(if self.control.take() {
                 self.refresh(&req, &token).await
             } else {
-                self.rate_limited(&req)
+                self.rate_limited(&req, "subscribes and refreshes")
             }),
             command => self.command(req, command),
         };
@@ -684,6 +724,9 @@ impl Connection {
                     "at most one snapshot per second per connection",
                 ));
             }
+            if !self.control.take() {
+                return Some(self.rate_limited(req, "subscribes and refreshes"));
+            }
             self.last_snapshot = Some(Instant::now());
             // Not waited for: a connection waiting here would answer nothing (pings, shutdown).
             let Ok(permit) = self.state.snapshot_builds.clone().try_acquire_owned() else {
@@ -695,10 +738,11 @@ impl Connection {
                 ));
             };
             let l = ledger.clone();
+            let echo = req.clone();
             let built = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 let (offset, alarms, sub) = l.subscribe_with_snapshot();
-                (sub, protocol::snapshot(offset, &alarms))
+                (sub, protocol::snapshot(offset, &alarms, &echo))
             })
             .await;
             match built {
@@ -721,6 +765,10 @@ impl Connection {
                     &format!("from {from} is beyond the head {head}"),
                 ));
             }
+            // Refusals above cost nothing; from here on the subscribe reads the log.
+            if !self.control.take() {
+                return Some(self.rate_limited(req, "subscribes and refreshes"));
+            }
             if let Some(h) = from_hash {
                 let l = ledger.clone();
                 let stored = tokio::task::spawn_blocking(move || l.hash_at(from)).await;
@@ -742,6 +790,7 @@ impl Connection {
         };
         self.stop_subscription();
         self.sub = Some(sub);
+        self.sub_req = req.clone();
         first
     }
 
@@ -793,8 +842,8 @@ impl Connection {
         if !self.principal.role.can_command() {
             return Some(self.refuse(&req, "forbidden", "viewers cannot send commands"));
         }
-        if !self.take_token() {
-            return Some(self.rate_limited(&req));
+        if !self.commands.take() {
+            return Some(self.rate_limited(&req, "commands"));
         }
         let cmd = match protocol::command_of(msg, &self.principal.name) {
             Some(Ok(cmd)) => cmd,
@@ -833,26 +882,12 @@ impl Connection {
     }
 
     /// The answer to a subscribe or refresh beyond the connection's budget.
-    fn rate_limited(&self, req: &Req) -> String {
+    fn rate_limited(&self, req: &Req, what: &str) -> String {
         self.refuse(
             req,
             "rate_limited",
-            "too many commands, subscribes and refreshes on this connection; slow down",
+            &format!("too many {what} on this connection; slow down"),
         )
-    }
-
-    fn take_token(&mut self) -> bool {
-        let rate = f64::from(self.state.settings.ws_command_rate);
-        let now = Instant::now();
-        let (tokens, last) = self.bucket;
-        let refilled = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
-        if refilled >= 1.0 {
-            self.bucket = (refilled - 1.0, now);
-            true
-        } else {
-            self.bucket = (refilled, now);
-            false
-        }
     }
 }
 

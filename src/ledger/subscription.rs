@@ -193,6 +193,11 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        // A read nobody will take: cancelled if it has not started yet (a running blocking
+        // read cannot be stopped; it is one chunk).
+        if let Some((_, read)) = &self.pending {
+            read.abort();
+        }
         match self.mode {
             Mode::Replay => self.replay_gauge.dec(),
             Mode::Live => self.live_gauge.dec(),

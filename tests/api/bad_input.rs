@@ -366,11 +366,12 @@ async fn command_flood_is_rate_limited_per_connection() {
         json!({"type": "subscribe", "req": "again", "from": 0}),
     )
     .await;
+    // Up to this subscription's own `live` (the replaced one's may still be on its way).
     loop {
         let v = next_json(&mut ws, STEP).await;
         match v["type"].as_str() {
-            Some("live") => break,
-            Some("event") => {}
+            Some("live") if v["req"] == "again" => break,
+            Some("live") | Some("event") => {}
             _ => panic!("a subscribe after the refill: {v}"),
         }
     }
@@ -839,4 +840,53 @@ async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
     let ledger = state.ledger.clone();
     drop(app);
     let _ = tokio::task::spawn_blocking(move || ledger.stop()).await;
+}
+
+/// Subscribes and refreshes have a budget of their own (20 a second per connection), far below
+/// the command rate (2,000 a second by default): each subscribe starts a log read, and one
+/// viewer resubscribing at the command rate could queue thousands a second. Commands keep their
+/// own budget meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_flood_is_limited_at_the_default_command_rate() {
+    let app = spawn_app().await;
+    let id = app.create_alarm("subflood").await;
+    let viewer = app.user_token("subflooder", "viewer").await;
+    let (mut ws, _) = app.ws(&viewer).await;
+    const N: usize = 200;
+    let started = std::time::Instant::now();
+    for i in 0..N {
+        send_json(&mut ws, json!({"type": "subscribe", "req": i, "from": 0})).await;
+    }
+    send_json(&mut ws, json!({"type": "ping", "req": "end"})).await;
+    let mut limited = 0;
+    loop {
+        let v = next_json(&mut ws, STEP).await;
+        match v["type"].as_str() {
+            Some("error") => {
+                assert_eq!(v["code"], "rate_limited", "{v}");
+                limited += 1;
+            }
+            Some("pong") if v["req"] == "end" => break,
+            Some("live") | Some("event") => {}
+            _ => panic!("{v}"),
+        }
+    }
+    let allowed = 20 + (20.0 * started.elapsed().as_secs_f64()).ceil() as usize;
+    assert!(
+        limited + allowed >= N && limited > N / 2,
+        "{limited} of {N} subscribes limited (budget {allowed})"
+    );
+    // The command budget is untouched: an operator on another connection, and this viewer's
+    // own pings, are served.
+    let (mut op, _) = app.ws(&app.admin_token).await;
+    let v = ask(
+        &mut op,
+        json!({"type": "trigger", "req": "t", "alarm_id": id}),
+    )
+    .await;
+    assert_eq!(v["type"], "ok", "{v}");
+    // (`call`: the last accepted subscription may still be replaying.)
+    let (pong, _) = call(&mut ws, json!({"type": "ping", "req": "p"})).await;
+    assert_eq!(pong["type"], "pong");
+    assert_serves(&app).await;
 }

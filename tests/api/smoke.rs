@@ -25,7 +25,7 @@ async fn create_trigger_subscribe_round_trip() {
         (Some(1), Some(2))
     );
     assert_eq!(e2["kind"], "alarm_triggered");
-    assert_eq!(live, json!({"type": "live", "offset": 2}));
+    assert_eq!(live, json!({"type": "live", "offset": 2, "req": 1}));
     send_json(&mut ws, json!({"type": "ack", "alarm_id": id, "req": "a"})).await;
     let mut got_ok = false;
     let mut got_event = false;

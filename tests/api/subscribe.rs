@@ -480,6 +480,7 @@ async fn snapshot_then_events_and_subscribe_errors_keep_the_connection() {
     let snap = next_json(&mut ws, STEP).await;
     assert_eq!(snap["type"], "snapshot", "{snap}");
     assert_eq!(snap["offset"], 5);
+    assert_eq!(snap["req"], "s", "the snapshot names its subscribe");
     let (_, current) = app.get(&tok, "/api/v1/alarms").await;
     assert_eq!(
         snap["alarms"], current["alarms"],
