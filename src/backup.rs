@@ -172,8 +172,10 @@ fn copy_into(
         pause();
     }
     // Outcomes of commands that appended nothing (the appended ones came with their events).
-    // Only those decided up to the copied head: later ones may refer to later events. Written
-    // out chunk by chunk like the events (one sync at the end).
+    // Only those decided up to the copied head: later ones may refer to later events, or (a
+    // rejection) to a state the copy never had. A rejection's offset is the head it was decided
+    // against; those recorded before that was so have 0 and are always copied. Written out
+    // chunk by chunk like the events (one sync at the end).
     let mut outcomes = Vec::with_capacity(chunk);
     for item in log.command_index() {
         let (cid, o) = item?;
@@ -352,6 +354,20 @@ mod tests {
             },
         );
         src.append_with_outcomes(&[], std::slice::from_ref(&later))
+            .unwrap();
+        // Refused against a state after the copied head (e.g. an ack of an alarm deleted at 11).
+        let later_refusal = (
+            Uuid::now_v7(),
+            CommandOutcome {
+                offset: 11,
+                alarm_id: events[3].alarm_id,
+                kind: OutcomeKind::Rejected {
+                    code: "alarm_deleted".into(),
+                    message: "the alarm is deleted".into(),
+                },
+            },
+        );
+        src.append_with_outcomes(&[], std::slice::from_ref(&later_refusal))
             .unwrap();
         let users = src.db().open_tree(crate::auth::users::USERS_TREE).unwrap();
         for i in 0..7u8 {

@@ -180,7 +180,7 @@ pub struct ExportArgs {
     #[arg(long)]
     pub to: Option<u64>,
     /// RFC 3339 time (inclusive).
-    #[arg(long, value_parser = parse_time)]
+    #[arg(long, value_parser = parse_time_lower)]
     pub since: Option<crate::time::Timestamp>,
     /// RFC 3339 time (inclusive).
     #[arg(long, value_parser = parse_time)]
@@ -415,8 +415,16 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
 }
 
 fn parse_time(s: &str) -> Result<crate::time::Timestamp, String> {
-    crate::time::Timestamp::parse_rfc3339(s)
-        .ok_or_else(|| format!("expected an RFC 3339 time like 2026-11-21T10:00:00Z (got {s:?})"))
+    crate::time::Timestamp::parse_rfc3339(s).ok_or_else(|| time_expected(s))
+}
+
+/// `parse_time` for a lower bound (`--since`): finer than a millisecond rounds up.
+fn parse_time_lower(s: &str) -> Result<crate::time::Timestamp, String> {
+    crate::time::Timestamp::parse_rfc3339_ceil(s).ok_or_else(|| time_expected(s))
+}
+
+fn time_expected(s: &str) -> String {
+    format!("expected an RFC 3339 time like 2026-11-21T10:00:00Z (got {s:?})")
 }
 
 // ------------------------------------------------------------------ entry

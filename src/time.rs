@@ -70,11 +70,21 @@ impl Timestamp {
         out.extend_from_slice(&buf);
     }
 
-    /// Parses any RFC 3339 time (any offset) into UTC milliseconds.
+    /// Parses any RFC 3339 time (any offset) into UTC milliseconds, rounded down: right for an
+    /// upper bound (`until`, `as_of`: an event at .123 is at or before .1235).
     pub fn parse_rfc3339(s: &str) -> Option<Self> {
         DateTime::parse_from_rfc3339(s)
             .ok()
             .map(|dt| Timestamp(dt.with_timezone(&Utc).timestamp_millis()))
+    }
+
+    /// `parse_rfc3339` rounded up to the next millisecond when the time has finer digits: for a
+    /// lower bound (`since`), an event at .123 is before .1235 and must not be included.
+    pub fn parse_rfc3339_ceil(s: &str) -> Option<Self> {
+        let dt = DateTime::parse_from_rfc3339(s).ok()?;
+        let ms = dt.with_timezone(&Utc).timestamp_millis();
+        let finer = dt.timestamp_subsec_nanos() % 1_000_000 != 0;
+        Some(Timestamp(if finer { ms.checked_add(1)? } else { ms }))
     }
 }
 
@@ -124,5 +134,20 @@ mod tests {
             Some(t)
         );
         assert_eq!(Timestamp::parse_rfc3339("yesterday"), None);
+        // A lower bound with finer digits than the millisecond rounds up; an exact one does not.
+        let at = |s: &str| Timestamp::parse_rfc3339(s).unwrap();
+        assert_eq!(
+            Timestamp::parse_rfc3339_ceil("2025-11-21T10:00:00.1235Z"),
+            Some(at("2025-11-21T10:00:00.124Z"))
+        );
+        assert_eq!(
+            Timestamp::parse_rfc3339("2025-11-21T10:00:00.1235Z"),
+            Some(at("2025-11-21T10:00:00.123Z"))
+        );
+        assert_eq!(
+            Timestamp::parse_rfc3339_ceil("2025-11-21T11:00:00.123+01:00"),
+            Some(at("2025-11-21T10:00:00.123Z"))
+        );
+        assert_eq!(Timestamp::parse_rfc3339_ceil("tomorrow"), None);
     }
 }

@@ -232,6 +232,11 @@ fn verify_with(
                 if find(&cid).is_some() {
                     return Err(bad("(rejected) has an event in the log"));
                 }
+                if outcome.offset > head {
+                    return Err(bad(
+                        "(rejected) was decided against a head beyond the log's",
+                    ));
+                }
             }
         }
     }

@@ -1106,3 +1106,37 @@ fn a_partial_sled_snapshot_left_by_a_kill_does_not_stop_the_next_open() {
         Some(12)
     );
 }
+
+/// A refusal is remembered with the head it was decided against, so that a backup of an
+/// earlier head can leave it out (in the copy, the alarm may still be in the state the refusal
+/// says it was not); a repeat still gets the same refusal.
+#[test]
+fn a_refusal_is_remembered_with_the_head_it_was_decided_against() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (ledger, _) = open(tmp.path(), false);
+    ledger.start().expect("writer");
+    let alarm = Uuid::now_v7();
+    rt.block_on(ledger.submit(create(alarm, "alice", "r")))
+        .unwrap();
+    rt.block_on(ledger.submit(trigger(alarm, "alice"))).unwrap();
+    // Acknowledged twice is `already`; a rearm of a triggered alarm is refused.
+    let mut refused = act(alarm, "alice", CommandKind::Rearm);
+    let cid = Uuid::now_v7();
+    refused.command_id = Some(cid);
+    let first = rt.block_on(ledger.submit(refused.clone())).unwrap_err();
+    assert_eq!(first.code(), "not_acknowledged");
+    let outcome = ledger
+        .log()
+        .command_outcome(cid)
+        .unwrap()
+        .expect("remembered");
+    assert_eq!(outcome.offset, 2, "decided against head 2: {outcome:?}");
+    let again = rt.block_on(ledger.submit(refused)).unwrap_err();
+    assert_eq!(
+        again.code(),
+        "not_acknowledged",
+        "a repeat gets the same refusal"
+    );
+    ledger.stop();
+}

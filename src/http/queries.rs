@@ -303,8 +303,15 @@ fn parse_filter(req: &Request) -> Result<EventFilter, ApiError> {
                 ApiError::bad_request(format!("{k} must be a non-negative integer, got {v:?}"))
             })
         };
+        // `since` is a lower bound: finer than a millisecond rounds up (events are stamped in
+        // milliseconds; one at .123 is before .1235); `until` rounds down.
         let time = |v: &str| {
-            Timestamp::parse_rfc3339(v).ok_or_else(|| {
+            let parse = if k == "since" {
+                Timestamp::parse_rfc3339_ceil
+            } else {
+                Timestamp::parse_rfc3339
+            };
+            parse(v).ok_or_else(|| {
                 ApiError::bad_request(format!("{k} must be an RFC 3339 time, got {v:?}"))
             })
         };

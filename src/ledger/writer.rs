@@ -360,7 +360,8 @@ impl Writer {
                 }
                 Err(rej) => {
                     let outcome = CommandOutcome {
-                        offset: 0,
+                        // The head the decision saw: a backup of an earlier head leaves it out.
+                        offset: head.offset,
                         alarm_id: cmd.alarm_id,
                         kind: OutcomeKind::Rejected {
                             code: rej.code().to_string(),

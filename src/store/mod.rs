@@ -27,7 +27,9 @@ pub struct Head {
 /// Encoded with bincode by position: never reorder fields or variants.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CommandOutcome {
-    /// The event appended (`Appended`), the event that was already in effect (`Already`), or 0.
+    /// The event appended (`Appended`), the event that was already in effect (`Already`), or
+    /// the head the refusal was decided against (`Rejected`; 0 in rejections recorded before
+    /// 2026-12-07), so that a backup of an earlier head can leave out what was decided after it.
     pub offset: u64,
     pub alarm_id: Uuid,
     pub kind: OutcomeKind,

@@ -300,6 +300,22 @@ async fn as_of_history_and_event_export() {
         q(format!("?since={}&until={}", at(2), at(5))).await,
         vec![2, 3, 4, 5]
     );
+    // Events are stamped in milliseconds: a bound with finer digits (.1235) leaves out an event
+    // at .123 as a lower bound (since) and keeps it as an upper bound (until).
+    let finer = |o: usize| at(o).replace('Z', "5Z");
+    let last = head as usize;
+    assert!(
+        !q(format!("?since={}", finer(last))).await.contains(&head),
+        "since {} includes the event at {}",
+        finer(last),
+        at(last)
+    );
+    assert!(
+        q(format!("?until={}", finer(last))).await.contains(&head),
+        "until {} leaves out the event at {}",
+        finer(last),
+        at(last)
+    );
     assert_eq!(
         q(format!("?since={}&until={}&actor=op&limit=2", at(2), at(6))).await,
         vec![2, 3]
