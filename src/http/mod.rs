@@ -364,12 +364,25 @@ fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "the query string does not decode to UTF-8".to_string())
 }
 
-/// Reads the body, refusing more than `MAX_BODY` bytes.
+/// Reads the body, refusing more than `MAX_BODY` bytes, or one not complete by `deadline`
+/// (`server::BodyDeadline`; `HEADER_READ_TIMEOUT` from now where the accept loop set none).
 async fn read_body(
     mut body: impl futures_util::Stream<Item = Result<impl bytes::Buf, warp::Error>> + Unpin,
+    deadline: Option<server::BodyDeadline>,
 ) -> Result<Bytes, ApiError> {
+    let deadline = deadline.map_or_else(
+        || tokio::time::Instant::now() + server::HEADER_READ_TIMEOUT,
+        |d| d.0,
+    );
     let mut out = bytes::BytesMut::new();
-    while let Some(chunk) = body.next().await {
+    loop {
+        let Ok(next) = tokio::time::timeout_at(deadline, body.next()).await else {
+            return Err(ApiError::bad_request(format!(
+                "request body not received in time ({} of it arrived)",
+                out.len()
+            )));
+        };
+        let Some(chunk) = next else { break };
         let mut chunk = chunk.map_err(|e| ApiError::bad_request(format!("body: {e}")))?;
         if out.len() + chunk.remaining() > MAX_BODY {
             // 400 like every `bad_request` (PROTOCOL.md fixes the status of each code), not 413.
@@ -395,20 +408,22 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and(warp::ext::optional::<server::PeerAddr>().map(|p: Option<server::PeerAddr>| p.map(|p| p.0)))
+        .and(warp::ext::optional::<server::BodyDeadline>())
         .and_then(
             move |method: Method,
                   path: warp::path::FullPath,
                   query: String,
                   headers: HeaderMap,
                   body,
-                  peer: Option<SocketAddr>| {
+                  peer: Option<SocketAddr>,
+                  body_deadline: Option<server::BodyDeadline>| {
                 let state = state.clone();
                 async move {
                     let started = Instant::now();
                     let request_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
                     let span = tracing::info_span!("http", request_id = %request_id, method = %method, path = %path.as_str());
                     let resp = async {
-                        let body = match read_body(Box::pin(body)).await {
+                        let body = match read_body(Box::pin(body), body_deadline).await {
                             Ok(b) => b,
                             Err(e) => return ("body", e.into_response()),
                         };

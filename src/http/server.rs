@@ -3,7 +3,8 @@
 //! - WebSocket upgrades of `/api/v1/ws` get our tungstenite configuration (`ws::upgrade`: small
 //!   buffers, so idle connections cost a few KiB instead of the default 128 KiB read buffer),
 //! - a client gets `HEADER_READ_TIMEOUT` to send a request's head (slowloris: a connection that
-//!   sends nothing, trickles, or never finishes its request line and headers is closed),
+//!   sends nothing, trickles, or never finishes its request line and headers is closed), and as
+//!   long again for its body (`BodyDeadline`: 400, and the connection is closed),
 //! - shutdown is graceful: stop accepting, let in-flight HTTP requests finish.
 //!
 //! The connections are hyper's own HTTP/1 (`hyper::server::conn::http1`), not hyper-util's
@@ -26,6 +27,14 @@ use warp::reply::Response;
 /// `addr::remote()` only works under `warp::serve`).
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
+
+/// When a request's body must have arrived, put in every request's extensions: the header read
+/// timeout again, from the end of the head. hyper's timeout covers the head only, and the body
+/// is read before any token check, so without this a client announcing a 1 MiB body and
+/// trickling it (or stopping one byte short) held a task and its buffer for as long as it
+/// liked, unauthenticated.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyDeadline(pub tokio::time::Instant);
 
 /// How long a client may take to send the head of a request (request line and headers), from
 /// the moment the server waits for it; then the connection is closed without an answer. It
@@ -77,6 +86,9 @@ pub async fn serve_with(
         let service =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(PeerAddr(peer));
+                req.extensions_mut().insert(BodyDeadline(
+                    tokio::time::Instant::now() + header_read_timeout,
+                ));
                 let mut filter = filter.clone();
                 let state = state.clone();
                 async move {

@@ -811,6 +811,29 @@ async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
         t.elapsed()
     );
 
+    // A whole head announcing a body that never fully comes (before any token check): the
+    // same limit again for the body, then 400 and the connection is closed.
+    let t0 = Instant::now();
+    let mut short = TcpStream::connect(addr).await.expect("connect");
+    short
+        .write_all(
+            b"POST /api/v1/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"username\"",
+        )
+        .await
+        .expect("write");
+    let (answer, _) = until_closed(&mut short, "a body that never comes").await;
+    let took = t0.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("request body not received in time"),
+        "{answer}"
+    );
+    assert!(
+        took >= LIMIT - Duration::from_millis(100) && took < LIMIT * 4,
+        "answered after {took:?}"
+    );
+
     // The server still serves.
     let (s, v) = {
         let r = reqwest::get(format!("http://{addr}/healthz"))
