@@ -30,6 +30,11 @@ pub struct Source<'a> {
     pub db: &'a sled::Db,
     pub head: u64,
     pub security_head: u64,
+    /// The users as they were when `security_head` was taken (`users_snapshot`, under the lock
+    /// that keeps a user change and its security-log entry together): an online backup, whose
+    /// users could change during the copy, must not hold a change without its entry. `None`:
+    /// the users tree as it is at the end of the copy (offline: nothing changes it).
+    pub users: Option<&'a [(sled::IVec, sled::IVec)]>,
     pub secret_file: Option<&'a Path>,
     /// Pause after each chunk is written out: `ONLINE_CHUNK_PAUSE` while a writer shares the
     /// disk, zero for an offline copy.
@@ -124,6 +129,7 @@ fn copy_into(
         db,
         head,
         security_head,
+        users,
         secret_file,
         chunk_pause,
     } = *src;
@@ -193,14 +199,17 @@ fn copy_into(
         out.write_unsynced(&[], &outcomes)?;
         out.write_out()?;
     }
-    copy_tree(
-        db,
-        out.db(),
-        crate::auth::users::USERS_TREE,
-        None,
-        chunk,
-        &pause,
-    )?;
+    match users {
+        Some(users) => write_tree(out.db(), crate::auth::users::USERS_TREE, users, chunk)?,
+        None => copy_tree(
+            db,
+            out.db(),
+            crate::auth::users::USERS_TREE,
+            None,
+            chunk,
+            &pause,
+        )?,
+    }
     copy_tree(
         db,
         out.db(),
@@ -246,6 +255,32 @@ fn copy_into(
 /// Copies a sled tree, `chunk` entries per batch, each written out (not synced: the caller
 /// syncs once at the end), `pause` called after each; with `upto`, only keys that are
 /// big-endian u64 ≤ `upto`.
+/// The users tree's records, read at once (a few per user): for `Source::users`.
+pub fn users_snapshot(db: &sled::Db) -> Result<Vec<(sled::IVec, sled::IVec)>> {
+    let tree = db.open_tree(crate::auth::users::USERS_TREE)?;
+    let records = tree.iter().collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(records)
+}
+
+/// Writes `records` to the tree `name` of `dst`, `chunk` at a time.
+fn write_tree(
+    dst: &sled::Db,
+    name: &str,
+    records: &[(sled::IVec, sled::IVec)],
+    chunk: usize,
+) -> Result<()> {
+    let to = dst.open_tree(name)?;
+    for part in records.chunks(chunk.max(1)) {
+        let mut batch = sled::Batch::default();
+        for (k, v) in part {
+            batch.insert(k.clone(), v.clone());
+        }
+        to.apply_batch(batch)?;
+        dst.flush()?;
+    }
+    Ok(())
+}
+
 fn copy_tree(
     src: &sled::Db,
     dst: &sled::Db,
@@ -373,6 +408,10 @@ mod tests {
         for i in 0..7u8 {
             users.insert([b'u', i], vec![i; 5]).unwrap();
         }
+        // The online backup takes the users with the security head; a change after that (with
+        // its entry after the head) is not in the copy.
+        let users_at_cut = users_snapshot(src.db()).unwrap();
+        users.insert([b'u', 99], vec![99; 5]).unwrap();
         let security = SecurityLog::open(src.db(), ledger_id).unwrap();
         for i in 0..12 {
             security
@@ -387,6 +426,7 @@ mod tests {
             db: src.db(),
             head: 10,
             security_head: 10,
+            users: Some(&users_at_cut),
             secret_file: None,
             chunk_pause: Duration::from_micros(10),
         };
@@ -444,9 +484,13 @@ mod tests {
             .iter()
             .map(|kv| kv.unwrap())
             .collect();
-        let source_users: Vec<_> = users.iter().map(|kv| kv.unwrap()).collect();
-        assert_eq!(copied_users.len(), 7);
-        assert_eq!(copied_users, source_users);
+        assert_eq!(users.len(), 8);
+        assert_eq!(
+            copied_users.len(),
+            7,
+            "the users at the cut, not the later one"
+        );
+        assert_eq!(copied_users, users_at_cut);
         let copied_security = SecurityLog::open(copy.db(), ledger_id).unwrap();
         assert_eq!(
             copied_security

@@ -330,6 +330,8 @@ pub fn backup(args: BackupArgs) -> Result<String> {
         db: log.db(),
         head,
         security_head,
+        // Offline: nothing changes the users during the copy.
+        users: None,
         secret_file: Some(&secret),
         // Offline: no writer shares the disk.
         chunk_pause: std::time::Duration::ZERO,

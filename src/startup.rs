@@ -244,6 +244,7 @@ impl Application {
                 crate::http::queries::MAX_AS_OF_BUILDS,
             )),
             current_state: Default::default(),
+            user_changes: Default::default(),
         });
         Ok(Application {
             addr,

@@ -1041,7 +1041,7 @@ async fn a_restored_older_backup_tells_clients_to_resync() {
     assert_eq!(e["offset"], 6);
     assert_eq!(
         recv(&mut ws).await.unwrap(),
-        json!({"type": "live", "offset": 6})
+        json!({"type": "live", "offset": 6, "req": 4})
     );
 
     // HTTP readers get the same answer for an offset beyond the head.

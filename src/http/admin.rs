@@ -195,6 +195,7 @@ pub async fn create_user(state: &State, req: &Request) -> Result<Response, ApiEr
     let role = parse_role(&body.role)?;
     let st = state.clone();
     let name = body.username.clone();
+    let _cut = state.user_changes.lock().await;
     let info = state
         .auth
         .hasher
@@ -246,6 +247,7 @@ pub async fn update_user(state: &State, req: &Request, name: &str) -> Result<Res
     };
     let (st, n) = (state.clone(), name.to_string());
     let job = move || st.auth.users.change(&n, change);
+    let _cut = state.user_changes.lock().await;
     let (before, info) = if password_given {
         // Hashing costs ~150 ms of CPU: the hash thread, like logins.
         state.auth.hasher.run(job).await??
@@ -333,13 +335,18 @@ pub async fn backup(state: &State, req: &Request) -> Result<Response, ApiError> 
     // CPU and must not delay the writer (append p99 during a backup, benches/compliance.rs).
     let report = crate::background::run("backup", move || {
         let head = st.ledger.head().offset;
+        // The security log's head and the users at one point: no user change in between.
+        let cut = st.user_changes.blocking_lock();
         let (security_head, _) = st.auth.security.head();
+        let users = crate::backup::users_snapshot(&st.db)?;
+        drop(cut);
         let secret = st.settings.data_dir.join(crate::auth::token::SECRET_FILE);
         let src = crate::backup::Source {
             log: st.ledger.log().as_ref(),
             db: &st.db,
             head,
             security_head,
+            users: Some(&users),
             secret_file: Some(&secret),
             chunk_pause: crate::backup::ONLINE_CHUNK_PAUSE,
         };

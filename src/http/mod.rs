@@ -162,6 +162,10 @@ pub struct AppState {
     pub as_of_builds: Arc<tokio::sync::Semaphore>,
     /// Current-state answers (`GET /api/v1/alarms`), built one at a time and shared.
     pub current_state: queries::CurrentState,
+    /// Held by a user change from its write to its security-log entry, and by an online backup
+    /// while it takes the security log's head and the users: the copy never holds a user change
+    /// without its entry (or an entry without its change).
+    pub user_changes: tokio::sync::Mutex<()>,
 }
 
 /// Counts live tasks that shutdown waits for: WebSocket connections (spawned apart from the

@@ -1283,7 +1283,11 @@ mod tests {
             assert_eq!(f.header().opcode, OpCode::Data(want), "frame {i}");
             assert_eq!(f.header().is_final, i == frames.len() - 1, "frame {i}");
         }
-        assert_eq!(frames.len(), 20, "303 bytes in frames of 15 (5 characters)");
+        assert_eq!(
+            frames.len(),
+            21,
+            "100 characters of 3 bytes in frames of 15 (5 each), then \"end\""
+        );
     }
 
     #[test]
