@@ -252,9 +252,6 @@ fn copy_into(
     Ok((head, prev.to_hex(), checkpoint))
 }
 
-/// Copies a sled tree, `chunk` entries per batch, each written out (not synced: the caller
-/// syncs once at the end), `pause` called after each; with `upto`, only keys that are
-/// big-endian u64 ≤ `upto`.
 /// The users tree's records, read at once (a few per user): for `Source::users`.
 pub fn users_snapshot(db: &sled::Db) -> Result<Vec<(sled::IVec, sled::IVec)>> {
     let tree = db.open_tree(crate::auth::users::USERS_TREE)?;
@@ -281,6 +278,9 @@ fn write_tree(
     Ok(())
 }
 
+/// Copies a sled tree, `chunk` entries per batch, each written out (not synced: the caller
+/// syncs once at the end), `pause` called after each; with `upto`, only keys that are
+/// big-endian u64 ≤ `upto`.
 fn copy_tree(
     src: &sled::Db,
     dst: &sled::Db,

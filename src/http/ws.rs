@@ -32,8 +32,7 @@ use std::time::Duration;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
@@ -124,13 +123,14 @@ pub fn is_upgrade<B>(req: &hyper::Request<B>) -> bool {
 /// never buffers more than the limit and this margin.
 const TRANSPORT_MARGIN: usize = 4 * 1024;
 
-/// The largest frame the server writes, and the size at which its send buffer goes to the
-/// socket. tungstenite's send buffer keeps, for the life of the connection, the capacity of the
-/// most it ever held (frames are drained from a `Vec`): with its defaults (128 KiB written at
-/// once, any frame size) every client that loaded a 6 MB snapshot of 10,000 alarms held 6 MB
-/// until it disconnected. A longer message goes out as one fragmented message of frames this
-/// size (RFC 6455 §5.4: the client sees one message), so a connection keeps at most about twice
-/// this, whatever it was sent.
+/// The size at which a connection's send buffer goes to the socket, and the longest message
+/// that goes through it. tungstenite's send buffer is a `Vec` drained from the front: it keeps,
+/// for the life of the connection, the capacity of the most it ever held, and with its defaults
+/// (128 KiB written at once, any message size) every client that loaded a 6 MB snapshot of
+/// 10,000 alarms kept 6 MB of the server's memory until it disconnected. A longer message (a
+/// snapshot) is written straight to the socket as one frame (`write_frame`), after the buffer
+/// is flushed: still one message per text frame (PROTOCOL.md), and the buffer never grows past
+/// about twice this.
 const MAX_FRAME_OUT: usize = 16 * 1024;
 
 /// The transport configuration of every socket: small buffers (tungstenite's default 128 KiB
@@ -255,6 +255,7 @@ pub(crate) fn upgrade(
                 socket,
                 written: 0,
                 waited: false,
+                mid_frame: false,
             };
             let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
             match auth {
@@ -409,6 +410,17 @@ impl Connection {
         let mut socket = socket;
         let end = self.serve(&mut socket).await;
         self.stop_subscription();
+        if socket.get_ref().mid_frame {
+            // A long frame was cut off part way: nothing more may be written (a Close frame
+            // would be read as part of it). Dropped; a client that reconnects learns why (4001
+            // at the upgrade if its user was revoked) and resumes from its last offset.
+            let how = match end {
+                End::Gone => "peer gone".to_string(),
+                End::Close(code, reason) => format!("{code} {reason}"),
+            };
+            tracing::info!(end = %how, "websocket dropped in the middle of a message");
+            return;
+        }
         let how = match end {
             End::Gone => "peer gone".to_string(),
             End::Close(code, reason) => {
@@ -724,19 +736,19 @@ impl Connection {
                     "at most one snapshot per second per connection",
                 ));
             }
-            if !self.control.take() {
-                return Some(self.rate_limited(req, "subscribes and refreshes"));
-            }
-            self.last_snapshot = Some(Instant::now());
             // Not waited for: a connection waiting here would answer nothing (pings, shutdown).
+            // Taken before the budget: a refusal that builds nothing costs nothing.
             let Ok(permit) = self.state.snapshot_builds.clone().try_acquire_owned() else {
-                self.last_snapshot = None;
                 return Some(self.refuse(
                     req,
                     "overloaded",
                     "other snapshots are being built; retry shortly",
                 ));
             };
+            if !self.control.take() {
+                return Some(self.rate_limited(req, "subscribes and refreshes"));
+            }
+            self.last_snapshot = Some(Instant::now());
             let l = ledger.clone();
             let echo = req.clone();
             let built = tokio::task::spawn_blocking(move || {
@@ -939,47 +951,50 @@ async fn send(ws: &mut WebSocket, texts: Vec<Utf8Bytes>, stall: Duration) -> Res
     unless_stalled(stall, &progress, feed_all(ws, texts)).await
 }
 
-/// The texts fed as one message each (one text frame, or `fragments` of a long one), then one
-/// flush.
+/// The texts as one text frame each, then one flush. One longer than `MAX_FRAME_OUT` is written
+/// straight to the socket (`write_frame`), not through tungstenite's send buffer.
 async fn feed_all(ws: &mut WebSocket, texts: Vec<Utf8Bytes>) -> Result<(), WsError> {
     for t in texts {
         if t.len() <= MAX_FRAME_OUT {
             ws.feed(Message::text(t)).await?;
         } else {
-            for frame in fragments(t, MAX_FRAME_OUT) {
-                ws.feed(Message::Frame(frame)).await?;
-            }
+            // What tungstenite holds goes first (frames stay in order, and a pending pong).
+            ws.flush().await?;
+            write_frame(ws.get_mut(), t.as_str().as_bytes()).await?;
         }
     }
     ws.flush().await
 }
 
-/// One text message as frames of at most `max` bytes (at least 4: one UTF-8 character): a text
-/// frame, continuation frames, the last one final. Cut at character boundaries, so every frame
-/// is valid UTF-8 by itself (RFC 6455 allows cuts inside a character, but a client that decodes
-/// frames one by one need not reassemble them). The bytes are shared, not copied.
-fn fragments(text: Utf8Bytes, max: usize) -> Vec<Frame> {
-    let max = max.max(4);
-    let mut cuts = Vec::with_capacity(text.len() / max + 2);
-    let s = text.as_str();
-    let mut start = 0;
-    while start < s.len() {
-        let mut end = (start + max).min(s.len());
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        cuts.push(start..end);
-        start = end;
+/// The header of an unmasked, final text frame of `len` bytes (RFC 6455 §5.2; a server's frames
+/// are not masked).
+fn text_frame_header(len: usize) -> Vec<u8> {
+    let mut h = Vec::with_capacity(10);
+    h.push(0x81); // FIN + text
+    if len < 126 {
+        h.push(len as u8);
+    } else if let Ok(short) = u16::try_from(len) {
+        h.push(126);
+        h.extend_from_slice(&short.to_be_bytes());
+    } else {
+        h.push(127);
+        h.extend_from_slice(&(len as u64).to_be_bytes());
     }
-    let bytes = bytes::Bytes::from(text);
-    let last = cuts.len().saturating_sub(1);
-    cuts.into_iter()
-        .enumerate()
-        .map(|(i, range)| {
-            let opcode = if i == 0 { Data::Text } else { Data::Continue };
-            Frame::message(bytes.slice(range), OpCode::Data(opcode), i == last)
-        })
-        .collect()
+    h
+}
+
+/// Writes `payload` as one text frame straight to the socket. `Tracked::mid_frame` is set until
+/// the frame is complete: a write abandoned part way (the client stalled, or its user was
+/// revoked meanwhile) leaves the stream inside a frame, where no other frame (our Close) may
+/// follow, so the connection is then dropped without one (`Connection::run`).
+async fn write_frame(io: &mut Tracked, payload: &[u8]) -> Result<(), WsError> {
+    use tokio::io::AsyncWriteExt;
+    io.mid_frame = true;
+    io.write_all(&text_frame_header(payload.len())).await?;
+    io.write_all(payload).await?;
+    io.flush().await?;
+    io.mid_frame = false;
+    Ok(())
 }
 
 async fn send_msg(ws: &mut WebSocket, msg: Message, stall: Duration) -> Result<(), SendFail> {
@@ -1103,6 +1118,8 @@ struct Tracked {
     written: u64,
     /// A write found the send buffer full since the last `delivery()`.
     waited: bool,
+    /// A frame written straight to the socket is incomplete (`write_frame`).
+    mid_frame: bool,
 }
 
 /// How far the peer is through what was written to it.
@@ -1258,43 +1275,27 @@ fn expiry(exp: i64) -> (Instant, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 
-    fn joined(frames: &[Frame]) -> Vec<u8> {
-        frames.iter().flat_map(|f| f.payload().to_vec()).collect()
+    /// What tungstenite (a client's parser) reads from `text_frame_header` and the payload.
+    fn parsed(len: usize) -> (FrameHeader, u64) {
+        let mut bytes = text_frame_header(len);
+        bytes.extend(std::iter::repeat_n(b'x', len));
+        let mut cursor = std::io::Cursor::new(bytes);
+        FrameHeader::parse(&mut cursor)
+            .unwrap()
+            .expect("a whole header")
     }
 
     #[test]
-    fn a_long_message_is_cut_into_frames_at_character_boundaries() {
-        // 3-byte characters, so a cut at a multiple of 16 would fall inside one.
-        let text = "€".repeat(100) + "end";
-        let frames = fragments(Utf8Bytes::from(text.clone()), 16);
-        assert_eq!(joined(&frames), text.as_bytes());
-        for (i, f) in frames.iter().enumerate() {
-            assert!(
-                f.payload().len() <= 16,
-                "frame {i}: {} bytes",
-                f.payload().len()
-            );
-            assert!(
-                std::str::from_utf8(f.payload()).is_ok(),
-                "frame {i} cut a character"
-            );
-            let want = if i == 0 { Data::Text } else { Data::Continue };
-            assert_eq!(f.header().opcode, OpCode::Data(want), "frame {i}");
-            assert_eq!(f.header().is_final, i == frames.len() - 1, "frame {i}");
+    fn a_frame_written_straight_to_the_socket_is_one_final_unmasked_text_frame() {
+        for len in [0, 125, 126, 16 * 1024 + 1, 65_535, 65_536, 6_000_000] {
+            let (header, payload_len) = parsed(len);
+            assert_eq!(payload_len, len as u64, "length {len}");
+            assert!(header.is_final, "length {len}");
+            assert_eq!(header.opcode, OpCode::Data(Data::Text), "length {len}");
+            assert!(header.mask.is_none(), "length {len}");
         }
-        assert_eq!(
-            frames.len(),
-            21,
-            "100 characters of 3 bytes in frames of 15 (5 each), then \"end\""
-        );
-    }
-
-    #[test]
-    fn a_message_that_fits_is_one_final_text_frame() {
-        let frames = fragments(Utf8Bytes::from("{\"type\":\"live\"}"), MAX_FRAME_OUT);
-        assert_eq!(frames.len(), 1);
-        assert_eq!(frames[0].header().opcode, OpCode::Data(Data::Text));
-        assert!(frames[0].header().is_final);
     }
 }

@@ -855,9 +855,10 @@ async fn a_revoked_user_is_cut_off_during_a_long_write() {
     }
 }
 
-/// The same during a snapshot (one message of megabytes, sent as many frames): a client that
-/// stopped reading in the middle of it is cut off with 4001 within seconds of its user being
-/// disabled, not left to the stall limit (30 s here, after which it would get 4008, "reconnect
+/// The same during a snapshot (one frame of megabytes, written straight to the socket): a client
+/// that stopped reading in the middle of it is cut off within seconds of its user being
+/// disabled (dropped: no Close frame may follow a partial one; its reconnect gets 4001), not
+/// left to the stall limit (30 s here, after which it would get 4008, "reconnect
 /// and resume", instead of "log in again").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_user_is_cut_off_during_a_long_snapshot() {
@@ -909,4 +910,95 @@ async fn a_revoked_user_is_cut_off_during_a_long_snapshot() {
         "ended as unauthorized, not as a slow consumer"
     );
     drop(ws);
+}
+
+/// One JSON message per text frame (PROTOCOL.md), whatever its size: a snapshot of hundreds of
+/// KB arrives as one final text frame, read here by a raw RFC 6455 client (tungstenite's
+/// client would reassemble fragments and hide them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_snapshot_is_one_text_frame() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(&["--ws-command-rate", "100000"]).await;
+    let admin = app.admin_token.clone();
+    assert_eq!(blast(&app, &admin, "frame", 40, 16).await.len(), 40);
+    let mut tcp = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    let upgrade = format!(
+        "GET /api/v1/ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {admin}\r\n\r\n",
+        app.addr
+    );
+    tcp.write_all(upgrade.as_bytes()).await.expect("upgrade");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        timeout(STEP, tcp.read_exact(&mut b))
+            .await
+            .expect("answer")
+            .expect("read");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    /// One frame: (FIN, opcode, payload); a server's frames are never masked.
+    async fn frame(tcp: &mut tokio::net::TcpStream) -> (bool, u8, Vec<u8>) {
+        let mut h = [0u8; 2];
+        timeout(STEP, tcp.read_exact(&mut h))
+            .await
+            .expect("frame")
+            .expect("read");
+        assert_eq!(h[1] & 0x80, 0, "a server frame is not masked");
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                tcp.read_exact(&mut l).await.expect("len");
+                u64::from(u16::from_be_bytes(l))
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                tcp.read_exact(&mut l).await.expect("len");
+                u64::from_be_bytes(l)
+            }
+            n => u64::from(n),
+        };
+        let mut payload = vec![0u8; len as usize];
+        timeout(STEP, tcp.read_exact(&mut payload))
+            .await
+            .expect("payload")
+            .expect("read");
+        (h[0] & 0x80 != 0, h[0] & 0x0f, payload)
+    }
+    let (fin, op, hello) = frame(&mut tcp).await;
+    assert!(fin && op == 1, "hello: fin {fin} opcode {op}");
+    assert!(String::from_utf8_lossy(&hello).contains("\"hello\""));
+    // A client frame is masked.
+    let msg = br#"{"type":"subscribe","snapshot":true,"req":"big"}"#;
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut out = vec![0x81, 0x80 | msg.len() as u8];
+    out.extend_from_slice(&mask);
+    out.extend(msg.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    tcp.write_all(&out).await.expect("subscribe");
+    loop {
+        let (fin, op, payload) = frame(&mut tcp).await;
+        assert!(
+            fin,
+            "every frame is final: one message per frame (opcode {op})"
+        );
+        assert_ne!(op, 0, "no continuation frame");
+        if op != 1 {
+            continue; // a ping
+        }
+        let v: serde_json::Value = serde_json::from_slice(&payload).expect("a whole JSON message");
+        if v["type"] == "snapshot" {
+            assert!(payload.len() > 65_536, "{} bytes: not large", payload.len());
+            assert_eq!(v["alarms"].as_array().map(Vec::len), Some(40));
+            assert_eq!(v["req"], "big");
+            break;
+        }
+    }
 }
