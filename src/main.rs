@@ -15,6 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     alarm_ledger::memory::disable_transparent_huge_pages();
+    alarm_ledger::memory::restrict_new_files();
     let args = config::parse_cli();
     telemetry::init(args.log_format);
     for var in config::unknown_env_vars() {
@@ -40,6 +41,14 @@ fn main() -> ExitCode {
 }
 
 fn run_server(args: config::ServeArgs) -> Result<(), Error> {
+    match alarm_ledger::memory::raise_open_files_limit() {
+        Some(n) if n < 4_096 => tracing::warn!(
+            limit = n,
+            "few open files allowed (ulimit -n): each connection takes one; raise the hard limit"
+        ),
+        Some(n) => tracing::debug!(limit = n, "open files allowed"),
+        None => {}
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("alarm-ledger")

@@ -23,18 +23,41 @@ pub fn disable_transparent_huge_pages() {
     }
 }
 
-/// Raises this process's soft limit of open files to its hard limit (the load generator and the
-/// benches hold thousands of sockets). Best effort.
-pub fn raise_open_files_limit() {
+/// Raises this process's soft limit of open files to its hard limit, and returns the soft limit
+/// now in force (`None` if it cannot be read). The server holds a descriptor per connection, and
+/// the soft limit is often 1,024 (systemd services, many container runtimes) while the hard
+/// limit is far higher: a server out of descriptors cannot open the files a commit needs and
+/// stops taking writes. The load generator and the benches hold thousands of sockets too.
+pub fn raise_open_files_limit() -> Option<u64> {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: plain syscalls on a valid, owned struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return None;
         }
+        if r.rlim_cur < r.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                r = raised;
+            }
+        }
+    }
+    Some(r.rlim_cur)
+}
+
+/// Files and directories this process creates are its user's alone (umask 077): the data
+/// directory holds password hashes (users), the audit trail, the JWT secret and backups, and
+/// sled creates its files with the default mode, which under the usual umask 022 made them
+/// world-readable.
+pub fn restrict_new_files() {
+    // SAFETY: umask takes an integer and only changes this process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
     }
 }

@@ -131,9 +131,15 @@ impl Application {
             ),
         }
 
+        // A too-short ALARM_LEDGER_JWT_SECRET is a usage error (exit 2, though only found here:
+        // the value is checked with the file it replaces); a file that cannot be read or made,
+        // or a damaged one, is not (exit 1).
         let secret =
             crate::auth::token::load_or_create_secret(dir.root(), args.jwt_secret.as_deref())
-                .map_err(|e| Error::Config(e.to_string()))?;
+                .map_err(|e| match e {
+                    crate::auth::token::SecretError::EnvTooShort(_) => Error::Config(e.to_string()),
+                    other => Error::Other(other.to_string()),
+                })?;
         let ttl = chrono::Duration::from_std(args.token_ttl)
             .map_err(|e| Error::Config(format!("ALARM_LEDGER_TOKEN_TTL: {e}")))?;
         let tokens = TokenService::new(secret, ttl);

@@ -546,3 +546,120 @@ async fn clients_that_loaded_a_snapshot_do_not_pin_its_size_in_the_server() {
         }
     }
 }
+
+/// A server out of file descriptors (a connection flood under a low `ulimit -n`) must go on
+/// committing: a commit used to open the `blobs/` directory (an open fails with EMFILE before it
+/// looks at the path, even one that does not exist), the failed commit stopped appends until a
+/// restart, and `/healthz` stayed 503. The server runs with 160 descriptors at most (soft and
+/// hard); raw TCP connections take the rest; a command over a WebSocket opened before is still
+/// appended, and once the flood is gone the server is healthy.
+#[tokio::test]
+async fn a_server_out_of_file_descriptors_still_commits() {
+    use futures_util::SinkExt;
+    use std::os::unix::process::CommandExt;
+    use tokio_tungstenite::tungstenite::Message;
+    const LIMIT: libc::rlim_t = 160;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = process::bin();
+    cmd.args(["serve", "--data"])
+        .arg(tmp.path())
+        .args(["--listen", "127.0.0.1:0"])
+        .env("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let r = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn server");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("127.0.0.1:") {
+                let addr: String = line[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("address");
+    let client = reqwest::Client::new();
+    let token = admin_login(&client, &addr).await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/ws?access_token={token}"))
+            .await
+            .expect("ws");
+    let hello = ws.next().await.expect("hello").expect("hello");
+    assert!(hello.to_text().unwrap().contains("\"hello\""));
+    // A commit before the flood, once the new `blobs/` directory's mtime has settled (a
+    // directory changed in the last 2 s is listed at each commit: an entry added in the same
+    // timestamp tick would not change its mtime).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    ws.send(Message::text(
+        r#"{"type":"create","req":"before","alarm":{"name":"before the flood"}}"#,
+    ))
+    .await
+    .expect("send");
+    loop {
+        let m = ws.next().await.expect("open").expect("frame");
+        if let Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["req"] == "before" {
+                assert_eq!(v["type"], "ok", "{v}");
+                break;
+            }
+        }
+    }
+    // The flood: more connections than the server has descriptors left.
+    let mut flood = Vec::new();
+    for _ in 0..LIMIT + 40 {
+        match tokio::net::TcpStream::connect(&addr).await {
+            Ok(c) => flood.push(c),
+            Err(_) => break,
+        }
+    }
+    // Until the server has taken what it could (each accept is one descriptor).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let create = r#"{"type":"create","req":"c","alarm":{"name":"while flooded"}}"#;
+    ws.send(Message::text(create)).await.expect("send");
+    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let m = ws.next().await.expect("open").expect("frame");
+            if let Message::Text(t) = m {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["req"] == "c" {
+                    return v;
+                }
+            }
+        }
+    })
+    .await
+    .expect("an answer");
+    assert_eq!(
+        answer["type"], "ok",
+        "appended while out of descriptors: {answer}"
+    );
+    drop(flood);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let health = client
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200, "healthy once the flood is gone");
+    let _ = child.kill();
+    let _ = child.wait();
+}

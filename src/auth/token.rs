@@ -271,43 +271,53 @@ pub fn load_or_create_secret(
         source,
     };
     match File::open(&path) {
-        Ok(file) => read_secret_file(file, &path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let mut random = [0u8; 32];
-            SystemRandom::new()
-                .fill(&mut random)
-                .map_err(|_| SecretError::Random)?;
-            let secret = super::to_hex(&random).into_bytes();
-            // create_new: never follow a planted symlink or overwrite a file that appeared
-            // meanwhile; mode 0600 from the first byte, not chmod after the write.
-            let mut file = match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-            {
-                Ok(f) => f,
-                // Another process won the race: use its secret.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    return read_secret_file(File::open(&path).map_err(io_err)?, &path);
-                }
-                Err(e) => return Err(io_err(e)),
-            };
-            file.write_all(&secret).map_err(io_err)?;
-            file.sync_all().map_err(io_err)?;
-            // Make the new directory entry durable too, or a crash could forget the file and the
-            // next start would sign with a different secret.
-            File::open(data_dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|source| SecretError::Io {
-                    path: data_dir.to_path_buf(),
-                    source,
-                })?;
-            tracing::info!(path = %path.display(), "generated a new JWT secret");
-            Ok(secret)
+        // An empty file can only be a creation cut short by a crash (before this was written
+        // under a staging name): no token was ever signed with it, so a new one is made.
+        Ok(file) if file.metadata().is_ok_and(|m| m.len() == 0) => {
+            tracing::warn!(path = %path.display(), "the JWT secret file is empty (a creation cut short); generating a new one");
+            create_secret_file(data_dir, &path)
         }
+        Ok(file) => read_secret_file(file, &path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => create_secret_file(data_dir, &path),
         Err(e) => Err(io_err(e)),
     }
+}
+
+/// Writes a new random secret to `path` whole or not at all: under a staging name (mode 0600 from
+/// the first byte, never following a planted symlink), synced, then renamed into place and the
+/// directory synced, so a crash leaves either no secret file or a complete one. The caller holds
+/// the data directory's lock.
+fn create_secret_file(data_dir: &Path, path: &Path) -> Result<Vec<u8>, SecretError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SecretError::Io { path, source }
+    };
+    let mut random = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut random)
+        .map_err(|_| SecretError::Random)?;
+    let secret = super::to_hex(&random).into_bytes();
+    let staging =
+        crate::staging::staging_path(path).unwrap_or_else(|| path.with_extension("partial"));
+    match std::fs::remove_file(&staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&staging)(e)),
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&staging)
+        .map_err(io_err(&staging))?;
+    file.write_all(&secret).map_err(io_err(&staging))?;
+    file.sync_all().map_err(io_err(&staging))?;
+    drop(file);
+    // Renamed over an empty file left by a crash too; the directory synced, or a crash could
+    // forget the new entry and the next start would sign with a different secret.
+    crate::staging::publish(&staging, path).map_err(io_err(data_dir))?;
+    tracing::info!(path = %path.display(), "generated a new JWT secret");
+    Ok(secret)
 }
 
 fn read_secret_file(mut file: File, path: &Path) -> Result<Vec<u8>, SecretError> {

@@ -57,13 +57,22 @@ impl Default for SledOptions {
     }
 }
 
+/// What `sync_blobs` knows of `blobs/`: the names already synced, and the directory's mtime
+/// when they were listed, if that mtime had settled (then an unchanged mtime means no new blob,
+/// and the directory need not be listed again).
+#[derive(Default)]
+struct BlobsSynced {
+    names: HashSet<OsString>,
+    settled_mtime: Option<std::time::SystemTime>,
+}
+
 pub struct SledLog {
     db: sled::Db,
     tree: sled::Tree,
     /// The sled `db` file, kept open to `fdatasync` it after each flush.
     db_file: File,
     /// Names in `blobs/` already synced (pruned to what the directory holds at each sync).
-    blobs_synced: Mutex<HashSet<OsString>>,
+    blobs_synced: Mutex<BlobsSynced>,
     info: LedgerInfo,
     dir: PathBuf,
 }
@@ -355,7 +364,7 @@ impl SledLog {
             db,
             tree,
             db_file,
-            blobs_synced: Mutex::new(HashSet::new()),
+            blobs_synced: Mutex::new(BlobsSynced::default()),
             info,
             dir: dir.to_path_buf(),
         })
@@ -459,8 +468,12 @@ impl SledLog {
     /// by the time it is opened needs nothing).
     fn sync_blobs(&self) -> Result<()> {
         let dir = self.dir.join("blobs");
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
+        // A stat first, which takes no file descriptor. A commit must not need a new one: a
+        // server out of descriptors (a connection flood under a low `ulimit -n`) would fail the
+        // commit, and a failed commit stops appends until a restart. An open fails with EMFILE
+        // before it even looks at the path.
+        let mtime = match std::fs::symlink_metadata(&dir) {
+            Ok(meta) => meta.modified().ok(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
         };
@@ -468,12 +481,20 @@ impl SledLog {
             .blobs_synced
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut present = HashSet::with_capacity(synced.len());
+        if mtime.is_some() && synced.settled_mtime == mtime {
+            return Ok(()); // no entry added or removed since the last full look
+        }
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut present = HashSet::with_capacity(synced.names.len());
         let mut new = false;
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name();
-            if !synced.contains(&name) {
+            if !synced.names.contains(&name) {
                 match File::open(entry.path()) {
                     Ok(f) => f.sync_data()?,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -488,7 +509,15 @@ impl SledLog {
         }
         // Only now: names recorded before their directory entry is durable would let the next
         // sync skip the directory after this one failed.
-        *synced = present;
+        synced.names = present;
+        // The directory's mtime (read before the listing) stands for what was listed only if
+        // its timestamp tick was already over when it was read: an entry added later in the
+        // same tick would leave it unchanged. 2 s covers the coarsest Linux timestamps.
+        synced.settled_mtime = mtime.filter(|m| {
+            std::time::SystemTime::now()
+                .duration_since(*m)
+                .is_ok_and(|age| age > std::time::Duration::from_secs(2))
+        });
         Ok(())
     }
 

@@ -234,3 +234,33 @@ async fn a_first_start_that_cannot_listen_creates_no_admin() {
     );
     server.stop().await;
 }
+
+/// The secret file is written under a staging name and renamed into place, so a crash during
+/// its creation leaves no file or a whole one. A data directory from an older build that died
+/// mid-creation holds an empty `jwt_secret` (and maybe a stale staging file): no token was ever
+/// signed with it, so the start makes a new one instead of refusing to start.
+#[tokio::test]
+async fn an_empty_secret_file_left_by_a_crash_is_replaced_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("crashed");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("jwt_secret"), b"").unwrap();
+    std::fs::write(dir.join("jwt_secret.partial"), b"half").unwrap();
+    let server = Server::start(
+        &dir,
+        &[],
+        &[("ALARM_LEDGER_ADMIN_PASSWORD", "admin-password-x1")],
+    )
+    .await;
+    assert_eq!(login(&server, "admin-password-x1").await.0, 200);
+    let path = dir.join("jwt_secret");
+    let meta = std::fs::metadata(&path).expect("jwt_secret");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.len(), 64, "a whole new secret");
+    assert!(
+        !dir.join("jwt_secret.partial").exists(),
+        "no staging file left"
+    );
+    let logs = server.stop().await;
+    assert!(logs.contains("the JWT secret file is empty"), "{logs}");
+}
