@@ -173,16 +173,22 @@ fn start_server(data: &str) -> (Child, String) {
 
 /// `start_server`, also returning the log lines printed after the address.
 fn start_server_with_log(data: &str) -> (Child, String, std::sync::mpsc::Receiver<String>) {
-    let mut child = process::bin()
-        .args([
-            "serve",
-            "--data",
-            data,
-            "--listen",
-            "127.0.0.1:0",
-            "--shutdown-timeout",
-            "5s",
-        ])
+    let mut cmd = process::bin();
+    cmd.args([
+        "serve",
+        "--data",
+        data,
+        "--listen",
+        "127.0.0.1:0",
+        "--shutdown-timeout",
+        "5s",
+    ]);
+    spawn_with_log(cmd)
+}
+
+/// Spawns `cmd` (a `serve`) with the admin password and info logs, and waits for its address.
+fn spawn_with_log(mut cmd: Command) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+    let mut child = cmd
         .env("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
@@ -563,11 +569,7 @@ async fn a_server_out_of_file_descriptors_still_commits() {
     let mut cmd = process::bin();
     cmd.args(["serve", "--data"])
         .arg(tmp.path())
-        .args(["--listen", "127.0.0.1:0"])
-        .env("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null());
+        .args(["--listen", "127.0.0.1:0"]);
     // SAFETY: setrlimit only, between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -581,21 +583,7 @@ async fn a_server_out_of_file_descriptors_still_commits() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().expect("spawn server");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("127.0.0.1:") {
-                let addr: String = line[i..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                    .collect();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("address");
+    let (mut child, addr, _log) = spawn_with_log(cmd);
     let client = reqwest::Client::new();
     let token = admin_login(&client, &addr).await;
     let (mut ws, _) =

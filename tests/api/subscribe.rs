@@ -770,27 +770,12 @@ async fn snapshots_are_limited_to_one_a_second_per_connection() {
 /// arrives well before the chunk's end, which the old code always sent first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_user_is_cut_off_during_a_long_write() {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let app = spawn_app_with(&["--ws-stall-timeout", "10s", "--ws-command-rate", "100000"]).await;
     let admin = app.admin_token.clone();
     const N: usize = 1_100;
     assert_eq!(blast(&app, &admin, "long", N, 32).await.len(), N);
     let viewer = app.user_token("slowvic", "viewer").await;
-    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-    sock.set_recv_buffer_size(64 * 1024).expect("rcvbuf");
-    let stream = sock.connect(app.addr).await.expect("connect");
-    let mut req = format!("ws://{}/api/v1/ws", app.addr)
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {viewer}").parse().expect("header"),
-    );
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await
-            .expect("ws");
-    assert_eq!(next_json(&mut ws, STEP).await["type"], "hello");
+    let (mut ws, _) = app.ws_with_receive_buffer(&viewer, 64 * 1024).await;
     send_json(&mut ws, json!({"type": "subscribe", "from": 0})).await;
     // Slowly (~100 KB/s) until the server has ended the connection (its gauge drops to 0; at
     // most 30 s after the disable), then at full speed to the Close.
@@ -862,27 +847,12 @@ async fn a_revoked_user_is_cut_off_during_a_long_write() {
 /// and resume", instead of "log in again").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_user_is_cut_off_during_a_long_snapshot() {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let app = spawn_app_with(&["--ws-stall-timeout", "30s", "--ws-command-rate", "100000"]).await;
     let admin = app.admin_token.clone();
     const N: usize = 1_100;
     assert_eq!(blast(&app, &admin, "snap", N, 32).await.len(), N);
     let viewer = app.user_token("stuckvic", "viewer").await;
-    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-    sock.set_recv_buffer_size(64 * 1024).expect("rcvbuf");
-    let stream = sock.connect(app.addr).await.expect("connect");
-    let mut req = format!("ws://{}/api/v1/ws", app.addr)
-        .into_client_request()
-        .expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {viewer}").parse().expect("header"),
-    );
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await
-            .expect("ws");
-    assert_eq!(next_json(&mut ws, STEP).await["type"], "hello");
+    let (mut ws, _) = app.ws_with_receive_buffer(&viewer, 64 * 1024).await;
     send_json(&mut ws, json!({"type": "subscribe", "snapshot": true})).await;
     // Not read from here on: the snapshot (~7 MB) fills the socket buffers and its send waits.
     tokio::time::sleep(Duration::from_secs(1)).await;
