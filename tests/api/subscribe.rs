@@ -763,6 +763,19 @@ async fn snapshots_are_limited_to_one_a_second_per_connection() {
     );
 }
 
+/// Disables `name` as the admin holding `admin`.
+async fn disable(app: &TestApp, admin: &str, name: &str) {
+    let r = app
+        .client
+        .patch(app.url(&format!("/api/v1/users/{name}")))
+        .bearer_auth(admin)
+        .json(&json!({"disabled": true}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status().as_u16(), 200);
+}
+
 /// A disabled user's socket is cut off mid-write: while one long write runs (a replay chunk of
 /// 1,024 events, ~6.6 MB, to a slow reader), the user re-check still runs, and the server stops
 /// sending within seconds of the disable instead of finishing the chunk first. The client has a
@@ -814,15 +827,7 @@ async fn a_revoked_user_is_cut_off_during_a_long_write() {
             other => panic!("after {events} events: {other:?}"),
         }
         if disabled_at.is_none() && bytes > 200_000 {
-            let r = app
-                .client
-                .patch(app.url("/api/v1/users/slowvic"))
-                .bearer_auth(&admin)
-                .json(&json!({"disabled": true}))
-                .send()
-                .await
-                .expect("patch");
-            assert_eq!(r.status().as_u16(), 200);
+            disable(&app, &admin, "slowvic").await;
             disabled_at = Some(Instant::now());
         }
         if let Some(t) = disabled_at {
@@ -856,15 +861,7 @@ async fn a_revoked_user_is_cut_off_during_a_long_snapshot() {
     send_json(&mut ws, json!({"type": "subscribe", "snapshot": true})).await;
     // Not read from here on: the snapshot (~7 MB) fills the socket buffers and its send waits.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let r = app
-        .client
-        .patch(app.url("/api/v1/users/stuckvic"))
-        .bearer_auth(&admin)
-        .json(&json!({"disabled": true}))
-        .send()
-        .await
-        .expect("patch");
-    assert_eq!(r.status().as_u16(), 200);
+    disable(&app, &admin, "stuckvic").await;
     let disabled = Instant::now();
     while metric(&app, "alarm_ledger_websocket_connections").await > 0.0 {
         assert!(
