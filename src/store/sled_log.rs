@@ -57,13 +57,34 @@ impl Default for SledOptions {
     }
 }
 
-/// What `sync_blobs` knows of `blobs/`: the names already synced, and the directory's mtime
-/// when they were listed, if that mtime had settled (then an unchanged mtime means no new blob,
+/// What `sync_blobs` knows of `blobs/`: the names already synced, and the directory's stamp when
+/// they were listed, if its mtime had settled (then an unchanged stamp means no blob was added,
 /// and the directory need not be listed again).
 #[derive(Default)]
 struct BlobsSynced {
     names: HashSet<OsString>,
-    settled_mtime: Option<std::time::SystemTime>,
+    settled: Option<DirStamp>,
+}
+
+/// What changes when an entry is added to or removed from a directory: its mtime and ctime (to
+/// the nanosecond where the filesystem keeps them; ctime cannot be set by a user), and the inode
+/// (the directory replaced).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DirStamp {
+    ino: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl DirStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        DirStamp {
+            ino: meta.ino(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 pub struct SledLog {
@@ -472,8 +493,8 @@ impl SledLog {
         // server out of descriptors (a connection flood under a low `ulimit -n`) would fail the
         // commit, and a failed commit stops appends until a restart. An open fails with EMFILE
         // before it even looks at the path.
-        let mtime = match std::fs::symlink_metadata(&dir) {
-            Ok(meta) => meta.modified().ok(),
+        let (stamp, mtime) = match std::fs::symlink_metadata(&dir) {
+            Ok(meta) => (DirStamp::of(&meta), meta.modified().ok()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
         };
@@ -481,7 +502,7 @@ impl SledLog {
             .blobs_synced
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if mtime.is_some() && synced.settled_mtime == mtime {
+        if synced.settled == Some(stamp) {
             return Ok(()); // no entry added or removed since the last full look
         }
         let entries = match std::fs::read_dir(&dir) {
@@ -513,11 +534,12 @@ impl SledLog {
         // The directory's mtime (read before the listing) stands for what was listed only if
         // its timestamp tick was already over when it was read: an entry added later in the
         // same tick would leave it unchanged. 2 s covers the coarsest Linux timestamps.
-        synced.settled_mtime = mtime.filter(|m| {
+        let settled = mtime.is_some_and(|m| {
             std::time::SystemTime::now()
-                .duration_since(*m)
+                .duration_since(m)
                 .is_ok_and(|age| age > std::time::Duration::from_secs(2))
         });
+        synced.settled = settled.then_some(stamp);
         Ok(())
     }
 
@@ -649,5 +671,53 @@ impl EventLog for SledLog {
             let off = offset_of(&k).ok_or_else(bad)?;
             Ok((id, off))
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sets `path`'s mtime (and so its settled age) to an hour ago.
+    fn age(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let ago = libc::timespec {
+            tv_sec: (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                - 3_600) as libc::time_t,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid C path and two timespecs.
+        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [ago, ago].as_ptr(), 0) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    /// `blobs/` is listed again as soon as an entry is added, even after a sync that skipped it;
+    /// a settled, unchanged directory is not listed.
+    #[test]
+    fn a_new_blob_is_synced_after_the_directory_was_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = SledLog::open(tmp.path(), &SledOptions::default()).unwrap();
+        let blobs = tmp.path().join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        age(&blobs);
+        log.sync().unwrap();
+        let stamp = log.blobs_synced.lock().unwrap().settled;
+        assert!(stamp.is_some(), "an hour-old directory is settled");
+        log.sync().unwrap();
+        assert_eq!(log.blobs_synced.lock().unwrap().settled, stamp, "skipped");
+        std::fs::write(blobs.join("123"), b"a blob").unwrap();
+        log.sync().unwrap();
+        let synced = log.blobs_synced.lock().unwrap();
+        assert!(
+            synced.names.contains(std::ffi::OsStr::new("123")),
+            "the new blob was listed and synced"
+        );
+        assert_eq!(
+            synced.settled, None,
+            "a directory changed just now is not settled"
+        );
     }
 }
