@@ -270,15 +270,24 @@ pub fn load_or_create_secret(
         path: path.clone(),
         source,
     };
+    // A symlink (to a mounted secret, say) is the operator's: never replaced, even when it
+    // dangles or points at an empty file; only our own regular file is made or remade.
+    let ours = match std::fs::symlink_metadata(&path) {
+        Ok(meta) => Some(meta.file_type().is_file()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(e)),
+    };
     match File::open(&path) {
-        // An empty file can only be a creation cut short by a crash (before this was written
-        // under a staging name): no token was ever signed with it, so a new one is made.
-        Ok(file) if file.metadata().is_ok_and(|m| m.len() == 0) => {
+        // An empty file of ours can only be a creation cut short by a crash (before it was
+        // written under a staging name): no token was ever signed with it; a new one is made.
+        Ok(file) if ours == Some(true) && file.metadata().is_ok_and(|m| m.len() == 0) => {
             tracing::warn!(path = %path.display(), "the JWT secret file is empty (a creation cut short); generating a new one");
             create_secret_file(data_dir, &path)
         }
         Ok(file) => read_secret_file(file, &path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => create_secret_file(data_dir, &path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && ours.is_none() => {
+            create_secret_file(data_dir, &path)
+        }
         Err(e) => Err(io_err(e)),
     }
 }

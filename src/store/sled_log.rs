@@ -57,6 +57,10 @@ impl Default for SledOptions {
     }
 }
 
+/// How long a directory or blob must have gone unchanged before `sync_blobs` trusts what it saw:
+/// longer than the coarsest Linux file timestamps (1 s).
+const BLOB_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What `sync_blobs` knows of `blobs/`: the names already synced, and the directory's stamp when
 /// they were listed, if its mtime had settled (then an unchanged stamp means no blob was added,
 /// and the directory need not be listed again).
@@ -489,11 +493,18 @@ impl SledLog {
     /// by the time it is opened needs nothing).
     fn sync_blobs(&self) -> Result<()> {
         let dir = self.dir.join("blobs");
-        // A stat first, which takes no file descriptor. A commit must not need a new one: a
+        // Before the stat: "settled" must hold when the directory was read, not after the
+        // listing (which fsyncs files and can take a while).
+        let started = std::time::SystemTime::now();
+        let settled = |mtime: Option<std::time::SystemTime>| {
+            mtime.is_some_and(|m| started.duration_since(m).is_ok_and(|age| age > BLOB_SETTLE))
+        };
+        // A stat first, which takes no file descriptor. A commit should not need a new one: a
         // server out of descriptors (a connection flood under a low `ulimit -n`) would fail the
         // commit, and a failed commit stops appends until a restart. An open fails with EMFILE
-        // before it even looks at the path.
-        let (stamp, mtime) = match std::fs::symlink_metadata(&dir) {
+        // before it even looks at the path. (Following a symlinked `blobs/`, as the listing
+        // does.)
+        let (stamp, mtime) = match std::fs::metadata(&dir) {
             Ok(meta) => (DirStamp::of(&meta), meta.modified().ok()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -512,18 +523,28 @@ impl SledLog {
         };
         let mut present = HashSet::with_capacity(synced.names.len());
         let mut new = false;
+        let mut all_settled = settled(mtime);
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name();
-            if !synced.names.contains(&name) {
-                match File::open(entry.path()) {
-                    Ok(f) => f.sync_data()?,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e.into()),
-                }
-                new = true;
+            if synced.names.contains(&name) {
+                present.insert(name);
+                continue;
             }
-            present.insert(name);
+            match File::open(entry.path()) {
+                Ok(f) => f.sync_data()?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            }
+            new = true;
+            // sled's flusher thread can create a blob while this runs, and writes its content
+            // after creating it: a blob written to in the last moments may still be growing,
+            // so it is synced again at every commit until it has settled.
+            if settled(entry.metadata().ok().and_then(|m| m.modified().ok())) {
+                present.insert(name);
+            } else {
+                all_settled = false;
+            }
         }
         if new {
             File::open(&dir)?.sync_all()?;
@@ -531,15 +552,10 @@ impl SledLog {
         // Only now: names recorded before their directory entry is durable would let the next
         // sync skip the directory after this one failed.
         synced.names = present;
-        // The directory's mtime (read before the listing) stands for what was listed only if
-        // its timestamp tick was already over when it was read: an entry added later in the
-        // same tick would leave it unchanged. 2 s covers the coarsest Linux timestamps.
-        let settled = mtime.is_some_and(|m| {
-            std::time::SystemTime::now()
-                .duration_since(m)
-                .is_ok_and(|age| age > std::time::Duration::from_secs(2))
-        });
-        synced.settled = settled.then_some(stamp);
+        // The stamp stands for what was listed only if the directory's timestamp tick was over
+        // when it was read (an entry added later in the same tick would leave it unchanged) and
+        // no blob is still young.
+        synced.settled = all_settled.then_some(stamp);
         Ok(())
     }
 
@@ -695,29 +711,44 @@ mod tests {
     }
 
     /// `blobs/` is listed again as soon as an entry is added, even after a sync that skipped it;
-    /// a settled, unchanged directory is not listed.
+    /// a settled, unchanged directory is not listed; a young blob (maybe still being written by
+    /// sled's flusher) is synced again at each commit until it has settled.
     #[test]
     fn a_new_blob_is_synced_after_the_directory_was_skipped() {
         let tmp = tempfile::tempdir().unwrap();
-        let log = SledLog::open(tmp.path(), &SledOptions::default()).unwrap();
-        let blobs = tmp.path().join("blobs");
-        std::fs::create_dir_all(&blobs).unwrap();
-        age(&blobs);
+        let log = SledLog::open(&tmp.path().join("ledger"), &SledOptions::default()).unwrap();
+        // A symlinked `blobs/` (moved to another disk) is followed, as the listing follows it.
+        let target = tmp.path().join("elsewhere");
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::remove_dir_all(tmp.path().join("ledger/blobs")).ok();
+        std::os::unix::fs::symlink(&target, tmp.path().join("ledger/blobs")).unwrap();
+        age(&target);
         log.sync().unwrap();
         let stamp = log.blobs_synced.lock().unwrap().settled;
         assert!(stamp.is_some(), "an hour-old directory is settled");
         log.sync().unwrap();
         assert_eq!(log.blobs_synced.lock().unwrap().settled, stamp, "skipped");
-        std::fs::write(blobs.join("123"), b"a blob").unwrap();
+        std::fs::write(target.join("123"), b"a blob").unwrap();
+        log.sync().unwrap();
+        {
+            let synced = log.blobs_synced.lock().unwrap();
+            assert!(
+                !synced.names.contains(std::ffi::OsStr::new("123")),
+                "synced, but young: synced again next time"
+            );
+            assert_eq!(
+                synced.settled, None,
+                "a directory with a young blob is not settled"
+            );
+        }
+        age(&target.join("123"));
+        age(&target);
         log.sync().unwrap();
         let synced = log.blobs_synced.lock().unwrap();
         assert!(
             synced.names.contains(std::ffi::OsStr::new("123")),
-            "the new blob was listed and synced"
+            "settled: recorded"
         );
-        assert_eq!(
-            synced.settled, None,
-            "a directory changed just now is not settled"
-        );
+        assert!(synced.settled.is_some());
     }
 }

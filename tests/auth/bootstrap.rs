@@ -264,3 +264,36 @@ async fn an_empty_secret_file_left_by_a_crash_is_replaced_at_start() {
     let logs = server.stop().await;
     assert!(logs.contains("the JWT secret file is empty"), "{logs}");
 }
+
+/// A `jwt_secret` that is a symlink (to a mounted secret) is never replaced: dangling (the mount
+/// is missing), the start fails and the link stays.
+#[tokio::test]
+async fn a_dangling_secret_symlink_fails_the_start_and_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("linked");
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("jwt_secret");
+    std::os::unix::fs::symlink(tmp.path().join("missing-mount/jwt"), &link).unwrap();
+    let out = alarm_ledger_output(&dir);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("jwt_secret"), "{stderr}");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link is kept"
+    );
+}
+
+/// `serve` on `dir` run to its exit (it exits at start here).
+fn alarm_ledger_output(dir: &std::path::Path) -> std::process::Output {
+    crate::common::process::bin()
+        .args(["serve", "--data"])
+        .arg(dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("ALARM_LEDGER_ADMIN_PASSWORD", "admin-password-x1")
+        .output()
+        .expect("run")
+}
