@@ -189,6 +189,7 @@ impl Application {
                 throttle: LoginThrottle::new(args.login_max_failures, args.login_window, 100_000),
                 security,
                 hasher: crate::http::Hasher::start()?,
+                refreshes: Default::default(),
             });
 
             if let Restore::Snapshot { offset, .. } = restore {

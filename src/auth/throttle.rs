@@ -50,6 +50,44 @@ pub struct Throttled {
     pub first: bool,
 }
 
+/// Token refreshes a user may make at once, over HTTP and WebSocket together.
+pub const REFRESH_BURST: f64 = 10.0;
+/// One more refresh per user becomes available this often. A client refreshes once per token
+/// lifetime (15 minutes by default).
+pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
+
+/// Token refreshes per user, a token bucket of `REFRESH_BURST` refilled one per `REFRESH_EVERY`.
+/// Each refresh appends a security-log entry and syncs it to disk, and the per-connection
+/// budgets do not bound a user with many connections or HTTP requests: refreshing in a loop
+/// would put an fsync per request beside the writer's group commits. Keyed by user names that
+/// passed the token check (existing accounts), and pruned of full buckets past 10,000 entries.
+#[derive(Default)]
+pub struct RefreshLimit {
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RefreshLimit {
+    /// Takes one refresh for `user` at `now`, or says how long until one is available.
+    pub fn take(&self, user: &str, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let rate = 1.0 / REFRESH_EVERY.as_secs_f64();
+        let refill = |(tokens, at): (f64, Instant)| {
+            (tokens + now.saturating_duration_since(at).as_secs_f64() * rate).min(REFRESH_BURST)
+        };
+        if buckets.len() > 10_000 {
+            buckets.retain(|_, b| refill(*b) < REFRESH_BURST);
+        }
+        let tokens = buckets.get(user).map_or(REFRESH_BURST, |b| refill(*b));
+        if tokens >= 1.0 {
+            buckets.insert(user.to_string(), (tokens - 1.0, now));
+            Ok(())
+        } else {
+            buckets.insert(user.to_string(), (tokens, now));
+            Err(Duration::from_secs_f64((1.0 - tokens) / rate).max(Duration::from_secs(1)))
+        }
+    }
+}
+
 /// Counts failed logins per (username, address). Shared by all request handlers (`Arc`).
 #[derive(Debug)]
 pub struct LoginThrottle {
@@ -192,6 +230,26 @@ fn key(user: &str, ip: IpAddr) -> (String, IpAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refreshes_per_user_are_a_burst_then_one_per_interval() {
+        let limit = RefreshLimit::default();
+        let t0 = Instant::now();
+        for i in 0..REFRESH_BURST as usize {
+            assert!(limit.take("ann", t0).is_ok(), "refresh {i} of the burst");
+        }
+        let wait = limit.take("ann", t0).expect_err("burst spent");
+        assert!(
+            wait <= REFRESH_EVERY && wait >= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert!(limit.take("bob", t0).is_ok(), "another user has its own");
+        assert!(
+            limit.take("ann", t0 + REFRESH_EVERY).is_ok(),
+            "one more after the interval"
+        );
+        assert!(limit.take("ann", t0 + REFRESH_EVERY).is_err());
+    }
 
     const WINDOW: Duration = Duration::from_secs(15 * 60);
 

@@ -144,6 +144,11 @@ pub async fn refresh(state: &State, req: &Request) -> Result<Response, ApiError>
     let token =
         bearer(&req.headers).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
     let p = check_token(state, token)?;
+    state
+        .auth
+        .refreshes
+        .take(&p.name, std::time::Instant::now())
+        .map_err(ApiError::rate_limited)?;
     let issued = state
         .auth
         .tokens

@@ -49,6 +49,8 @@ pub struct AuthCtx {
     pub security: SecurityLog,
     /// Where password checks run (PBKDF2, ~150 ms of CPU each).
     pub hasher: Hasher,
+    /// Token refreshes per user (HTTP and WebSocket): each one is a synced security-log entry.
+    pub refreshes: crate::auth::throttle::RefreshLimit,
 }
 
 type HashJob = Box<dyn FnOnce() + Send>;

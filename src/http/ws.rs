@@ -813,6 +813,21 @@ impl Connection {
     async fn refresh(&mut self, req: &Req, token: &str) -> String {
         match check_token(&self.state, token) {
             Ok(p) if p.name == self.principal.name => {
+                if let Err(wait) = self
+                    .state
+                    .auth
+                    .refreshes
+                    .take(&p.name, std::time::Instant::now())
+                {
+                    return self.refuse(
+                        req,
+                        "rate_limited",
+                        &format!(
+                            "too many token refreshes for this user; retry in {} s",
+                            wait.as_secs().max(1)
+                        ),
+                    );
+                }
                 let mut e = NewSecurityEntry::new(SecurityAction::TokenRefreshed)
                     .actor(p.name.clone())
                     .target(p.name.clone())

@@ -179,3 +179,60 @@ async fn token_expiring_then_4001_unless_refreshed() {
 
     tokio::join!(warned, expires, refreshed);
 }
+
+/// Each refresh is a synced security-log entry, so a user's refreshes are limited (a burst of
+/// 10, then one per 10 s), over HTTP and WebSocket together: 429 with `Retry-After` on HTTP,
+/// `rate_limited` on the socket; another user is not affected.
+#[tokio::test]
+async fn a_users_refreshes_are_limited_across_http_and_websocket() {
+    let app = spawn_app().await;
+    let token = app.user_token("loopy", "viewer").await;
+    let mut ok = 0;
+    let mut refused = None;
+    for _ in 0..12 {
+        let (s, v) = refresh_http(&app, Some(&token)).await;
+        match s {
+            200 => ok += 1,
+            _ => {
+                refused = Some((s, v));
+                break;
+            }
+        }
+    }
+    assert_eq!(ok, 10, "the burst");
+    let (s, v) = refused.expect("the 11th is refused");
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("rate_limited")),
+        "{v}"
+    );
+    let r = app
+        .client
+        .post(app.url("/api/v1/token/refresh"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("refresh");
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&retry), "Retry-After {retry}");
+    // The same user on a WebSocket: the same budget.
+    let (mut ws, _) = app.ws(&token).await;
+    send_json(
+        &mut ws,
+        json!({"type": "refresh", "req": "r", "token": token}),
+    )
+    .await;
+    let v = expect_type(&mut ws, "error", Duration::from_secs(5)).await;
+    assert_eq!(
+        (v["code"].as_str(), v["req"].as_str()),
+        (Some("rate_limited"), Some("r")),
+        "{v}"
+    );
+    // Another user refreshes as usual.
+    let other = app.user_token("calm", "viewer").await;
+    assert_eq!(refresh_http(&app, Some(&other)).await.0, 200);
+}
