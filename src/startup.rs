@@ -131,9 +131,9 @@ impl Application {
             ),
         }
 
-        // A too-short ALARM_LEDGER_JWT_SECRET is a usage error (exit 2, though only found here:
-        // the value is checked with the file it replaces); a file that cannot be read or made,
-        // or a damaged one, is not (exit 1).
+        // A too-short ALARM_LEDGER_JWT_SECRET is a usage error (exit 2; the command line's parser
+        // refuses it first, before anything is opened); a secret file that cannot be read or
+        // made, or a damaged one, is not (exit 1).
         let secret =
             crate::auth::token::load_or_create_secret(dir.root(), args.jwt_secret.as_deref())
                 .map_err(|e| match e {

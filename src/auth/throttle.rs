@@ -56,35 +56,70 @@ pub const REFRESH_BURST: f64 = 10.0;
 /// lifetime (15 minutes by default).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
-/// Token refreshes per user, a token bucket of `REFRESH_BURST` refilled one per `REFRESH_EVERY`.
+/// A token bucket: at most `burst` tokens, refilled at `per_sec` a second. The one rate-limit
+/// mechanism of the server besides the login throttle: per WebSocket connection (commands,
+/// subscribes and refreshes) and per user (`RefreshLimit`).
+#[derive(Clone, Copy, Debug)]
+pub struct TokenBucket {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now`.
+    pub fn full(per_sec: f64, burst: f64, now: Instant) -> Self {
+        TokenBucket {
+            per_sec,
+            burst,
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    fn refilled(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.tokens + elapsed * self.per_sec).min(self.burst)
+    }
+
+    /// Takes one token at `now`, or says how long until one is available.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.tokens = self.refilled(now);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec))
+        }
+    }
+}
+
+/// Token refreshes per user, a `TokenBucket` of `REFRESH_BURST` refilled one per `REFRESH_EVERY`.
 /// Each refresh appends a security-log entry and syncs it to disk, and the per-connection
 /// budgets do not bound a user with many connections or HTTP requests: refreshing in a loop
 /// would put an fsync per request beside the writer's group commits. Keyed by user names that
 /// passed the token check (existing accounts), and pruned of full buckets past 10,000 entries.
 #[derive(Default)]
 pub struct RefreshLimit {
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    buckets: Mutex<HashMap<String, TokenBucket>>,
 }
 
 impl RefreshLimit {
-    /// Takes one refresh for `user` at `now`, or says how long until one is available.
+    /// Takes one refresh for `user` at `now`, or says how long until one is available (at least
+    /// a second: it becomes a `Retry-After`).
     pub fn take(&self, user: &str, now: Instant) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let rate = 1.0 / REFRESH_EVERY.as_secs_f64();
-        let refill = |(tokens, at): (f64, Instant)| {
-            (tokens + now.saturating_duration_since(at).as_secs_f64() * rate).min(REFRESH_BURST)
-        };
         if buckets.len() > 10_000 {
-            buckets.retain(|_, b| refill(*b) < REFRESH_BURST);
+            buckets.retain(|_, b| b.refilled(now) < REFRESH_BURST);
         }
-        let tokens = buckets.get(user).map_or(REFRESH_BURST, |b| refill(*b));
-        if tokens >= 1.0 {
-            buckets.insert(user.to_string(), (tokens - 1.0, now));
-            Ok(())
-        } else {
-            buckets.insert(user.to_string(), (tokens, now));
-            Err(Duration::from_secs_f64((1.0 - tokens) / rate).max(Duration::from_secs(1)))
-        }
+        let per_sec = 1.0 / REFRESH_EVERY.as_secs_f64();
+        buckets
+            .entry(user.to_string())
+            .or_insert_with(|| TokenBucket::full(per_sec, REFRESH_BURST, now))
+            .take(now)
+            .map_err(|wait| wait.max(Duration::from_secs(1)))
     }
 }
 

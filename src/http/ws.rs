@@ -13,6 +13,7 @@
 
 use super::session::{bearer, check_token, Denied, Principal};
 use super::State;
+use crate::auth::throttle::TokenBucket;
 use crate::auth::{NewSecurityEntry, SecurityAction};
 use crate::ledger::{CommandError, SubItem, Subscription};
 use crate::protocol::{self, ClientMessage, Hello, Req};
@@ -63,37 +64,6 @@ const USER_RECHECK: Duration = Duration::from_secs(2);
 
 /// Subscribes and refreshes a second per connection, at most (`Connection::control`).
 const CONTROL_RATE: f64 = 20.0;
-
-/// A token bucket: `rate` tokens a second, holding at most `rate`.
-struct Bucket {
-    rate: f64,
-    tokens: f64,
-    refilled: Instant,
-}
-
-impl Bucket {
-    fn full(rate: f64) -> Self {
-        Bucket {
-            rate,
-            tokens: rate,
-            refilled: Instant::now(),
-        }
-    }
-
-    /// Takes one token if there is one.
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
-        self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 /// Least time between two snapshots on one connection.
 const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(1);
@@ -365,13 +335,13 @@ struct Connection {
     sub_req: Req,
     malformed: VecDeque<Instant>,
     /// Commands: `--ws-command-rate` a second, burst the same.
-    commands: Bucket,
+    commands: TokenBucket,
     /// Subscribes and refreshes, which cost far more than a command (a subscribe starts a log
     /// read on the blocking pool, a refresh appends a security-log entry and syncs it): at most
     /// `CONTROL_RATE` a second, or the command rate if lower. A client needs one of each per
     /// connection and token lifetime; at the command rate (2,000 a second by default) one
     /// viewer could queue thousands of log reads a second by resubscribing.
-    control: Bucket,
+    control: TokenBucket,
     expires_at: Instant,
     expires_at_text: String,
     warned: bool,
@@ -393,8 +363,11 @@ impl Connection {
             sub: None,
             sub_req: None,
             malformed: VecDeque::new(),
-            commands: Bucket::full(rate),
-            control: Bucket::full(rate.min(CONTROL_RATE)),
+            commands: TokenBucket::full(rate, rate, std::time::Instant::now()),
+            control: {
+                let control = rate.min(CONTROL_RATE);
+                TokenBucket::full(control, control, std::time::Instant::now())
+            },
             expires_at,
             expires_at_text,
             warned: false,
@@ -410,26 +383,24 @@ impl Connection {
         let mut socket = socket;
         let end = self.serve(&mut socket).await;
         self.stop_subscription();
-        if socket.get_ref().mid_frame {
-            // A long frame was cut off part way: nothing more may be written (a Close frame
-            // would be read as part of it). Dropped; a client that reconnects learns why (4001
-            // at the upgrade if its user was revoked) and resumes from its last offset.
-            let how = match end {
-                End::Gone => "peer gone".to_string(),
-                End::Close(code, reason) => format!("{code} {reason}"),
-            };
-            tracing::info!(end = %how, "websocket dropped in the middle of a message");
-            return;
-        }
+        // A long frame cut off part way (`write_frame`): nothing more may be written (a Close
+        // frame would be read as part of it), so the socket is dropped; a client that
+        // reconnects learns why (4001 at the upgrade if its user was revoked) and resumes.
+        let mid_frame = socket.get_ref().mid_frame;
         let how = match end {
             End::Gone => "peer gone".to_string(),
+            End::Close(code, reason) if mid_frame => {
+                format!("dropped mid-message: {code} {reason}")
+            }
             End::Close(code, reason) => {
                 let _ =
                     tokio::time::timeout(CLOSE_LINGER, socket.send(close_msg(code, &reason))).await;
                 format!("closed {code} {reason}")
             }
         };
-        closing_handshake(&mut socket, self.unreadable).await;
+        if !mid_frame {
+            closing_handshake(&mut socket, self.unreadable).await;
+        }
         tracing::info!(end = %how, "websocket disconnected");
     }
 
@@ -642,12 +613,15 @@ impl Connection {
                 self.stop_subscription();
                 Some(protocol::ok_plain(&req, Map::new()))
             }
-            // A refresh appends a security-log entry (with a disk sync): the same budget.
-            ClientMessage::Refresh { token } => Some(if self.control.take() {
-                self.refresh(&req, &token).await
-            } else {
-                self.rate_limited(&req, "subscribes and refreshes")
-            }),
+            // A refresh appends a security-log entry (with a disk sync): the control budget, as
+            // a subscribe (and the user's own refresh limit, `refresh`).
+            ClientMessage::Refresh { token } => {
+                Some(if self.control.take(std::time::Instant::now()).is_ok() {
+                    self.refresh(&req, &token).await
+                } else {
+                    self.rate_limited(&req, "subscribes and refreshes")
+                })
+            }
             command => self.command(req, command),
         };
         if let Some(text) = reply {
@@ -745,7 +719,7 @@ impl Connection {
                     "other snapshots are being built; retry shortly",
                 ));
             };
-            if !self.control.take() {
+            if self.control.take(std::time::Instant::now()).is_err() {
                 return Some(self.rate_limited(req, "subscribes and refreshes"));
             }
             self.last_snapshot = Some(Instant::now());
@@ -778,7 +752,7 @@ impl Connection {
                 ));
             }
             // Refusals above cost nothing; from here on the subscribe reads the log.
-            if !self.control.take() {
+            if self.control.take(std::time::Instant::now()).is_err() {
                 return Some(self.rate_limited(req, "subscribes and refreshes"));
             }
             if let Some(h) = from_hash {
@@ -869,7 +843,7 @@ impl Connection {
         if !self.principal.role.can_command() {
             return Some(self.refuse(&req, "forbidden", "viewers cannot send commands"));
         }
-        if !self.commands.take() {
+        if self.commands.take(std::time::Instant::now()).is_err() {
             return Some(self.rate_limited(&req, "commands"));
         }
         let cmd = match protocol::command_of(msg, &self.principal.name) {
@@ -908,7 +882,7 @@ impl Connection {
         protocol::error(req, code, message)
     }
 
-    /// The answer to a subscribe or refresh beyond the connection's budget.
+    /// The answer to a command, subscribe or refresh beyond the connection's budget (`what`).
     fn rate_limited(&self, req: &Req, what: &str) -> String {
         self.refuse(
             req,
