@@ -200,7 +200,13 @@ fn copy_into(
         out.write_out()?;
     }
     match users {
-        Some(users) => write_tree(out.db(), crate::auth::users::USERS_TREE, users, chunk)?,
+        Some(users) => write_tree(
+            out.db(),
+            crate::auth::users::USERS_TREE,
+            users.iter().cloned().map(Ok),
+            chunk,
+            &pause,
+        )?,
         None => copy_tree(
             db,
             out.db(),
@@ -259,50 +265,20 @@ pub fn users_snapshot(db: &sled::Db) -> Result<Vec<(sled::IVec, sled::IVec)>> {
     Ok(records)
 }
 
-/// Writes `records` to the tree `name` of `dst`, `chunk` at a time.
+/// Writes `records` to the tree `name` of `dst`, `chunk` entries per batch, each written out
+/// (not synced: the caller syncs once at the end), `pause` called after each full batch.
 fn write_tree(
     dst: &sled::Db,
     name: &str,
-    records: &[(sled::IVec, sled::IVec)],
-    chunk: usize,
-) -> Result<()> {
-    let to = dst.open_tree(name)?;
-    for part in records.chunks(chunk.max(1)) {
-        let mut batch = sled::Batch::default();
-        for (k, v) in part {
-            batch.insert(k.clone(), v.clone());
-        }
-        to.apply_batch(batch)?;
-        dst.flush()?;
-    }
-    Ok(())
-}
-
-/// Copies a sled tree, `chunk` entries per batch, each written out (not synced: the caller
-/// syncs once at the end), `pause` called after each; with `upto`, only keys that are
-/// big-endian u64 ≤ `upto`.
-fn copy_tree(
-    src: &sled::Db,
-    dst: &sled::Db,
-    name: &str,
-    upto: Option<u64>,
+    records: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
     chunk: usize,
     pause: &dyn Fn(),
 ) -> Result<()> {
-    let from = src.open_tree(name)?;
     let to = dst.open_tree(name)?;
     let mut batch = sled::Batch::default();
     let mut in_batch = 0usize;
-    for kv in from.iter() {
+    for kv in records {
         let (k, v) = kv?;
-        if let Some(limit) = upto {
-            let seq = <[u8; 8]>::try_from(k.as_ref())
-                .map(u64::from_be_bytes)
-                .unwrap_or(u64::MAX);
-            if seq > limit {
-                break;
-            }
-        }
         batch.insert(k, v);
         in_batch += 1;
         if in_batch >= chunk {
@@ -317,6 +293,28 @@ fn copy_tree(
         dst.flush()?;
     }
     Ok(())
+}
+
+/// Copies the tree `name` of `src` into `dst` (`write_tree`); with `upto`, only keys that are
+/// big-endian u64 ≤ `upto`.
+fn copy_tree(
+    src: &sled::Db,
+    dst: &sled::Db,
+    name: &str,
+    upto: Option<u64>,
+    chunk: usize,
+    pause: &dyn Fn(),
+) -> Result<()> {
+    let within = |k: &sled::IVec| {
+        upto.is_none_or(|limit| {
+            <[u8; 8]>::try_from(k.as_ref()).map_or(u64::MAX, u64::from_be_bytes) <= limit
+        })
+    };
+    let records = src
+        .open_tree(name)?
+        .iter()
+        .take_while(|kv| kv.as_ref().map_or(true, |(k, _)| within(k)));
+    write_tree(dst, name, records, chunk, pause)
 }
 
 #[cfg(test)]
