@@ -120,6 +120,11 @@ pub struct ServeArgs {
     /// Subscribes and refreshes have a budget of their own: 20 a second, or this rate if lower.
     #[arg(long, env = "ALARM_LEDGER_WS_COMMAND_RATE", default_value_t = 2_000, value_parser = whole_u32(1, 1_000_000))]
     pub ws_command_rate: u32,
+    /// Open client connections (HTTP and WebSocket) served at once. Over it, a client is
+    /// answered `503 overloaded` (a WebSocket: accepted and closed with 1013) and retries; the
+    /// probes are still served. Lowered at start if the open-files limit cannot hold it.
+    #[arg(long, env = "ALARM_LEDGER_MAX_CONNECTIONS", default_value_t = 50_000, value_parser = whole(1, 10_000_000))]
+    pub max_connections: u64,
     /// Grace period for in-flight work at shutdown.
     #[arg(long, env = "ALARM_LEDGER_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_shutdown_timeout)]
     pub shutdown_timeout: Duration,

@@ -51,6 +51,19 @@ pub fn raise_open_files_limit() -> Option<u64> {
     Some(r.rlim_cur)
 }
 
+/// This process's soft limit of open files (`None` if it cannot be read).
+pub fn open_files_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a plain syscall on a valid, owned struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return None;
+    }
+    Some(r.rlim_cur)
+}
+
 /// Files and directories this process creates are its user's alone (umask 077): the data
 /// directory holds password hashes (users), the audit trail, the JWT secret and backups, and
 /// sled creates its files with the default mode, which under the usual umask 022 made them

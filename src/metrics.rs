@@ -40,6 +40,8 @@ pub struct Metrics {
     pub flush_duration: Histogram,
     pub head_offset: Gauge,
     pub ws_connections: Gauge,
+    pub tcp_connections: Gauge,
+    pub connections_refused: Family<ModeLabel, Counter>,
     pub subscribers: Family<ModeLabel, Gauge>,
     pub slow_consumer_closes: Counter,
     pub subscriber_lag_fallbacks: Counter,
@@ -98,6 +100,18 @@ impl Metrics {
             "websocket_connections",
             "Open WebSocket connections",
             ws_connections.clone(),
+        );
+        let tcp_connections = Gauge::default();
+        registry.register(
+            "tcp_connections",
+            "Open client connections (HTTP and WebSocket), counted against --max-connections",
+            tcp_connections.clone(),
+        );
+        let connections_refused = Family::<ModeLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused at --max-connections, by how (answered = 503 or close 1013, dropped = closed unread)",
+            connections_refused.clone(),
         );
         let subscribers = Family::<ModeLabel, Gauge>::default();
         registry.register(
@@ -169,6 +183,8 @@ impl Metrics {
             flush_duration,
             head_offset,
             ws_connections,
+            tcp_connections,
+            connections_refused,
             subscribers,
             slow_consumer_closes,
             subscriber_lag_fallbacks,

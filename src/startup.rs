@@ -6,6 +6,7 @@ use crate::auth::{
 };
 use crate::config::ServeArgs;
 use crate::error::{Error, Result};
+use crate::http::server::ConnectionLimit;
 use crate::http::{self, ApiSettings, AppState, AuthCtx};
 use crate::ledger::datadir::DataDir;
 use crate::ledger::{Ledger, LedgerOptions, Restore};
@@ -224,6 +225,16 @@ impl Application {
             }
         };
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let open_files = crate::memory::open_files_limit();
+        let max_connections = ConnectionLimit::effective(args.max_connections, open_files) as usize;
+        if (max_connections as u64) < args.max_connections {
+            tracing::warn!(
+                configured = args.max_connections,
+                max_connections,
+                open_files,
+                "--max-connections lowered to what the open-files limit (ulimit -n) can hold"
+            );
+        }
         let state = Arc::new(AppState {
             ledger: ledger.clone(),
             db,
@@ -237,6 +248,7 @@ impl Application {
                 trusted_proxies: args.trusted_proxies.clone(),
                 data_dir: dir.root().to_path_buf(),
             },
+            connection_limit: ConnectionLimit::new(max_connections, metrics.clone()),
             metrics,
             shutdown: shutdown_rx,
             accepting: AtomicBool::new(true),

@@ -149,6 +149,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Cleared at shutdown so `/readyz` turns 503 before the listener closes.
     pub accepting: AtomicBool,
+    /// Open client connections under `--max-connections` (the accept loop's).
+    pub connection_limit: Arc<server::ConnectionLimit>,
     /// Live WebSocket connections: shutdown waits for them (they answer the commands they
     /// already sent to the writer, then close with 1001) before it stops the writer.
     pub connections: Arc<Connections>,

@@ -11,6 +11,7 @@
 //! (`Tracked` notes each write the kernel accepted), the socket is closed with 4008 and the
 //! client resumes from its last offset. A slow reader that keeps taking bytes is not stalled.
 
+use super::server::Slot;
 use super::session::{bearer, check_token, Denied, Principal};
 use super::State;
 use crate::auth::throttle::TokenBucket;
@@ -54,6 +55,9 @@ pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 /// reason to log in again.
 pub const CLOSE_INTERNAL: u16 = 1011;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// RFC 6455 / IANA "try again later": the server is at `--max-connections` (an addition to
+/// PROTOCOL.md's codes, documented in the README).
+pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
 /// Malformed messages tolerated per minute; one more closes with 1008.
 const MALFORMED_PER_MINUTE: usize = 10;
@@ -156,14 +160,102 @@ impl Due {
 ///
 /// `socket` must be the descriptor of the TCP stream `req` came on (the accept loop's): the
 /// connection owns that stream once upgraded, so the descriptor stays its own while it runs,
-/// and only asks the kernel about it (`SIOCOUTQ`, see `Drain`).
+/// and only asks the kernel about it (`SIOCOUTQ`, see `Drain`). `slot` is the connection's
+/// place under `--max-connections`, held until the socket closes.
 pub(crate) fn upgrade(
     state: State,
     mut req: hyper::Request<hyper::body::Incoming>,
     peer: Option<SocketAddr>,
     socket: Option<RawFd>,
+    slot: Arc<Slot>,
 ) -> warp::reply::Response {
-    let headers = req.headers().clone();
+    let (on_upgrade, resp) = match handshake(&mut req) {
+        Ok(pair) => pair,
+        Err(resp) => return *resp,
+    };
+    let headers = req.headers();
+    let query = req.uri().query().unwrap_or("");
+    let token = bearer(headers).map(str::to_string).or_else(|| {
+        // A malformed query reads as no token: the socket is then closed with 4001.
+        super::parse_query(query)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|(k, _)| k == "access_token")
+            .map(|(_, v)| v)
+    });
+    // Authentication happens before the upgrade completes, but a failure is reported by closing
+    // the accepted socket with 4001: Qt's QWebSocket cannot read a rejected handshake.
+    let auth = match token {
+        None => Err(Denied::Missing),
+        Some(t) => check_token(&state, &t),
+    };
+    let ip = super::client_ip(peer, headers, &state.settings.trusted_proxies);
+    let ua = headers
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(256).collect::<String>());
+    let config = transport_config(state.settings.ws_max_message);
+    let conn_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    let span = tracing::info_span!("ws", conn = %conn_id, user = tracing::field::Empty, ip = ?ip);
+    let counted = state.connections.enter();
+    tokio::spawn(
+        async move {
+            let _counted = counted;
+            let _slot = slot;
+            let Some(socket) = upgraded(on_upgrade, socket, config).await else {
+                return;
+            };
+            match auth {
+                Err(denied) => {
+                    tracing::info!(reason = denied.reason(), "websocket rejected");
+                    let code = match denied {
+                        Denied::Unavailable(_) => CLOSE_INTERNAL,
+                        _ => CLOSE_UNAUTHORIZED,
+                    };
+                    reject(socket, code, denied.reason()).await
+                }
+                Ok(principal) => {
+                    tracing::Span::current().record("user", principal.name.as_str());
+                    let meta = ConnMeta { ip, ua };
+                    Connection::new(state, principal, meta).run(socket).await
+                }
+            }
+        }
+        .instrument(span),
+    );
+    resp
+}
+
+/// Answers an upgrade that came over `--max-connections` (`server::ConnectionLimit`): the
+/// upgrade is accepted and the socket closed at once with 1013 (RFC 6455 "try again later"),
+/// before any token check, for the reason PROTOCOL.md gives for 4001: a Qt client cannot read a
+/// rejected handshake, and must be able to tell "server full, retry later" from "log in again".
+pub(crate) fn upgrade_refused(
+    mut req: hyper::Request<hyper::body::Incoming>,
+    socket: Option<RawFd>,
+    slot: Arc<Slot>,
+    max_message: usize,
+) -> warp::reply::Response {
+    let (on_upgrade, resp) = match handshake(&mut req) {
+        Ok(pair) => pair,
+        Err(resp) => return *resp,
+    };
+    let config = transport_config(max_message);
+    tokio::spawn(async move {
+        let _slot = slot;
+        if let Some(socket) = upgraded(on_upgrade, socket, config).await {
+            reject(socket, CLOSE_TRY_AGAIN_LATER, "server full").await;
+        }
+    });
+    resp
+}
+
+/// Checks an upgrade request's WebSocket version and builds the 101 answer; the socket comes
+/// from the returned `OnUpgrade` once hyper has sent it.
+fn handshake(
+    req: &mut hyper::Request<hyper::body::Incoming>,
+) -> Result<(hyper::upgrade::OnUpgrade, warp::reply::Response), Box<warp::reply::Response>> {
+    let headers = req.headers();
     if headers
         .get("sec-websocket-version")
         .and_then(|v| v.to_str().ok())
@@ -178,67 +270,13 @@ pub(crate) fn upgrade(
             "sec-websocket-version",
             warp::http::HeaderValue::from_static("13"),
         );
-        return resp;
+        return Err(Box::new(resp));
     }
     let accept = headers
         .get("sec-websocket-key")
         .map(|k| derive_accept_key(k.as_bytes()))
         .unwrap_or_default();
-    let query = req.uri().query().unwrap_or("").to_string();
-    let token = bearer(&headers).map(str::to_string).or_else(|| {
-        // A malformed query reads as no token: the socket is then closed with 4001.
-        super::parse_query(&query)
-            .unwrap_or_default()
-            .into_iter()
-            .find(|(k, _)| k == "access_token")
-            .map(|(_, v)| v)
-    });
-    // Authentication happens before the upgrade completes, but a failure is reported by closing
-    // the accepted socket with 4001: Qt's QWebSocket cannot read a rejected handshake.
-    let auth = match token {
-        None => Err(Denied::Missing),
-        Some(t) => check_token(&state, &t),
-    };
-    let ip = super::client_ip(peer, &headers, &state.settings.trusted_proxies);
-    let ua = headers
-        .get("user-agent")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().take(256).collect::<String>());
-    let config = transport_config(state.settings.ws_max_message);
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let conn_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    let span = tracing::info_span!("ws", conn = %conn_id, user = tracing::field::Empty, ip = ?ip);
-    let counted = state.connections.enter();
-    tokio::spawn(
-        async move {
-            let _counted = counted;
-            let upgraded = match on_upgrade.await {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::debug!(error = %e, "websocket upgrade failed");
-                    return;
-                }
-            };
-            let io = Tracked {
-                io: hyper_util::rt::TokioIo::new(upgraded),
-                progress: Arc::new(Progress::new()),
-                socket,
-                written: 0,
-                waited: false,
-                mid_frame: false,
-            };
-            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-            match auth {
-                Err(denied) => reject(socket, denied).await,
-                Ok(principal) => {
-                    tracing::Span::current().record("user", principal.name.as_str());
-                    let meta = ConnMeta { ip, ua };
-                    Connection::new(state, principal, meta).run(socket).await
-                }
-            }
-        }
-        .instrument(span),
-    );
+    let on_upgrade = hyper::upgrade::on(req);
     let mut resp =
         warp::reply::with_status(warp::reply(), warp::http::StatusCode::SWITCHING_PROTOCOLS)
             .into_response();
@@ -251,7 +289,31 @@ pub(crate) fn upgrade(
     if let Ok(v) = warp::http::HeaderValue::from_str(&accept) {
         h.insert("sec-websocket-accept", v);
     }
-    resp
+    Ok((on_upgrade, resp))
+}
+
+/// The WebSocket once hyper has handed the upgraded socket over (`None` if the upgrade failed).
+async fn upgraded(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    socket: Option<RawFd>,
+    config: WebSocketConfig,
+) -> Option<WebSocket> {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "websocket upgrade failed");
+            return None;
+        }
+    };
+    let io = Tracked {
+        io: hyper_util::rt::TokioIo::new(upgraded),
+        progress: Arc::new(Progress::new()),
+        socket,
+        written: 0,
+        waited: false,
+        mid_frame: false,
+    };
+    Some(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await)
 }
 
 fn close_msg(code: u16, reason: &str) -> Message {
@@ -261,15 +323,11 @@ fn close_msg(code: u16, reason: &str) -> Message {
     }))
 }
 
-async fn reject(mut socket: WebSocket, denied: Denied) {
-    tracing::info!(reason = denied.reason(), "websocket rejected");
-    let code = match denied {
-        Denied::Unavailable(_) => CLOSE_INTERNAL,
-        _ => CLOSE_UNAUTHORIZED,
-    };
-    let _ = tokio::time::timeout(CLOSE_LINGER, socket.send(close_msg(code, denied.reason()))).await;
+/// Closes a socket that will not be served (no valid token, or the server is full) with `code`.
+async fn reject(mut socket: WebSocket, code: u16, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_LINGER, socket.send(close_msg(code, reason))).await;
     // The client may already have sent frames (it had the 101): read them, or the close below
-    // would reset the connection and could destroy the 4001 on its way.
+    // would reset the connection and could destroy the close frame on its way.
     closing_handshake(&mut socket, false).await;
 }
 

@@ -7,6 +7,7 @@ mod support;
 
 mod bad_input;
 mod commands;
+mod limits;
 mod queries;
 mod schema;
 mod smoke;
