@@ -869,7 +869,16 @@ async fn online_backup_while_appends_continue_is_a_complete_ledger() {
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| sec.to_string());
-    assert!(sec.contains("backup"), "{sec}");
+    let entries: Vec<serde_json::Value> = sec
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("security-log NDJSON"))
+        .collect();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "backup_created" && e["actor"] == "admin"),
+        "{sec}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -493,13 +493,15 @@ fn verify_chain_script_recomputes_the_rust_chain() {
     assert_ok(&verify_chain(&["-"], Some(&text)), events.len(), head);
     // The committed golden export verifies too (it is what an auditor would be handed).
     let golden_export = golden_dir().join("export.ndjson");
-    if golden_export.exists() {
-        assert_ok(
-            &verify_chain(&[golden_export.to_str().unwrap()], None),
-            events.len(),
-            head,
-        );
-    }
+    assert!(
+        golden_export.is_file(),
+        "snapshots/v1/export.ndjson is committed"
+    );
+    assert_ok(
+        &verify_chain(&[golden_export.to_str().unwrap()], None),
+        events.len(),
+        head,
+    );
 }
 
 #[test]

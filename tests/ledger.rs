@@ -292,7 +292,11 @@ fn untrusted_snapshots_are_discarded_and_the_projection_rebuilt() {
     let mut version = good.clone();
     version[6] = SNAPSHOT_FORMAT + 1;
     cases.push(("format version", version, "snapshot format"));
-    cases.push(("truncated", good[..good.len() - 10].to_vec(), ""));
+    cases.push((
+        "truncated",
+        good[..good.len() - 10].to_vec(),
+        "checksum mismatch",
+    ));
     cases.push((
         "not a snapshot",
         b"hello, world".repeat(8),

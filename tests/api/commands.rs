@@ -878,8 +878,21 @@ async fn at_shutdown_every_command_the_server_took_is_answered_before_1001() {
         )
         .await;
     }
+    // The stop starts once the writer has taken commands (the first `ok`): the test then
+    // always has commands in flight at the stop, not only ones still in the socket.
+    let mut answered = std::collections::HashSet::new();
+    loop {
+        match next_frame(&mut ws, STEP).await {
+            Got::Json(v) if v["type"] == "ok" => {
+                answered.insert(v["req"].as_u64().unwrap() as usize);
+                break;
+            }
+            Got::Json(v) if v["type"] == "error" => {}
+            Got::Ping => {}
+            other => panic!("no answer before the stop: {other:?}"),
+        }
+    }
     let reader = async {
-        let mut answered = std::collections::HashSet::new();
         loop {
             match next_frame(&mut ws, Duration::from_secs(20)).await {
                 Got::Json(v) if v["type"] == "ok" => {
@@ -887,12 +900,12 @@ async fn at_shutdown_every_command_the_server_took_is_answered_before_1001() {
                 }
                 Got::Json(v) if v["type"] == "error" => {}
                 Got::Ping => {}
-                Got::Close(code) => return (answered, code),
+                Got::Close(code) => return code,
                 other => panic!("{other:?}"),
             }
         }
     };
-    let ((), (answered, code)) = tokio::join!(app.stop(), reader);
+    let ((), code) = tokio::join!(app.stop(), reader);
     assert_eq!(code, Some(1001));
     let app = app.reopen().await;
     let (s, lines) = events(&app, "").await;
@@ -907,5 +920,6 @@ async fn at_shutdown_every_command_the_server_took_is_answered_before_1001() {
             );
         }
     }
+    assert!(appended > 0, "commands were taken before the stop");
     println!("{appended} of {N} appended before the stop, all answered");
 }

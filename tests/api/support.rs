@@ -143,7 +143,8 @@ pub async fn assert_serves(app: &TestApp) {
     let _ = ws.close(None).await;
 }
 
-/// A `/metrics` sample: the first line starting with `prefix` (name plus labels).
+/// A `/metrics` sample: the first line starting with `prefix` (name plus labels). A sample that
+/// is not there fails the test (a renamed metric must not turn checks into no-ops).
 pub async fn metric(app: &TestApp, prefix: &str) -> f64 {
     let r = timeout(STEP, app.client.get(app.url("/metrics")).send())
         .await
@@ -154,7 +155,7 @@ pub async fn metric(app: &TestApp, prefix: &str) -> f64 {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("no sample {prefix} in /metrics:\n{text}"))
 }
 
 /// `GET /api/v1/events` parsed (status, lines).

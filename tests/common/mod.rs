@@ -244,13 +244,20 @@ impl TestApp {
         (ws, hello)
     }
 
-    /// Stops the server gracefully and waits for it.
+    /// Stops the server gracefully and waits for it: a stop that hangs or fails (the task
+    /// panics on an error from `run_until_stopped`) fails the test. Then waits until sled has
+    /// let go of the data directory (it releases its lock a moment after the last handle is
+    /// dropped), so that a command-line tool run next on it does not find it in use.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+            tokio::time::timeout(Duration::from_secs(20), t)
+                .await
+                .expect("the server stops within 20 s")
+                .expect("the server stops cleanly");
+            wait_unlocked(&self.data).await;
         }
     }
 
@@ -261,6 +268,24 @@ impl TestApp {
         next.tmp = self.tmp.take();
         next
     }
+}
+
+/// Waits (at most 10 s) until no process or handle holds sled's lock on `data`'s database.
+pub async fn wait_unlocked(data: &Path) {
+    use std::os::unix::io::AsRawFd;
+    let Ok(file) = std::fs::File::open(data.join("ledger/db")) else {
+        return; // no database (yet): nothing holds it
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // SAFETY: flock on a descriptor we own; the lock is released at once.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sled's lock still held 10 s after the server stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
 }
 
 /// Sends a JSON message.
