@@ -10,7 +10,7 @@
 //! counts the attempt, so a wrong password needs nothing more; then `record_success` on success,
 //! or `refund` if the password was never checked.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -19,42 +19,46 @@ use std::time::{Duration, Instant};
 /// characters, and the cap keeps an attacker from storing megabytes per entry.
 const MAX_KEY_NAME_CHARS: usize = 65;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 struct Failures {
-    /// Attempts counted in this window: failed ones, and ones still being checked.
-    count: u32,
-    /// The first attempt of the current window; the window ends `window` later.
-    since: Instant,
-    /// A refusal of this window was already reported (`Throttled::first`).
+    /// When the attempts still inside the window were made (failed ones, and ones still being
+    /// checked), oldest first; never more than the limit. A sliding window: an attempt is
+    /// allowed when fewer than the limit were made in the `window` before it, so no burst at a
+    /// window boundary gets twice the budget. (Few in practice: each one counted costs a
+    /// password hash, and those are bounded server-wide.)
+    times: VecDeque<Instant>,
+    /// The refusal of the current lockout was already reported (`Throttled::first`); cleared
+    /// when an attempt is allowed again.
     refusal_reported: bool,
 }
 
 impl Failures {
-    fn first(now: Instant) -> Self {
-        Failures {
-            count: 1,
-            since: now,
-            refusal_reported: false,
-        }
+    /// The last attempt, if any.
+    fn latest(&self) -> Option<Instant> {
+        self.times.back().copied()
     }
 }
 
 /// A refused attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Throttled {
-    /// When the window ends; never zero.
+    /// When an attempt is allowed again (the oldest attempt in the window leaves it); never
+    /// zero.
     pub retry_after: Duration,
-    /// The first refusal of this (user, address) window. The security log records that one;
+    /// The first refusal of this (user, address) lockout. The security log records that one;
     /// later refusals only count in the metric, so a client hammering a throttled key cannot
     /// make the server append and sync a log entry per request.
     pub first: bool,
 }
 
 /// Token refreshes a user may make at once, over HTTP and WebSocket together.
-pub const REFRESH_BURST: f64 = 10.0;
+pub const REFRESH_BURST: f64 = 20.0;
 /// One more refresh per user becomes available this often. A client refreshes once per token
-/// lifetime (15 minutes by default).
-pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
+/// lifetime (15 minutes by default), within the minute after `token_expiring`: one account
+/// shared by 50 desk screens that logged in together (and so refresh together) is served in
+/// that minute (20 at once, 30 more at one per 2 s), while a user refreshing in a loop costs
+/// the disk one synced security-log entry per 2 s.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
 
 /// A token bucket: at most `burst` tokens, refilled at `per_sec` a second. The one rate-limit
 /// mechanism of the server besides the login throttle: per WebSocket connection (commands,
@@ -163,31 +167,33 @@ impl LoginThrottle {
     pub fn begin(&self, user: &str, ip: IpAddr, now: Instant) -> Result<(), Throttled> {
         let key = key(user, ip);
         let mut entries = self.lock();
-        if let Some(f) = entries.get_mut(&key) {
-            if self.expired(*f, now) {
-                *f = Failures::first(now);
-                return Ok(());
-            }
-            if f.count >= self.max_failures {
-                // checked_add: a configured window near Duration::MAX must not panic.
-                let left = f
-                    .since
-                    .checked_add(self.window)
-                    .map_or(self.window, |ends| ends.saturating_duration_since(now));
-                let first = !f.refusal_reported;
-                f.refusal_reported = true;
-                return Err(Throttled {
-                    retry_after: left.max(Duration::from_secs(1)),
-                    first,
-                });
-            }
-            f.count += 1;
-            return Ok(());
-        }
-        if entries.len() >= self.max_entries {
+        if !entries.contains_key(&key) && entries.len() >= self.max_entries {
             self.make_room(&mut entries, now);
         }
-        entries.insert(key, Failures::first(now));
+        let f = entries.entry(key).or_default();
+        while f
+            .times
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= self.window)
+        {
+            f.times.pop_front();
+        }
+        if f.times.len() >= self.max_failures as usize {
+            // Allowed again when the oldest attempt of the window leaves it. checked_add: a
+            // configured window near Duration::MAX must not panic.
+            let oldest = f.times[f.times.len() - self.max_failures as usize];
+            let left = oldest
+                .checked_add(self.window)
+                .map_or(self.window, |ends| ends.saturating_duration_since(now));
+            let first = !f.refusal_reported;
+            f.refusal_reported = true;
+            return Err(Throttled {
+                retry_after: left.max(Duration::from_secs(1)),
+                first,
+            });
+        }
+        f.times.push_back(now);
+        f.refusal_reported = false;
         Ok(())
     }
 
@@ -196,8 +202,8 @@ impl LoginThrottle {
         let key = key(user, ip);
         let mut entries = self.lock();
         if let Some(f) = entries.get_mut(&key) {
-            f.count = f.count.saturating_sub(1);
-            if f.count == 0 {
+            f.times.pop_back();
+            if f.times.is_empty() {
                 entries.remove(&key);
             }
         }
@@ -218,19 +224,21 @@ impl LoginThrottle {
         self.len() == 0
     }
 
-    fn expired(&self, f: Failures, now: Instant) -> bool {
-        now.saturating_duration_since(f.since) >= self.window
+    /// No attempt of `f` is inside the window any more.
+    fn expired(&self, f: &Failures, now: Instant) -> bool {
+        f.latest()
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.window)
     }
 
     /// Drops expired entries; if none expired, evicts the oldest one. A linear scan, run only when
     /// the map is full: with the default 100,000 keys that is about a millisecond, small next to
     /// the ~150 ms password hash every failure costs anyway.
     fn make_room(&self, entries: &mut HashMap<(String, IpAddr), Failures>, now: Instant) {
-        entries.retain(|_, f| !self.expired(*f, now));
+        entries.retain(|_, f| !self.expired(f, now));
         if entries.len() >= self.max_entries {
             let oldest = entries
                 .iter()
-                .min_by_key(|(_, f)| f.since)
+                .min_by_key(|(_, f)| f.latest())
                 .map(|(k, _)| k.clone());
             if let Some(k) = oldest {
                 entries.remove(&k);
@@ -317,6 +325,32 @@ mod tests {
         );
         assert!(t.begin("alice", a, t0 + WINDOW).is_ok(), "a new window");
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn the_window_slides_so_a_boundary_gives_no_second_budget() {
+        // One failure at t0, four just before t0 + WINDOW: right after t0 + WINDOW only the
+        // first has left the window, so one more attempt is allowed, not five (a fixed window
+        // restarting at t0 + WINDOW allowed nine within seconds).
+        let t = LoginThrottle::new(5, WINDOW, 100);
+        let (a, t0) = (ip("10.0.0.1"), Instant::now());
+        let late = t0 + WINDOW - Duration::from_secs(2);
+        t.begin("alice", a, t0).unwrap();
+        for _ in 0..4 {
+            t.begin("alice", a, late).unwrap();
+        }
+        let after = t0 + WINDOW + Duration::from_secs(1);
+        assert!(
+            t.begin("alice", a, after).is_ok(),
+            "t0's attempt has left the window"
+        );
+        let refused = t.begin("alice", a, after).unwrap_err();
+        assert_eq!(
+            refused.retry_after,
+            late + WINDOW - after,
+            "allowed again when the oldest attempt in the window leaves it"
+        );
+        assert!(t.begin("alice", a, late + WINDOW).is_ok());
     }
 
     #[test]

@@ -181,7 +181,7 @@ async fn token_expiring_then_4001_unless_refreshed() {
 }
 
 /// Each refresh is a synced security-log entry, so a user's refreshes are limited (a burst of
-/// 10, then one per 10 s), over HTTP and WebSocket together: 429 with `Retry-After` on HTTP,
+/// 20, then one per 2 s), over HTTP and WebSocket together: 429 with `Retry-After` on HTTP,
 /// `rate_limited` on the socket; another user is not affected.
 #[tokio::test]
 async fn a_users_refreshes_are_limited_across_http_and_websocket() {
@@ -189,7 +189,8 @@ async fn a_users_refreshes_are_limited_across_http_and_websocket() {
     let token = app.user_token("loopy", "viewer").await;
     let mut ok = 0;
     let mut refused = None;
-    for _ in 0..12 {
+    let started = std::time::Instant::now();
+    for _ in 0..100 {
         let (s, v) = refresh_http(&app, Some(&token)).await;
         match s {
             200 => ok += 1,
@@ -199,8 +200,14 @@ async fn a_users_refreshes_are_limited_across_http_and_websocket() {
             }
         }
     }
-    assert_eq!(ok, 10, "the burst");
-    let (s, v) = refused.expect("the 11th is refused");
+    // The burst, and at most one more per 2 s the loop took (a slow machine refills some).
+    let refilled = (started.elapsed().as_secs_f64() / 2.0).ceil() as usize;
+    assert!(
+        (20..=20 + refilled).contains(&ok),
+        "{ok} refreshes passed in {:?}",
+        started.elapsed()
+    );
+    let (s, v) = refused.expect("a refresh beyond the burst is refused");
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (429, Some("rate_limited")),
@@ -213,24 +220,35 @@ async fn a_users_refreshes_are_limited_across_http_and_websocket() {
         .send()
         .await
         .expect("refresh");
+    assert_eq!(r.status(), 429);
     let retry: u64 = r.headers()["retry-after"]
         .to_str()
         .unwrap()
         .parse()
         .unwrap();
-    assert!((1..=10).contains(&retry), "Retry-After {retry}");
-    // The same user on a WebSocket: the same budget.
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    // The same user on a WebSocket: the same budget, so refused within a few refreshes (a
+    // budget of its own would pass 20; the connection's control budget also allows 20). A
+    // slow machine may have refilled one or two meanwhile.
     let (mut ws, _) = app.ws(&token).await;
-    send_json(
-        &mut ws,
-        json!({"type": "refresh", "req": "r", "token": token}),
-    )
-    .await;
-    let v = expect_type(&mut ws, "error", Duration::from_secs(5)).await;
+    let mut passed = 0;
+    let refused = loop {
+        assert!(passed < 4, "{passed} refreshes passed on the socket");
+        send_json(
+            &mut ws,
+            json!({"type": "refresh", "req": "r", "token": token}),
+        )
+        .await;
+        let v = recv_json(&mut ws).await.expect("an answer");
+        match v["type"].as_str() {
+            Some("ok") => passed += 1,
+            _ => break v,
+        }
+    };
     assert_eq!(
-        (v["code"].as_str(), v["req"].as_str()),
+        (refused["code"].as_str(), refused["req"].as_str()),
         (Some("rate_limited"), Some("r")),
-        "{v}"
+        "{refused}"
     );
     // Another user refreshes as usual.
     let other = app.user_token("calm", "viewer").await;
