@@ -1,7 +1,7 @@
 //! The projection: current state of every alarm, folded from the log in offset order.
 //!
 //! `apply` cannot fail and knows nothing of storage. The writer applies a batch only after it is
-//! durable; queries read under the shared `RwLock` in `ledger::LedgerState`.
+//! durable; queries read under the shared `RwLock` of the ledger's `ReadModel`.
 
 use crate::domain::{Alarm, AlarmState, Event, EventData};
 use serde::{Deserialize, Serialize};

@@ -77,17 +77,27 @@ impl ValueText {
 }
 
 /// Client → server messages.
+/// `null` reads as the field's default, as an omitted field does (Qt's `QJsonValue()` is
+/// written as `null`).
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     Subscribe {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "null_as_default")]
         from: u64,
         #[serde(default)]
         ledger_id: Option<Uuid>,
         #[serde(default)]
         from_hash: Option<String>,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "null_as_default")]
         snapshot: bool,
     },
     Unsubscribe {},
@@ -474,6 +484,34 @@ pub fn token_expiring(expires_at: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn null_reads_as_omitted_in_subscribe() {
+        let (_, m) =
+            parse_client_message(r#"{"type":"subscribe","from":null,"snapshot":null}"#).unwrap();
+        assert!(
+            matches!(
+                m,
+                ClientMessage::Subscribe {
+                    from: 0,
+                    snapshot: false,
+                    ..
+                }
+            ),
+            "{m:?}"
+        );
+        let (_, m) =
+            parse_client_message(r#"{"type":"subscribe","from":7,"snapshot":true}"#).unwrap();
+        assert!(matches!(
+            m,
+            ClientMessage::Subscribe {
+                from: 7,
+                snapshot: true,
+                ..
+            }
+        ));
+        assert!(parse_client_message(r#"{"type":"subscribe","from":"7"}"#).is_err());
+    }
 
     #[test]
     fn parses_commands_and_reports_bad_input() {

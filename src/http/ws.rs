@@ -261,11 +261,9 @@ fn handshake(
         .and_then(|v| v.to_str().ok())
         != Some("13")
     {
-        let mut resp = warp::reply::with_status(
-            "unsupported WebSocket version (13 required)",
-            warp::http::StatusCode::BAD_REQUEST,
-        )
-        .into_response();
+        let mut resp =
+            super::errors::ApiError::bad_request("unsupported WebSocket version (13 required)")
+                .into_response();
         resp.headers_mut().insert(
             "sec-websocket-version",
             warp::http::HeaderValue::from_static("13"),

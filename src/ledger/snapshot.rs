@@ -2,8 +2,10 @@
 //!
 //! File layout: `ALSNAP` magic, one format-version byte, the bincode body, then SHA-256 of the
 //! body. A snapshot is a cache, never a source of truth: one that fails to decode, has another
-//! format version, another ledger_id, or whose hash at its offset disagrees with the log is
-//! discarded (logged) and the projection is rebuilt from the log.
+//! format version or another ledger_id is discarded (logged) and the projection is rebuilt from
+//! the log. One whose hash at its offset disagrees with the log (or whose offset is beyond the
+//! head) is evidence that the log changed or lost events: the start fails
+//! (`Ledger::open`, `SnapshotCheck::Contradicts`).
 
 use crate::domain::{Alarm, Hash};
 use crate::store::codec;

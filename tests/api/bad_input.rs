@@ -913,3 +913,38 @@ async fn subscribe_flood_is_limited_at_the_default_command_rate() {
     assert_eq!(pong["type"], "pong");
     assert_serves(&app).await;
 }
+
+/// An upgrade with another WebSocket version is answered 400 with the JSON error shape and the
+/// version the server speaks (RFC 6455 §4.4).
+#[tokio::test]
+async fn an_upgrade_with_another_websocket_version_is_a_json_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let mut s = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    s.write_all(
+        b"GET /api/v1/ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 8\r\n\
+          connection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{answer}"
+    );
+    let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+    let v: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    assert_serves(&app).await;
+}
