@@ -396,6 +396,7 @@ pub struct Hello<'a> {
     pub user: &'a str,
     pub role: &'a str,
     pub token_expires_at: String,
+    pub server_time: crate::time::Timestamp,
 }
 
 pub fn hello(h: &Hello<'_>) -> String {
@@ -404,7 +405,7 @@ pub fn hello(h: &Hello<'_>) -> String {
         "protocol": PROTOCOL_VERSION,
         "ledger_id": h.ledger_id.to_string(),
         "head": h.head,
-        "server_time": crate::time::Timestamp::now().to_rfc3339(),
+        "server_time": h.server_time.to_rfc3339(),
         "user": {"name": h.user, "role": h.role},
         "token_expires_at": h.token_expires_at,
     })

@@ -7,6 +7,9 @@
 //! - every golden `.json` is the canonical JSON of the event and every `.hash` is
 //!   `SHA-256(prev || json)`, chained from the genesis hash;
 //! - the golden projection snapshot decodes and re-encodes byte-identically;
+//! - every WebSocket message the server sends, built from the corpus, equals its golden JSON in
+//!   `wire/server/`, and every golden client message in `wire/client/` still parses as the
+//!   message it is;
 //! - unknown versions, truncated and corrupted records are errors, never panics;
 //! - `scripts/verify_chain.py` (Python, standard library) recomputes the same chain from an
 //!   NDJSON export and names the offset of a tampered line.
@@ -17,7 +20,7 @@
 use alarm_ledger::domain::{AlarmChanges, AlarmSpec, Event, EventData, Hash, Severity};
 use alarm_ledger::ledger::snapshot::{self, Snapshot};
 use alarm_ledger::projection::Projection;
-use alarm_ledger::protocol::export_line;
+use alarm_ledger::protocol::{self, export_line, ClientMessage, Hello};
 use alarm_ledger::store::chain::{canonical_json, event_hash, genesis};
 use alarm_ledger::store::codec::{decode_event, encode_event, CodecError, FORMAT_VERSION};
 use alarm_ledger::time::Timestamp;
@@ -670,5 +673,198 @@ fn v1_command_outcomes_decode_and_reencode_byte_for_byte() {
             bytes,
             "{file} re-encodes byte for byte"
         );
+    }
+}
+
+/// The server's WebSocket messages, built from the corpus with fixed values: (golden name,
+/// message text).
+fn server_messages() -> Vec<(String, String)> {
+    let events = corpus();
+    let snap = corpus_snapshot();
+    let alarm = uuid(ALARM_A);
+    let req = |v: Value| Some(v);
+    let mut out: Vec<(String, String)> = vec![(
+        "hello".into(),
+        protocol::hello(&Hello {
+            ledger_id: ledger_id(),
+            head: snap.offset,
+            user: "zoë",
+            role: "operator",
+            token_expires_at: "2026-11-21T09:45:00.125Z".into(),
+            server_time: Timestamp(T0 + 1),
+        }),
+    )];
+    for (name, e) in &events {
+        out.push((format!("event_{name}"), protocol::event_message(e)));
+    }
+    let ok = |r: Option<Value>, already: bool, duplicate: bool| {
+        protocol::ok_value(&r, 5, alarm, already, duplicate).to_string()
+    };
+    let mut refreshed = serde_json::Map::new();
+    refreshed.insert(
+        "token_expires_at".into(),
+        Value::String("2026-11-21T10:00:00.125Z".into()),
+    );
+    out.extend([
+        (
+            "snapshot".into(),
+            protocol::snapshot(snap.offset, &snap.alarms, &req("s1".into())).unwrap(),
+        ),
+        (
+            "snapshot_without_req".into(),
+            protocol::snapshot(snap.offset, &snap.alarms, &None).unwrap(),
+        ),
+        (
+            "live".into(),
+            protocol::live(snap.offset, &req("s1".into())),
+        ),
+        (
+            "live_without_req".into(),
+            protocol::live(snap.offset, &None),
+        ),
+        ("ok_command".into(), ok(req(7.into()), false, false)),
+        ("ok_already".into(), ok(req("t-2".into()), true, false)),
+        ("ok_duplicate".into(), ok(None, false, true)),
+        (
+            "ok_unsubscribe".into(),
+            protocol::ok_plain(&req("u".into()), serde_json::Map::new()),
+        ),
+        (
+            "ok_refresh".into(),
+            protocol::ok_plain(&req("r".into()), refreshed),
+        ),
+        (
+            "error".into(),
+            protocol::error(
+                &req(3.into()),
+                "version_conflict",
+                "alarm is at version 4, expected 3",
+            ),
+        ),
+        (
+            "error_without_req".into(),
+            protocol::error(
+                &None,
+                "bad_request",
+                "not JSON: expected value at line 1 column 1",
+            ),
+        ),
+        ("pong".into(), protocol::pong(&req("p".into()))),
+        (
+            "token_expiring".into(),
+            protocol::token_expiring("2026-11-21T09:45:00.125Z"),
+        ),
+    ]);
+    out
+}
+
+#[test]
+fn v1_server_messages_match_the_golden_files() {
+    for (name, text) in server_messages() {
+        let fresh: Value = serde_json::from_str(&text).expect("the server sends JSON");
+        let file = golden(
+            &format!("wire/server/{name}.json"),
+            format!("{text}\n").as_bytes(),
+        );
+        let golden: Value = serde_json::from_slice(&file)
+            .unwrap_or_else(|e| panic!("wire/server/{name}.json is not JSON: {e}"));
+        // Compared as JSON values: fields and values are the contract, key order is not.
+        assert_eq!(
+            fresh, golden,
+            "{name}: the message differs from the golden file"
+        );
+    }
+}
+
+/// Client messages a v1 client sends (golden name, text, the message it must parse as).
+fn client_messages() -> Vec<(&'static str, &'static str, &'static str)> {
+    vec![
+        (
+            "subscribe_from_0",
+            r#"{"type":"subscribe","req":"s1","from":0}"#,
+            "Subscribe",
+        ),
+        (
+            "subscribe_resume",
+            r#"{"type":"subscribe","req":"s2","from":9,"ledger_id":"6f1c1a4e-3b8a-4a53-9c1e-2f3a4b5c6d7e","from_hash":"8d7f1bb4a4b0c3b7a3b5c1d9e0f2a4c6b8d0e2f4a6c8e0b2d4f6a8c0e2b4d6f8"}"#,
+            "Subscribe",
+        ),
+        (
+            "subscribe_snapshot",
+            r#"{"type":"subscribe","req":"s3","snapshot":true}"#,
+            "Subscribe",
+        ),
+        (
+            "unsubscribe",
+            r#"{"type":"unsubscribe","req":"u"}"#,
+            "Unsubscribe",
+        ),
+        (
+            "create",
+            r#"{"type":"create","req":1,"command_id":"5c0ffee0-1234-4abc-8def-0123456789ab","alarm":{"name":"AAPL above 200","instrument":"AAPL","condition":"PX_LAST > 200","severity":"high","tags":["equities","us"]}}"#,
+            "Create",
+        ),
+        (
+            "update",
+            r#"{"type":"update","req":2,"alarm_id":"019aa5b0-7c10-7a3e-8b11-0123456789ab","expected_version":1,"changes":{"severity":"critical","tags":["equities"]}}"#,
+            "Update",
+        ),
+        (
+            "trigger",
+            r#"{"type":"trigger","req":3,"alarm_id":"019aa5b0-7c10-7a3e-8b11-0123456789ab","value":"201.5","message":"crossed 200"}"#,
+            "Trigger",
+        ),
+        (
+            "ack",
+            r#"{"type":"ack","req":4,"alarm_id":"019aa5b0-7c10-7a3e-8b11-0123456789ab","comment":"looking"}"#,
+            "Ack",
+        ),
+        (
+            "rearm",
+            r#"{"type":"rearm","req":5,"alarm_id":"019aa5b0-7c10-7a3e-8b11-0123456789ab"}"#,
+            "Rearm",
+        ),
+        (
+            "delete",
+            r#"{"type":"delete","req":6,"alarm_id":"019aa5b0-7c10-7a3e-8b11-0123456789ab","expected_version":4}"#,
+            "Delete",
+        ),
+        ("ping", r#"{"type":"ping","req":"p"}"#, "Ping"),
+        (
+            "refresh",
+            r#"{"type":"refresh","req":"r","token":"eyJhbGciOiJIUzI1NiJ9.e30.sig"}"#,
+            "Refresh",
+        ),
+    ]
+}
+
+#[test]
+fn v1_client_messages_still_parse() {
+    for (name, text, kind) in client_messages() {
+        let file = golden(
+            &format!("wire/client/{name}.json"),
+            format!("{text}\n").as_bytes(),
+        );
+        let text = String::from_utf8(file).expect("UTF-8");
+        let (req, msg) = protocol::parse_client_message(text.trim_end())
+            .unwrap_or_else(|(_, e)| panic!("{name}: a v1 client message no longer parses: {e:?}"));
+        let parsed = format!("{msg:?}");
+        assert!(
+            parsed.starts_with(kind),
+            "{name}: parsed as {parsed}, expected {kind}"
+        );
+        assert!(req.is_some(), "{name}: its req is kept");
+        // Commands still turn into the command they are.
+        if !matches!(
+            msg,
+            ClientMessage::Subscribe { .. }
+                | ClientMessage::Unsubscribe {}
+                | ClientMessage::Ping {}
+                | ClientMessage::Refresh { .. }
+        ) {
+            protocol::command_of(msg, "zoë")
+                .expect("a command")
+                .unwrap_or_else(|e| panic!("{name}: refused: {e:?}"));
+        }
     }
 }

@@ -427,6 +427,7 @@ fn every_server_message_builder_conforms() {
                 user: "alice",
                 role: "operator",
                 token_expires_at: expires.clone(),
+                server_time: Timestamp::now(),
             }),
         ),
         (
@@ -437,6 +438,7 @@ fn every_server_message_builder_conforms() {
                 user: "root",
                 role: "admin",
                 token_expires_at: expires.clone(),
+                server_time: Timestamp::now(),
             }),
         ),
         (
@@ -1155,4 +1157,23 @@ fn alarm_wire_form_is_the_golden_one() {
     let mut direct = Vec::new();
     alarm_ledger::domain::write_alarms_json(&mut direct, &alarms).unwrap();
     assert_eq!(String::from_utf8(direct).unwrap() + "\n", golden);
+}
+
+/// The golden wire messages of `snapshots/v1/wire/` conform to the schemas: the files that pin
+/// today's messages and the schemas that document them cannot drift apart.
+#[test]
+fn golden_wire_messages_conform() {
+    for (dir, schema) in [
+        ("server", "server-messages.schema.json"),
+        ("client", "client-messages.schema.json"),
+    ] {
+        let v = validator(schema);
+        let mut n = 0;
+        for entry in std::fs::read_dir(root().join("snapshots/v1/wire").join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            assert_valid(&v, &read_json(&path), &path.display().to_string());
+            n += 1;
+        }
+        assert!(n >= 10, "{n} golden {dir} messages");
+    }
 }

@@ -472,6 +472,7 @@ impl Connection {
             user: &self.principal.name,
             role: self.principal.role.as_str(),
             token_expires_at: self.expires_at_text.clone(),
+            server_time: Timestamp::now(),
         });
         if send(ws, vec![hello.into()], stall).await.is_err() {
             return End::Gone;
