@@ -8,7 +8,11 @@
 //! - a restarted server holds every acknowledged event (of every round so far) at its offset
 //!   with its command_id, and its offsets are contiguous from 1;
 //! - re-sending every command acknowledged this round answers `duplicate: true` with the
-//!   original offset and appends nothing.
+//!   original offset and appends nothing;
+//! - re-sending the commands that were in flight at the kill (sent, no answer: the client
+//!   cannot know whether they were appended — the case a client retrying after a dropped
+//!   connection is in) answers `duplicate: true` with the offset where the log holds it, or
+//!   appends it once if the kill came first; either way each command_id is in the log once.
 //!
 //! The server runs with `--snapshot-every 40` so that kills also land during projection
 //! snapshots. `CRASH_SEED` reproduces a run's kill times; `CRASH_ROUNDS` changes the count.
@@ -106,14 +110,26 @@ async fn login(client: &reqwest::Client, s: &Server) -> String {
     v["token"].as_str().unwrap().to_string()
 }
 
-/// One client: its own alarm's create → (trigger → ack → rearm)* cycle, until the server dies.
-async fn client_loop(base: String, token: String, acked: Arc<Mutex<Vec<Acked>>>) {
+/// A command sent when the server died, without an answer.
+struct InFlight {
+    path: String,
+    body: Value,
+    command_id: Uuid,
+}
+
+/// One client: its own alarm's create → (trigger → ack → rearm)* cycle, until the server dies;
+/// then the command it was waiting for, if any.
+async fn client_loop(
+    base: String,
+    token: String,
+    acked: Arc<Mutex<Vec<Acked>>>,
+) -> Option<InFlight> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
     let alarm = Uuid::now_v7().to_string();
-    for i in 0.. {
+    for i in 0usize.. {
         let cid = Uuid::new_v4();
         let (path, body) = match i {
             0 => (
@@ -136,10 +152,19 @@ async fn client_loop(base: String, token: String, acked: Arc<Mutex<Vec<Acked>>>)
             .json(&body)
             .send()
             .await;
-        let Ok(r) = r else { return }; // the server is gone
+        let in_flight = |path, body| {
+            Some(InFlight {
+                path,
+                body,
+                command_id: cid,
+            })
+        };
+        let Ok(r) = r else {
+            return in_flight(path, body); // the server is gone
+        };
         let status = r.status().as_u16();
         let Ok(v) = r.json::<Value>().await else {
-            return;
+            return in_flight(path, body);
         };
         assert_eq!(status, 200, "{path} {body}: {v}");
         assert!(
@@ -154,6 +179,7 @@ async fn client_loop(base: String, token: String, acked: Arc<Mutex<Vec<Acked>>>)
             offset: v["offset"].as_u64().unwrap(),
         });
     }
+    None // (the range ends only at usize::MAX)
 }
 
 fn verify(data: &Path) -> (u64, String) {
@@ -226,8 +252,9 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
         let after = rng.between(50, 400);
         tokio::time::sleep(Duration::from_millis(after)).await;
         server.kill9();
+        let mut in_flight = Vec::new();
         for t in tasks {
-            t.await.expect("client task");
+            in_flight.extend(t.await.expect("client task"));
         }
         let round_acked = std::mem::take(&mut *acked.lock().unwrap());
 
@@ -293,9 +320,55 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
             Some(head),
             "retries appended nothing"
         );
+        // Retries of the commands in flight at the kill: appended at most once, ever.
+        let mut appended_now = 0;
+        for f in &in_flight {
+            let cid = f.command_id.to_string();
+            let held: Vec<u64> = log
+                .iter()
+                .filter(|e| e["command_id"].as_str() == Some(&*cid))
+                .map(|e| e["offset"].as_u64().unwrap())
+                .collect();
+            assert!(held.len() <= 1, "command {cid} appended twice: {held:?}");
+            let r = client
+                .post(server.url(&f.path))
+                .bearer_auth(&token)
+                .json(&f.body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "retry of {} {}", f.path, f.body);
+            let v: Value = r.json().await.unwrap();
+            let offset = v["offset"].as_u64().unwrap();
+            match held.first() {
+                Some(&at) => {
+                    assert_eq!(v["duplicate"], true, "durable before the kill: {v}");
+                    assert_eq!(offset, at, "{v}");
+                }
+                None => {
+                    assert!(v.get("duplicate").is_none(), "lost at the kill: {v}");
+                    assert!(offset > head, "{v}");
+                    appended_now += 1;
+                }
+            }
+            all.push(Acked {
+                path: f.path.clone(),
+                body: f.body.clone(),
+                command_id: f.command_id,
+                alarm_id: v["alarm_id"].as_str().unwrap().to_string(),
+                offset,
+            });
+        }
+        let after_retries = events(&client, &server, &token).await;
+        assert_eq!(
+            after_retries.len() as u64,
+            head + appended_now,
+            "only the commands lost at the kill were appended by their retries"
+        );
         eprintln!(
-            "round {round}: killed after {after} ms, {} acknowledged, head {head}",
-            round_acked.len()
+            "round {round}: killed after {after} ms, {} acknowledged, {} in flight ({appended_now} lost at the kill), head {head}",
+            round_acked.len(),
+            in_flight.len()
         );
     }
     // The last server stops gracefully; the directory still verifies.
