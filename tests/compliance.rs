@@ -40,19 +40,25 @@ impl Server {
     }
 
     async fn start_with(data: &Path, extra: &[&str]) -> Server {
+        Self::start_limited(data, extra, None).await
+    }
+
+    /// A server whose files may not grow beyond `file_size` bytes (`process::spawn_server_limited`).
+    async fn start_limited(data: &Path, extra: &[&str], file_size: Option<u64>) -> Server {
         let (data, extra): (PathBuf, Vec<String>) = (
             data.to_path_buf(),
             extra.iter().map(|e| e.to_string()).collect(),
         );
         let process::Spawned { child, addr, log } = tokio::task::spawn_blocking(move || {
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            process::spawn_server(
+            process::spawn_server_limited(
                 &data,
                 &extra,
                 &[
                     ("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD),
                     ("ALARM_LEDGER_JWT_SECRET", SECRET),
                 ],
+                file_size,
             )
         })
         .await
@@ -1321,10 +1327,68 @@ fn assert_failure_is_clear(failure: &Value) {
 /// The disk-failure tests need to mount a small filesystem, which takes root with
 /// CAP_SYS_ADMIN (and loop devices for ext4). Where mounting is refused (a developer's account,
 /// a container without privileges) they are skipped with a loud message: `cargo test` must pass
-/// there. `.ci/run` probes the same and says when these guarantees go unexercised; a mount that
-/// works followed by any failure is a test failure.
+/// there. `.ci/run` probes the same and says when these run; a mount that works followed by any
+/// failure is a test failure. The guarantee itself (a refused write fails appends clearly and
+/// loses nothing) is exercised everywhere by
+/// `a_write_refused_by_the_disk_fails_appends_clearly_and_loses_nothing` (a file size limit).
 fn skip_not_exercised(why: &str) {
     eprintln!("SKIPPED, NOT EXERCISED: {why}");
+}
+
+/// A write the disk refuses, without root: the server's files may not grow past a limit
+/// (`RLIMIT_FSIZE`; the write fails with `EFBIG`, as it would with `ENOSPC` on a full disk).
+/// Appends fail with a clear error, reads go on, nothing acknowledged is lost, a restart
+/// without the limit writes again, and the directory verifies. Runs everywhere, beside the
+/// tmpfs and ext4 tests that need root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_by_the_disk_fails_appends_clearly_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut s = Server::start(&data).await;
+    let (mut acked, f) = append_until_failure(&s, "before", 20).await;
+    assert_eq!(f, Value::Null, "appends work without a limit");
+    s.stop();
+    let db = std::fs::metadata(data.join("ledger/db")).unwrap().len();
+    // Room for a few hundred of the 2 KB records, not for the 2,000 tried.
+    let mut s = Server::start_limited(&data, &[], Some(db + 1024 * 1024)).await;
+    let (more, failure) = append_until_failure(&s, "limited", 2_000).await;
+    eprintln!(
+        "file size limit {} bytes: {} more appends acknowledged before the first failure: {failure}",
+        db + 1024 * 1024,
+        more.len()
+    );
+    acked.extend(more);
+    assert_ne!(failure, Value::Null, "a refused write must fail appends");
+    assert_failure_is_clear(&failure);
+    let head = s.ledger().await["head"].as_u64().unwrap();
+    assert_eq!(
+        head,
+        acked.len() as u64,
+        "nothing unacknowledged is visible"
+    );
+    still_serves_reads(&s, head).await;
+    s.kill9();
+    let mut s = Server::start(&data).await;
+    let ev = lines(&s.events_text("").await);
+    assert_eq!(
+        ev.len() as u64,
+        head,
+        "every acknowledged event, and no other"
+    );
+    for (cid, off) in &acked {
+        assert_eq!(
+            ev[*off as usize - 1]["command_id"],
+            cid.to_string(),
+            "acknowledged offset {off}"
+        );
+    }
+    let (st, _) = s
+        .post("/api/v1/alarms", json!({"name": "after restart"}))
+        .await;
+    assert_eq!(st, 200, "a restart without the limit writes again");
+    s.stop();
+    let out = cli_ok(&["verify", "--data", d(&data)]);
+    assert_eq!(parse_ok(&out).1, head + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,36 @@ pub struct Spawned {
 /// Starts `serve --data DATA --listen 127.0.0.1:0 EXTRA...` with `env`, and waits (≤ 30 s) for
 /// its address. Panics with the server's log if it does not come up.
 pub fn spawn_server(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Spawned {
+    spawn_server_limited(data, extra, env, None)
+}
+
+/// `spawn_server` with the files the server writes limited to `file_size` bytes
+/// (`RLIMIT_FSIZE`, with `SIGXFSZ` ignored, so a write beyond it fails with `EFBIG`): a disk that
+/// refuses writes, without root.
+pub fn spawn_server_limited(
+    data: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    file_size: Option<u64>,
+) -> Spawned {
     let mut cmd = bin();
+    if let Some(limit) = file_size {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: signal and setrlimit only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let r = libc::rlimit {
+                    rlim_cur: limit as libc::rlim_t,
+                    rlim_max: limit as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.args(["--log-format", "json", "serve", "--data"])
         .arg(data)
         .args(["--listen", "127.0.0.1:0"])
