@@ -61,6 +61,8 @@ pub enum SecurityAction {
     AuditExport,
     /// An alarm history or the security log was read.
     HistoryRead,
+    /// The state of every alarm at a past point was reconstructed (`GET /api/v1/alarms?as_of=`).
+    StateAsOfRead,
 }
 
 impl SecurityAction {
@@ -79,6 +81,7 @@ impl SecurityAction {
             SecurityAction::BackupCreated => "backup_created",
             SecurityAction::AuditExport => "audit_export",
             SecurityAction::HistoryRead => "history_read",
+            SecurityAction::StateAsOfRead => "state_as_of_read",
         }
     }
 }

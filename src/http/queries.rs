@@ -59,7 +59,7 @@ fn state_filter(v: Option<&str>) -> Result<StateFilter, ApiError> {
 pub const MAX_AS_OF_BUILDS: usize = 2;
 
 pub async fn alarms(state: &State, req: &Request) -> Result<Response, ApiError> {
-    authenticate(state, &req.headers)?;
+    let principal = authenticate(state, &req.headers)?;
     let q = req.query_pairs()?;
     // Refused rather than ignored: a misspelt `as_of` would answer the current state as if it
     // were the historical one.
@@ -84,6 +84,21 @@ pub async fn alarms(state: &State, req: &Request) -> Result<Response, ApiError> 
                 "{MAX_AS_OF_BUILDS} past states are already being reconstructed; retry shortly"
             ))
         })?;
+    // A reconstruction of the past is a read of the audit trail: who looked at which point.
+    let mut details = serde_json::Map::new();
+    details.insert("as_of".into(), json!(v));
+    if let Some(s) = get("state") {
+        details.insert("state".into(), json!(s));
+    }
+    audit(
+        state,
+        req,
+        &principal,
+        SecurityAction::StateAsOfRead,
+        "alarms",
+        serde_json::Value::Object(details),
+    )
+    .await;
     let ledger = state.ledger.clone();
     let st = state.clone();
     // A thread of its own at the lowest CPU priority, as backups: the replay must not delay the

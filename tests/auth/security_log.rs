@@ -132,6 +132,15 @@ async fn everything_is_recorded_with_who_what_whom_and_where_and_the_chain_verif
     )
     .await;
     assert_eq!(s, 200);
+    let (s, _) = call(
+        &c,
+        Method::GET,
+        app.url("/api/v1/alarms?as_of=1&state=armed"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
     // User administration.
     for body in [
         json!({"role": "viewer"}),
@@ -198,7 +207,7 @@ async fn everything_is_recorded_with_who_what_whom_and_where_and_the_chain_verif
         let e = find(action, actor, target);
         assert_eq!(e["address"], "127.0.0.1", "{e}");
     }
-    for action in ["audit_export", "history_read"] {
+    for action in ["audit_export", "history_read", "state_as_of_read"] {
         let e = log
             .iter()
             .find(|e| e["action"] == action && e["user_agent"] == UA)
@@ -212,6 +221,16 @@ async fn everything_is_recorded_with_who_what_whom_and_where_and_the_chain_verif
     assert!(log
         .iter()
         .any(|e| e["action"] == "history_read" && e["details"]["alarm_id"] == alarm_id.as_str()));
+    // Who reconstructed which past state.
+    let as_of = log
+        .iter()
+        .find(|e| e["action"] == "state_as_of_read")
+        .unwrap();
+    assert_eq!(
+        (&as_of["target"], &as_of["details"]),
+        (&json!("alarms"), &json!({"as_of": "1", "state": "armed"})),
+        "{as_of}"
+    );
     // Who pulled the audit trail, with which filters.
     let export = log
         .iter()
