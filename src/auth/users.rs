@@ -142,6 +142,10 @@ pub struct UserStore {
     /// PBKDF2 cost for new hashes and for the dummy verification of unknown users. Always
     /// [`PBKDF2_ITERATIONS`] except in this file's unit tests.
     iterations: u32,
+    /// Bumped after every written change of an account, before the change is answered: live
+    /// WebSockets watch it and re-check their user at once (`watch_changes`), so a disabled,
+    /// demoted or re-passworded user's socket sends no command once the change has returned.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Shows the cost setting only; records are not dumped into logs.
@@ -165,7 +169,13 @@ impl UserStore {
             tree: db.open_tree(USERS_TREE)?,
             write_lock: Mutex::new(()),
             iterations,
+            changes: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// A receiver that sees every later change of any account (`changed()`, `has_changed()`).
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// True when there is no account at all (first start).
@@ -408,6 +418,7 @@ impl UserStore {
         if record != before {
             self.tree.insert(name.as_bytes(), encode(&record)?)?;
             self.db.flush()?;
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok((before.info(), record.info()))
     }

@@ -183,6 +183,8 @@ pub(crate) fn upgrade(
             .find(|(k, _)| k == "access_token")
             .map(|(_, v)| v)
     });
+    // Watching account changes from before the token check: a change after it is seen.
+    let user_changes = state.auth.users.watch_changes();
     // Authentication happens before the upgrade completes, but a failure is reported by closing
     // the accepted socket with 4001: Qt's QWebSocket cannot read a rejected handshake.
     let auth = match token {
@@ -217,7 +219,9 @@ pub(crate) fn upgrade(
                 Ok(principal) => {
                     tracing::Span::current().record("user", principal.name.as_str());
                     let meta = ConnMeta { ip, ua };
-                    Connection::new(state, principal, meta).run(socket).await
+                    Connection::new(state, principal, meta, user_changes)
+                        .run(socket)
+                        .await
                 }
             }
         }
@@ -405,10 +409,18 @@ struct Connection {
     unreadable: bool,
     /// When this connection last took a snapshot (`SNAPSHOT_INTERVAL` apart at least).
     last_snapshot: Option<Instant>,
+    /// Account changes (`UserStore::watch_changes`): the user is re-checked at once after one,
+    /// and before any message is handled once one happened.
+    user_changes: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Connection {
-    fn new(state: State, principal: Principal, meta: ConnMeta) -> Self {
+    fn new(
+        state: State,
+        principal: Principal,
+        meta: ConnMeta,
+        user_changes: tokio::sync::watch::Receiver<u64>,
+    ) -> Self {
         let (expires_at, expires_at_text) = expiry(principal.claims.exp);
         let rate = f64::from(state.settings.ws_command_rate);
         Connection {
@@ -429,6 +441,7 @@ impl Connection {
             warned: false,
             unreadable: false,
             last_snapshot: None,
+            user_changes,
         }
     }
 
@@ -544,6 +557,13 @@ impl Connection {
                     }
                     timer.as_mut().reset(due.next(self.warned));
                 }
+                // An account changed: this user may have been disabled, demoted or given a new
+                // password; re-check now rather than at the next periodic re-check.
+                Ok(()) = self.user_changes.changed() => {
+                    if let Some(end) = user_recheck(&self.state, &self.principal.claims) {
+                        return end;
+                    }
+                }
                 // Polled only while a command waits (most connections are subscribers only),
                 // and before new frames: answers that are ready go out before more commands
                 // are read, so a client that pipelines cannot starve its own answers.
@@ -638,6 +658,15 @@ impl Connection {
         }
         if msg.len() > self.state.settings.ws_max_message {
             return Some(End::Close(CLOSE_POLICY, "message too large".into()));
+        }
+        // A change of some account that this connection's loop has not looked at yet: the
+        // user is re-checked before the message is handled, so nothing is done for a user
+        // whose disable, demotion or new password has already been answered.
+        if self.user_changes.has_changed().unwrap_or(false) {
+            self.user_changes.mark_unchanged();
+            if let Some(end) = user_recheck(&self.state, &self.principal.claims) {
+                return Some(end);
+            }
         }
         let Message::Text(text) = &msg else {
             return self
@@ -1094,7 +1123,10 @@ fn user_recheck(state: &State, claims: &crate::auth::token::Claims) -> Option<En
         Ok(_) => None,
         Err(e) if e.is_client_fault() => Some(End::Close(
             CLOSE_UNAUTHORIZED,
-            format!("token revoked: {e}"),
+            match e {
+                crate::auth::AuthError::TokenRevoked => e.to_string(),
+                e => format!("token revoked: {e}"),
+            },
         )),
         Err(e) => {
             tracing::error!(error = %e, "user re-check failed");

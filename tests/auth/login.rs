@@ -90,3 +90,38 @@ async fn disabling_a_user_refuses_logins_and_closes_their_live_socket_with_4001(
         "unauthorized",
     );
 }
+
+/// Once a disable (or demotion, or new password) has been answered, the user's open socket
+/// does nothing more: a command sent right after is not appended, the socket closes with 4001
+/// (it used to keep working until the periodic re-check, up to 2 s later).
+#[tokio::test]
+async fn a_command_sent_after_the_disable_was_answered_is_not_appended() {
+    let app = spawn_app().await;
+    for (change, name) in [
+        (json!({"disabled": true}), "ella"),
+        (json!({"role": "viewer"}), "finn"),
+        (json!({"password": "a brand new password 1"}), "gina"),
+    ] {
+        let token = app.user_token(name, "operator").await;
+        let (mut ws, _) = app.ws(&token).await;
+        assert_alive(&mut ws, "before").await;
+        let (s, v) = patch_user(&app, &app.admin_token, name, change.clone()).await;
+        assert_eq!(s, 200, "{v}");
+        send_json(
+            &mut ws,
+            json!({"type": "create", "req": "late", "alarm": {"name": format!("by {name}")}}),
+        )
+        .await;
+        let (code, reason) = expect_close(&mut ws, Duration::from_secs(10)).await;
+        assert_eq!(code, 4001, "{change}: {reason}");
+        assert!(!reason.contains("revoked: token revoked"), "{reason}");
+        let (s, text) = app
+            .get_text(&app.admin_token, &format!("/api/v1/events?actor={name}"))
+            .await;
+        assert_eq!(s, 200);
+        assert!(
+            text.is_empty(),
+            "{change}: appended after the change: {text}"
+        );
+    }
+}
