@@ -100,9 +100,19 @@ impl Application {
             cache_bytes: args.cache_mb * 1024 * 1024,
         };
         let ledger_dir = dir.ledger_dir();
-        let log = tokio::task::spawn_blocking(move || SledLog::open(&ledger_dir, &opts))
-            .await
-            .map_err(|e| Error::Other(e.to_string()))??;
+        refuse_to_refound(&ledger_dir, &dir.snapshot_path())?;
+        // With a projection snapshot the directory held a ledger: a log that opens empty lost
+        // it (sled found nothing to recover), and is not silently re-founded either.
+        let held_one = dir.snapshot_path().exists();
+        let log = tokio::task::spawn_blocking(move || {
+            if held_one {
+                SledLog::open_existing(&ledger_dir, &opts)
+            } else {
+                SledLog::open(&ledger_dir, &opts)
+            }
+        })
+        .await
+        .map_err(|e| Error::Other(e.to_string()))??;
         let log = Arc::new(log);
         let db = log.db().clone();
         let ledger_opts = LedgerOptions {
@@ -264,6 +274,7 @@ impl Application {
             )),
             current_state: Default::default(),
             user_changes: Default::default(),
+            backup_running: Default::default(),
         });
         Ok(Application {
             addr,
@@ -358,4 +369,26 @@ impl Application {
             budget: shutdown_timeout,
         })
     }
+}
+
+/// A data directory whose log is gone but whose projection snapshot is still there held a
+/// ledger: starting would found a new, empty one in its place (a new ledger_id, a new `admin`,
+/// and at the next stop a snapshot overwriting the last trace of the old one). That is a lost
+/// or half-restored directory, not a first start: refuse, and say what to do.
+fn refuse_to_refound(ledger_dir: &std::path::Path, snapshot: &std::path::Path) -> Result<()> {
+    if ledger_dir.join("db").is_file() || !snapshot.exists() {
+        return Ok(());
+    }
+    let held = match crate::ledger::snapshot::load(snapshot) {
+        Ok(Some(s)) => format!("ledger {} at offset {}", s.ledger_id, s.offset),
+        _ => "a ledger".to_string(),
+    };
+    Err(Error::Other(format!(
+        "{} is missing, but {} shows this directory held {held}: restore the directory from a \
+         backup (a new ledger is not started over a lost one); to start a new ledger here on \
+         purpose, move {} away first",
+        ledger_dir.join("db").display(),
+        snapshot.display(),
+        snapshot.display()
+    )))
 }

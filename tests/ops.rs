@@ -654,3 +654,62 @@ async fn a_server_out_of_file_descriptors_still_commits() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A data directory whose log was lost but whose projection snapshot remains held a ledger:
+/// `serve` refuses to found a new, empty one in its place (which would create a new `admin`
+/// and, at its stop, overwrite the snapshot, the last trace of the old ledger), whether the
+/// log's `db` file is gone or opens empty; it says what to do, and changes nothing.
+#[tokio::test]
+async fn serve_does_not_found_a_new_ledger_over_a_lost_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (mut child, addr) = start_server(data.to_str().unwrap());
+    let client = reqwest::Client::new();
+    let token = admin_login(&client, &addr).await;
+    let r = client
+        .post(format!("http://{addr}/api/v1/alarms"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"name": "before the loss"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let snapshot = std::fs::read(data.join("projection.snapshot")).expect("a snapshot at the stop");
+
+    let serve = || {
+        run_bin(
+            &[
+                "serve",
+                "--data",
+                data.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &[],
+        )
+    };
+    // The log's directory is gone.
+    std::fs::remove_dir_all(data.join("ledger")).unwrap();
+    let out = serve();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is missing") && err.contains("restore the directory from a backup"),
+        "{err}"
+    );
+    assert!(!data.join("ledger").exists(), "nothing created");
+    // The log opens empty (a sled database without the ledger).
+    drop(sled::open(data.join("ledger")).unwrap());
+    let out = serve();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("holds no ledger"), "{err}");
+    assert_eq!(
+        std::fs::read(data.join("projection.snapshot")).unwrap(),
+        snapshot,
+        "the old ledger's snapshot is untouched"
+    );
+}
