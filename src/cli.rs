@@ -5,7 +5,9 @@
 
 use crate::auth::{NewSecurityEntry, SecurityAction, SecurityLog, UserStore};
 use crate::config::AsOf;
-use crate::config::{BackupArgs, ExportArgs, ExportFormat, UserAction, UserArgs, VerifyArgs};
+use crate::config::{
+    BackupArgs, ExportArgs, ExportFormat, ReadArgs, UserAction, UserArgs, VerifyArgs,
+};
 use crate::error::{Error, Result};
 use crate::export::{self, EventFilter};
 use crate::ledger::datadir::DataDir;
@@ -35,6 +37,130 @@ fn open(dir: &DataDir) -> Result<SledLog> {
 fn open_for_full_read(dir: &DataDir) -> Result<SledLog> {
     crate::store::sled_log::prefetch_db_file(&dir.ledger_dir());
     open(dir)
+}
+
+/// A private copy of a data directory's `ledger/` for a read-only tool, removed when dropped.
+///
+/// Opening a sled database runs sled's recovery, and that writes: it re-reads the end of its
+/// log and zeroes it from the first damaged page on (how it drops a write torn by a crash). A
+/// `verify` of a damaged archive copy opened in place thus destroyed the very evidence it
+/// found (review: 8 KB zeroed by one flipped byte). So `verify`, `export` and `user list` open a
+/// copy, and the directory they were given is only ever read.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a read-only tool reads: the log (of a private copy unless `--in-place`), the directory
+/// (its lock held when it can be taken) and the copy, to be dropped after the log.
+struct ReadView {
+    dir: DataDir,
+    log: SledLog,
+    scratch: Option<Scratch>,
+}
+
+impl ReadView {
+    fn open(root: &Path, how: &ReadArgs) -> Result<ReadView> {
+        if how.in_place {
+            let dir = DataDir::lock_existing(root)?;
+            let log = open_for_full_read(&dir)?;
+            return Ok(ReadView {
+                dir,
+                log,
+                scratch: None,
+            });
+        }
+        let dir = DataDir::lock_for_reading(root)?;
+        let source = dir.ledger_dir();
+        if !source.join("db").is_file() {
+            return Err(Error::Corrupt {
+                offset: 0,
+                reason: format!(
+                    "{} has no sled database (db file): not a ledger",
+                    source.display()
+                ),
+            });
+        }
+        let base = how.scratch.clone().unwrap_or_else(std::env::temp_dir);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let scratch =
+            Scratch(base.join(format!("alarm-ledger-read-{}-{nanos}", std::process::id())));
+        crate::store::sled_log::prefetch_db_file(&source);
+        copy_dir(&source, &scratch.0.join("ledger")).map_err(|e| {
+            Error::Other(format!(
+                "cannot copy {} to {} to read it (the copy needs room for the db file: \
+                 --scratch DIR elsewhere, or --in-place on a copy you can lose): {e}",
+                source.display(),
+                scratch.0.display()
+            ))
+        })?;
+        let copy = scratch.0.join("ledger");
+        let log = SledLog::open_existing(
+            &copy,
+            &SledOptions {
+                cache_bytes: OFFLINE_CACHE_BYTES,
+            },
+        )
+        .map_err(|e| name_source(e, &copy, &source))?;
+        Ok(ReadView {
+            dir,
+            log,
+            scratch: Some(scratch),
+        })
+    }
+
+    /// Ends the tool's use of the log (`release_at_exit`), then removes the copy.
+    fn finish(self) -> Result<()> {
+        let ReadView { dir, log, scratch } = self;
+        release_at_exit(log)?;
+        drop(scratch);
+        drop(dir);
+        Ok(())
+    }
+}
+
+/// An error about the private copy, told about the directory it was taken from.
+fn name_source(e: Error, copy: &Path, source: &Path) -> Error {
+    let fix = |s: String| {
+        s.replace(
+            &copy.display().to_string(),
+            &format!("{} (read from a private copy)", source.display()),
+        )
+    };
+    match e {
+        Error::Storage(s) => Error::Storage(fix(s)),
+        Error::Corrupt { offset, reason } => Error::Corrupt {
+            offset,
+            reason: fix(reason),
+        },
+        other => other,
+    }
+}
+
+/// Copies a directory tree of plain files (sled's `ledger/`: `db`, `conf`, `snap.*`, `blobs/`);
+/// a snapshot sled was still generating is left behind (it removes those itself).
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".generating") {
+            continue;
+        }
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_dir(&entry.path(), &to.join(&name))?;
+        } else {
+            // Follows a symlinked file, as sled would.
+            std::fs::copy(entry.path(), to.join(&name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Ends a read-only command's use of the log without tearing sled down. These functions are the
@@ -69,6 +195,22 @@ pub fn user(args: UserArgs) -> Result<()> {
         }
         _ => None,
     };
+    if matches!(args.action, UserAction::List) {
+        // Reads only: from a private copy, as `verify` and `export` (`ReadView`).
+        let view = ReadView::open(&args.data.data, &ReadArgs::default())?;
+        let users = UserStore::open(view.log.db()).map_err(|e| Error::Storage(e.to_string()))?;
+        for u in users.list().map_err(|e| Error::Storage(e.to_string()))? {
+            println!(
+                "{}\t{}\t{}\t{}",
+                u.username,
+                u.role.as_str(),
+                if u.disabled { "disabled" } else { "enabled" },
+                Timestamp::from_datetime(u.created_at)
+            );
+        }
+        drop(users);
+        return view.finish();
+    }
     let dir = DataDir::lock_existing(&args.data.data)?;
     let log = open(&dir)?;
     let users = UserStore::open(log.db()).map_err(|e| Error::Storage(e.to_string()))?;
@@ -101,17 +243,8 @@ pub fn user(args: UserArgs) -> Result<()> {
             )?;
             println!("added {} ({})", info.username, info.role.as_str());
         }
-        UserAction::List => {
-            for u in users.list().map_err(auth)? {
-                println!(
-                    "{}\t{}\t{}\t{}",
-                    u.username,
-                    u.role.as_str(),
-                    if u.disabled { "disabled" } else { "enabled" },
-                    Timestamp::from_datetime(u.created_at)
-                );
-            }
-        }
+        // Handled above, from a private copy.
+        UserAction::List => {}
         UserAction::Passwd { name, .. } => {
             let pw = new_password.unwrap_or_default();
             users.set_password(&name, &pw).map_err(auth)?;
@@ -163,16 +296,23 @@ pub fn user(args: UserArgs) -> Result<()> {
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
-    let dir = DataDir::lock_existing(&args.data.data)?;
-    let log = open_for_full_read(&dir)?;
+    let view = ReadView::open(&args.data.data, &args.read)?;
+    // As `GET /api/v1/events` (416): a start beyond the head + 1 is a mistake, not an empty
+    // export (`from` is inclusive: head + 1 is where the next event will be).
+    let head = view.log.head()?.offset;
+    if let Some(from) = args.from.filter(|&f| f > head.saturating_add(1)) {
+        return Err(Error::Other(format!(
+            "offset out of range: --from {from} is beyond the head {head} (+ 1)"
+        )));
+    }
     match &args.out {
-        Some(path) => export_to_file(&log, &args, path)?,
+        Some(path) => export_to_file(&view.log, &args, path)?,
         None => {
             let mut out = BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
-            write_export(&log, &args, &mut out)?;
+            write_export(&view.log, &args, &mut out)?;
         }
     }
-    release_at_exit(log)
+    view.finish()
 }
 
 /// `--out FILE`: written to `FILE.partial` beside it, fsynced and renamed to `FILE` only once
@@ -182,7 +322,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
 /// A `FILE` that is not a regular file (a pipe, `/dev/stdout`) is a stream: written directly.
 fn export_to_file(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
     if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-        let mut out = BufWriter::with_capacity(256 * 1024, std::fs::File::create(path)?);
+        let mut out = BufWriter::with_capacity(256 * 1024, create(path)?);
         return write_export(log, args, &mut out);
     }
     let partial = crate::staging::staging_path(path)
@@ -197,9 +337,15 @@ fn export_to_file(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Creates an export's file; a failure names it.
+fn create(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::create(path)
+        .map_err(|e| Error::Other(format!("cannot create {}: {e}", path.display())))
+}
+
 /// The export into a new file at `path`, fsynced; the file is closed when this returns.
 fn write_durably(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
-    let mut out = BufWriter::with_capacity(256 * 1024, std::fs::File::create(path)?);
+    let mut out = BufWriter::with_capacity(256 * 1024, create(path)?);
     write_export(log, args, &mut out)?;
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
@@ -297,9 +443,9 @@ fn write_export(log: &SledLog, args: &ExportArgs, out: &mut impl Write) -> Resul
 }
 
 pub fn verify(args: VerifyArgs) -> Result<String> {
-    let dir = DataDir::lock_existing(&args.data.data)?;
-    let log = open_for_full_read(&dir)?;
-    let mut report = crate::verify::verify_log(&log, Some(&dir.snapshot_path()))?;
+    let view = ReadView::open(&args.data.data, &args.read)?;
+    let log = &view.log;
+    let mut report = crate::verify::verify_log(log, Some(&view.dir.snapshot_path()))?;
     let security = SecurityLog::open(log.db(), log.info().ledger_id)
         .map_err(|e| Error::Storage(e.to_string()))?;
     let (n, _) = security.verify().map_err(|why| Error::Corrupt {
@@ -308,7 +454,7 @@ pub fn verify(args: VerifyArgs) -> Result<String> {
     })?;
     report.security_entries = n;
     drop(security);
-    release_at_exit(log)?;
+    view.finish()?;
     Ok(format!(
         "ok {} events, head {} {}",
         report.events,

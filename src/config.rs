@@ -206,12 +206,31 @@ pub struct ExportArgs {
     /// With --state: an offset or an RFC 3339 time (default: head).
     #[arg(long, requires = "state", value_parser = AsOf::parse)]
     pub as_of: Option<AsOf>,
+    #[command(flatten)]
+    pub read: ReadArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     #[command(flatten)]
     pub data: DataArg,
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+/// How a read-only tool (`verify`, `export`) reads the directory. Opening a sled database runs
+/// sled's recovery, which writes: it cuts a damaged log tail by zeroing it. So by default the
+/// tool opens a private copy of `ledger/` and never the directory it was given.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ReadArgs {
+    /// Where the private copy of `ledger/` goes (default: the system's temporary directory;
+    /// it needs room for the `db` file, and is removed at the end).
+    #[arg(long, conflicts_with = "in_place")]
+    pub scratch: Option<PathBuf>,
+    /// Open the directory itself instead of a copy: faster, for a copy you can lose (sled's
+    /// recovery may zero a damaged tail of it).
+    #[arg(long)]
+    pub in_place: bool,
 }
 
 #[derive(Debug, Args)]

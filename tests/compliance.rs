@@ -1711,3 +1711,114 @@ async fn export_refuses_ignored_options_and_fails_on_a_missing_record() {
         "an earlier export\n"
     );
 }
+
+/// Every file under `root`, with its bytes.
+fn tree_bytes(root: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// `verify`, `export` and `user list` read a private copy: opening sled runs its recovery,
+/// which zeroes a damaged log tail, so a `verify` of a damaged archive copy opened in place
+/// destroyed the evidence it found. The directory they are given stays byte for byte as it
+/// was, damaged or not; `--in-place` is the explicit opt-out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_tools_never_write_to_the_directory_they_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut s = Server::start(&data).await;
+    // Records large enough to fill several of sled's segments.
+    let (acked, f) = append_until_failure(&s, "tail", 600).await;
+    assert_eq!((acked.len(), f), (600, Value::Null));
+    s.stop();
+    let head = "ok 600 events, head 600";
+
+    // Intact: the tools work, and change nothing.
+    let before = tree_bytes(&data);
+    assert!(cli_ok(&["verify", "--data", d(&data)]).starts_with(head));
+    assert_eq!(lines(&cli_ok(&["export", "--data", d(&data)])).len(), 600);
+    assert!(cli_ok(&["user", "list", "--data", d(&data)]).contains("admin"));
+    assert_eq!(
+        tree_bytes(&data),
+        before,
+        "an intact directory is left as it was"
+    );
+
+    // Damaged near the end of sled's log, where its recovery reads at every open.
+    let db = data.join("ledger/db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let at = bytes
+        .windows(7)
+        .rposition(|w| w == b"tail599")
+        .expect("the last record's name in the db file");
+    bytes[at + 5] ^= 0x01;
+    std::fs::write(&db, &bytes).unwrap();
+    let before = tree_bytes(&data);
+    for args in [
+        vec!["verify", "--data", d(&data)],
+        vec!["export", "--data", d(&data)],
+        vec!["user", "list", "--data", d(&data)],
+    ] {
+        let out = cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("damaged") || err.contains("corrupt"),
+            "{args:?} says what is wrong: {err}"
+        );
+        assert!(
+            err.contains("read from a private copy"),
+            "{args:?} names the directory it was given: {err}"
+        );
+    }
+    assert_eq!(
+        tree_bytes(&data),
+        before,
+        "the damaged directory is left as it was: the evidence survives"
+    );
+    // What the copy protects against: opened in place, sled's recovery rewrites the damaged
+    // tail (the explicit opt-out, for a copy one can lose).
+    let out = cli(&["verify", "--in-place", "--data", d(&data)]);
+    assert!(!out.status.success());
+    assert_ne!(
+        tree_bytes(&data).get(&db),
+        before.get(&db),
+        "sled's recovery changed the db file it opened"
+    );
+}
+
+/// `export --from` beyond the head + 1 is refused as on HTTP (416 there), not an empty export;
+/// an `--out` that cannot be created is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_refuses_a_start_beyond_the_head_and_names_a_bad_out_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut s = Server::start(&data).await;
+    let (acked, _) = append_until_failure(&s, "e", 3).await;
+    assert_eq!(acked.len(), 3);
+    s.stop();
+    assert_eq!(cli_ok(&["export", "--data", d(&data), "--from", "4"]), "");
+    let out = cli(&["export", "--data", d(&data), "--from", "5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("offset out of range") && err.contains("head 3"),
+        "{err}"
+    );
+    let bad = tmp.path().join("no/such/dir/x.ndjson");
+    let out = cli(&["export", "--data", d(&data), "--out", d(&bad)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no/such/dir"), "the path is named: {err}");
+}

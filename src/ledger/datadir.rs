@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 
 pub struct DataDir {
     root: PathBuf,
-    /// Held for the life of the process; the lock goes with the file descriptor.
-    _lock: File,
+    /// Held for the life of the process; the lock goes with the file descriptor. `None` only
+    /// for a read-only tool on a directory it cannot write (`lock_for_reading`).
+    _lock: Option<File>,
 }
 
 impl DataDir {
@@ -31,14 +32,21 @@ impl DataDir {
                 root.display()
             ))
         })?;
-        let lock = OpenOptions::new()
+        let lock = Self::lock_file(root).map_err(|e| {
+            Error::Other(format!("cannot open lock file in {}: {e}", root.display()))
+        })?;
+        Self::locked(root, lock)
+    }
+
+    fn lock_file(root: &Path) -> std::io::Result<File> {
+        OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(root.join(".lock"))
-            .map_err(|e| {
-                Error::Other(format!("cannot open lock file in {}: {e}", root.display()))
-            })?;
+    }
+
+    fn locked(root: &Path, lock: File) -> Result<DataDir> {
         // SAFETY: flock on a valid, owned file descriptor.
         let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
@@ -48,19 +56,51 @@ impl DataDir {
         }
         Ok(DataDir {
             root: root.to_path_buf(),
-            _lock: lock,
+            _lock: Some(lock),
         })
+    }
+
+    /// `lock_existing` for a tool that only reads the directory (from a private copy): on a
+    /// directory it may not write (a read-only mount, another user's files made readable) there
+    /// can be no lock file, and none is needed to read it — a server could not write there
+    /// either. A lock held by another process is an error as usual.
+    pub fn lock_for_reading(root: &Path) -> Result<DataDir> {
+        Self::must_exist(root)?;
+        match Self::lock_file(root) {
+            Ok(lock) => Self::locked(root, lock),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                tracing::info!(dir = %root.display(), error = %e, "directory not writable: read without its lock");
+                Ok(DataDir {
+                    root: root.to_path_buf(),
+                    _lock: None,
+                })
+            }
+            Err(e) => Err(Error::Other(format!(
+                "cannot open lock file in {}: {e}",
+                root.display()
+            ))),
+        }
     }
 
     /// Opens an existing data directory for an offline tool: fails if it does not exist.
     pub fn lock_existing(root: &Path) -> Result<DataDir> {
+        Self::must_exist(root)?;
+        Self::lock(root)
+    }
+
+    fn must_exist(root: &Path) -> Result<()> {
         if !root.join("ledger").is_dir() {
             return Err(Error::Other(format!(
                 "{} is not an alarm-ledger data directory (no ledger/ inside)",
                 root.display()
             )));
         }
-        Self::lock(root)
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {

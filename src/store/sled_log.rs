@@ -333,6 +333,12 @@ impl SledLog {
                 Error::Locked {
                     path: dir.to_path_buf(),
                 }
+            } else if matches!(e, sled::Error::Corruption { .. }) {
+                Error::Storage(format!(
+                    "cannot open {}: the database is damaged (sled found unreadable data while \
+                     recovering its log); restore it from a backup",
+                    dir.display()
+                ))
             } else {
                 Error::Storage(format!("cannot open {}: {e}", dir.display()))
             }
