@@ -181,7 +181,10 @@ pub async fn list_users(state: &State, req: &Request) -> Result<Response, ApiErr
     ))
 }
 
+/// Unknown fields are refused, as in `UserPatch`: `"disabled": true` on a creation was ignored
+/// and the account created enabled.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewUser {
     username: String,
     password: String,
@@ -333,12 +336,20 @@ pub async fn security_log(state: &State, req: &Request) -> Result<Response, ApiE
 
 pub async fn backup(state: &State, req: &Request) -> Result<Response, ApiError> {
     let p = admin(state, req)?;
+    // One at a time: backups started together would compete for the disk with each other and
+    // the writer, and two in the same millisecond would collide on their directory name.
+    let running = state.backup_running.clone().try_lock_owned().map_err(|_| {
+        let mut e = ApiError::overloaded("a backup is already running; retry when it has finished");
+        e.retry_after = Some(std::time::Duration::from_secs(10));
+        e
+    })?;
     let st = state.clone();
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
     let dest = state.settings.data_dir.join("backups").join(&stamp);
     // A thread of its own at the lowest priority: the copy of a large ledger takes seconds of
     // CPU and must not delay the writer (append p99 during a backup, benches/compliance.rs).
     let report = crate::background::run("backup", move || {
+        let _running = running;
         let head = st.ledger.head().offset;
         // The security log's head and the users at one point: no user change in between.
         let cut = st.user_changes.blocking_lock();

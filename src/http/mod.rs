@@ -170,6 +170,8 @@ pub struct AppState {
     /// while it takes the security log's head and the users: the copy never holds a user change
     /// without its entry (or an entry without its change).
     pub user_changes: tokio::sync::Mutex<()>,
+    /// Held by the online backup running (`POST /api/v1/admin/backup`): one at a time.
+    pub backup_running: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Counts live tasks that shutdown waits for: WebSocket connections (spawned apart from the
@@ -534,6 +536,21 @@ async fn dispatch(state: &State, req: &Request) -> (&'static str, Response) {
             route!("security_log", admin::security_log(state, req))
         }
         ("POST", ["api", "v1", "admin", "backup"]) => route!("backup", admin::backup(state, req)),
+        // The WebSocket route without an upgrade (a proxy that drops the `Upgrade` headers, a
+        // browser tab): say so, rather than "no route".
+        ("GET", ["api", "v1", "ws"]) => ("ws", {
+            let mut resp = ApiError::new(
+                "bad_request",
+                "this is the WebSocket endpoint: send a WebSocket upgrade (Connection: Upgrade, \
+                 Upgrade: websocket); a proxy in between must forward them",
+            )
+            .into_response();
+            // 400, the status of `bad_request` (PROTOCOL.md's one status per code), with the
+            // header a 426 would carry.
+            resp.headers_mut()
+                .insert("upgrade", warp::http::HeaderValue::from_static("websocket"));
+            resp
+        }),
         _ => (
             "unknown",
             ApiError::not_found(format!("no route for {} {}", m, req.path)).into_response(),

@@ -768,6 +768,17 @@ impl Connection {
     ) -> Option<String> {
         // A refused subscribe leaves the current subscription running; an accepted one
         // replaces it (below).
+        // A malformed hash is a client bug, not a diverged history: `ledger_mismatch` would tell
+        // the client to drop its state.
+        if let Some(h) = from_hash.as_deref().filter(|_| !snapshot) {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Some(protocol::error(
+                    req,
+                    "bad_request",
+                    "from_hash must be 64 hexadecimal digits (the hash of the event at from)",
+                ));
+            }
+        }
         let ledger = self.state.ledger.clone();
         let ours = ledger.info().ledger_id;
         // A snapshot replaces whatever the client held, so its old ledger_id does not matter:

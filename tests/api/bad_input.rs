@@ -948,3 +948,27 @@ async fn an_upgrade_with_another_websocket_version_is_a_json_400() {
     assert_eq!(v["error"]["code"], "bad_request", "{v}");
     assert_serves(&app).await;
 }
+
+/// A plain GET of the WebSocket route (a proxy that dropped the upgrade headers) says what is
+/// missing: `bad_request` with `Upgrade: websocket`, not "no route".
+#[tokio::test]
+async fn the_websocket_route_without_an_upgrade_says_so() {
+    let app = spawn_app().await;
+    let r = app
+        .client
+        .get(app.url("/api/v1/ws"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["upgrade"], "websocket");
+    let v: Value = r.json().await.expect("JSON error");
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("WebSocket upgrade"),
+        "{v}"
+    );
+}

@@ -534,7 +534,7 @@ async fn snapshot_then_events_and_subscribe_errors_keep_the_connection() {
         ),
         (
             json!({"type": "subscribe", "from": 3, "from_hash": "not hex", "req": "x"}),
-            "ledger_mismatch",
+            "bad_request",
         ),
         (
             json!({"type": "subscribe", "from": 7, "req": "o"}),

@@ -271,3 +271,28 @@ async fn the_last_enabled_admin_cannot_be_demoted_or_disabled() {
     assert!(s == 400 || s == 409);
     assert_eq!(app.get(&root2, "/api/v1/users").await.0, 200);
 }
+
+/// A creation with a field the API does not have is refused, not half-applied: `"disabled":
+/// true` used to be ignored, and the account was created enabled.
+#[tokio::test]
+async fn creating_a_user_with_an_unknown_field_is_refused() {
+    let app = spawn_app().await;
+    let (s, v) = app
+        .post(
+            &app.admin_token,
+            "/api/v1/users",
+            json!({"username": "zed", "password": "a long enough password", "role": "viewer", "disabled": true}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{v}"
+    );
+    let (s, list) = app.get(&app.admin_token, "/api/v1/users").await;
+    assert_eq!(s, 200);
+    assert!(
+        !list.to_string().contains("\"zed\""),
+        "nothing created: {list}"
+    );
+}
