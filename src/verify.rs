@@ -81,7 +81,9 @@ fn verify_with(
         if p.alarms_sorted() != s.alarms {
             return Err(Error::Corrupt {
                 offset: s.offset,
-                reason: "projection snapshot differs from the projection rebuilt from the log"
+                reason: "projection snapshot differs from the projection rebuilt from the log \
+                         (the log verifies up to this offset: the snapshot is wrong; a stopped \
+                         server's projection.snapshot can be deleted, the next start replays)"
                     .into(),
             });
         }

@@ -877,6 +877,22 @@ fn startup_from_a_snapshot_still_detects_a_gap() {
     assert_eq!(scrub_fails_at(root).0, 4);
 }
 
+/// A snapshot whose checksum is right but whose state is not the log's (edited and re-sealed,
+/// or written by a buggy build): the log verifies, but the state the server started from does
+/// not; the scrub rebuilds the state from the log prefix and compares.
+#[test]
+fn startup_from_a_snapshot_detects_a_snapshot_whose_state_is_not_the_logs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    build(root, 10, "alice");
+    let mut s = snapshot::load(&snap_path(root)).unwrap().unwrap();
+    s.alarms[0].name = "edited".into();
+    std::fs::write(snap_path(root), snapshot::encode(&s).unwrap()).unwrap();
+    let (offset, reason) = scrub_fails_at(root);
+    assert_eq!(offset, s.offset);
+    assert!(reason.contains("disagrees"), "{reason}");
+}
+
 #[test]
 fn a_clean_prefix_scrubs_clean() {
     let tmp = tempfile::tempdir().unwrap();

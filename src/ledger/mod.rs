@@ -62,6 +62,10 @@ pub struct ReadModel {
 }
 
 pub struct Ledger {
+    /// The digest of the alarms of the projection snapshot this start loaded (`alarms_digest`),
+    /// which `scrub` compares with the alarms it rebuilds from the log prefix: a snapshot's
+    /// checksum only proves it was written whole, not that it was written from this log.
+    snapshot_digest: Option<[u8; 32]>,
     log: Arc<dyn EventLog>,
     info: LedgerInfo,
     /// std RwLock, not tokio's: held only for in-memory reads/applies, never across an await.
@@ -104,6 +108,7 @@ impl Ledger {
         let info = log.info();
         let head = log.head()?;
         let mut reason = None;
+        let mut snapshot_digest = None;
         let mut start = (
             Projection::new(),
             chain::genesis(info.ledger_id),
@@ -114,11 +119,9 @@ impl Ledger {
                 Ok(None) => {}
                 Ok(Some(s)) => match validate_snapshot(log.as_ref(), &s, info.ledger_id, head) {
                     Ok(()) => {
-                        start = (
-                            Projection::from_parts(s.alarms, s.offset),
-                            s.head_hash,
-                            s.head_at,
-                        )
+                        let projection = Projection::from_parts(s.alarms, s.offset);
+                        snapshot_digest = Some(alarms_digest(&projection));
+                        start = (projection, s.head_hash, s.head_at)
                     }
                     Err(SnapshotCheck::Untrusted(why)) => reason = Some(why),
                     Err(SnapshotCheck::Contradicts(why)) => {
@@ -198,6 +201,7 @@ impl Ledger {
             integrity: std::sync::Mutex::new(None),
             // A full replay verified everything; a snapshot start leaves the prefix to `scrub`.
             verified: AtomicBool::new(from == 0),
+            snapshot_digest,
             stopping: AtomicBool::new(false),
             opts,
         });
@@ -263,7 +267,7 @@ impl Ledger {
     }
 
     /// Verifies the records a snapshot start skipped (offsets 1..=`upto`: contiguous, decoding,
-    /// chaining to the snapshot's hash). Blocking; run it in the background after start so a
+    /// chaining to the snapshot's hash), and that the state they give is the snapshot's. Blocking; run it in the background after start so a
     /// large ledger starts in milliseconds and is still fully checked. On failure the ledger
     /// refuses appends and readiness fails, naming the offset. Returns `Ok(false)` when `stop`
     /// interrupted it (nothing found so far, nothing concluded).
@@ -273,14 +277,28 @@ impl Ledger {
         let mut expected = 1u64;
         let result = (|| -> Result<bool> {
             // `contiguous` fails on a missing record, below `upto` or at its end.
+            let mut rebuilt = Projection::new();
             for item in crate::export::contiguous(self.log.as_ref(), 1, upto) {
                 let e = item?;
                 if e.offset % 4096 == 1 && self.stopping.load(Ordering::Relaxed) {
                     return Ok(false);
                 }
                 check_link(&e, expected, &prev, ledger_id)?;
+                rebuilt.apply(&e);
                 prev = e.hash;
                 expected += 1;
+            }
+            // The state the server started from is the one the log gives at that offset.
+            if let Some(loaded) = self.snapshot_digest {
+                if alarms_digest(&rebuilt) != loaded {
+                    return Err(Error::Corrupt {
+                        offset: upto,
+                        reason: "the projection snapshot this start loaded disagrees with the \
+                                 state the log gives at its offset (the log itself verifies): \
+                                 stop, delete projection.snapshot and start again (a full replay)"
+                            .into(),
+                    });
+                }
             }
             Ok(true)
         })();
@@ -504,4 +522,13 @@ enum SnapshotCheck {
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// SHA-256 of a projection's alarms (sorted by id, bincode): what `scrub` compares.
+fn alarms_digest(p: &Projection) -> [u8; 32] {
+    let bytes = crate::store::codec::encode_value(&p.alarms_sorted()).unwrap_or_default();
+    let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
