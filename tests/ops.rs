@@ -411,7 +411,7 @@ fn offline_commands_check_their_values_before_opening_the_directory() {
 async fn a_second_sigterm_during_shutdown_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().display().to_string();
-    let (mut child, addr) = start_server(&data);
+    let (mut child, addr, log) = start_server_with_log(&data);
     let client = reqwest::Client::new();
     let token = admin_login(&client, &addr).await;
     let (mut ws, _) =
@@ -421,7 +421,17 @@ async fn a_second_sigterm_during_shutdown_exits_at_once() {
     assert_eq!(recv_json(&mut ws).await.unwrap()["type"], "hello");
     // SAFETY: plain kill(2) on our child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first signal is being handled once the server logs it: a fixed sleep here could send
+    // both signals before the handler ran (and then the graceful path would be measured).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) if line.contains("shutdown requested") => break,
+            Ok(_) => continue,
+            Err(e) => panic!("the server did not log its shutdown: {e}"),
+        }
+    }
     assert!(
         child.try_wait().unwrap().is_none(),
         "still draining the silent client"
