@@ -175,6 +175,13 @@ struct Track {
     last_ack: Option<u64>,
     /// Offset of the create or rearm that last armed it.
     armed_by: Option<u64>,
+    /// The alarm's fields as the events say they are, kept here from the payloads (not with the
+    /// crate's `Alarm::apply`): the definition after creation and updates, and who triggered
+    /// and acknowledged last, with what.
+    spec: Option<AlarmSpec>,
+    created: Option<(u64, String)>,
+    trigger: Option<(u64, String, Option<String>, Option<String>)>,
+    ack: Option<(u64, String, Option<String>)>,
 }
 
 fn state_of_data(d: &EventData) -> Option<AlarmState> {
@@ -213,7 +220,8 @@ fn payload_of(kind: &CommandKind) -> EventData {
     }
 }
 
-/// The model ledger: alarms folded with the crate's own `Alarm::apply`, each step checked.
+/// The model ledger: alarms folded with the crate's own `Alarm::apply`, each step checked, and
+/// every field checked against what the payloads say (`Track`, kept without `Alarm::apply`).
 #[derive(Default)]
 struct Model {
     alarms: HashMap<Uuid, Alarm>,
@@ -340,6 +348,95 @@ impl Model {
             EventData::Acknowledged { .. } => t.last_ack = Some(event.offset),
             _ => {}
         }
+        // The fields, from the payloads.
+        match &event.data {
+            EventData::Created(spec) => {
+                t.spec = Some(spec.clone());
+                t.created = Some((event.offset, event.actor.clone()));
+            }
+            EventData::Updated(c) => {
+                let spec = t.spec.as_mut().expect("created first");
+                if let Some(v) = &c.name {
+                    spec.name = v.clone();
+                }
+                if let Some(v) = &c.instrument {
+                    spec.instrument = v.clone();
+                }
+                if let Some(v) = &c.condition {
+                    spec.condition = v.clone();
+                }
+                if let Some(v) = c.severity {
+                    spec.severity = v;
+                }
+                if let Some(v) = &c.tags {
+                    spec.tags = v.clone();
+                }
+            }
+            EventData::Triggered { value, message } => {
+                t.trigger = Some((
+                    event.offset,
+                    event.actor.clone(),
+                    value.clone(),
+                    message.clone(),
+                ))
+            }
+            EventData::Acknowledged { comment } => {
+                t.ack = Some((event.offset, event.actor.clone(), comment.clone()))
+            }
+            EventData::Rearmed | EventData::Deleted => {}
+        }
+        let spec = t.spec.as_ref().expect("created first");
+        assert_eq!(
+            (
+                &a.name,
+                &a.instrument,
+                &a.condition,
+                a.severity,
+                &a.tags,
+                &a.owner
+            ),
+            (
+                &spec.name,
+                &spec.instrument,
+                &spec.condition,
+                spec.severity,
+                &spec.tags,
+                &spec.owner
+            ),
+            "the definition after offset {}",
+            event.offset
+        );
+        assert_eq!(
+            Some((a.created.offset, a.created.by.clone())),
+            t.created,
+            "created"
+        );
+        assert_eq!(
+            a.last_trigger.as_ref().map(|s| (
+                s.offset,
+                s.by.clone(),
+                a.last_trigger_value.clone(),
+                a.last_trigger_message.clone()
+            )),
+            t.trigger,
+            "the last trigger after offset {}",
+            event.offset
+        );
+        if a.last_trigger.is_none() {
+            assert_eq!(
+                (&a.last_trigger_value, &a.last_trigger_message),
+                (&None, &None)
+            );
+        }
+        assert_eq!(
+            a.last_ack
+                .as_ref()
+                .map(|s| (s.offset, s.by.clone(), a.last_ack_comment.clone())),
+            t.ack,
+            "the last ack after offset {}",
+            event.offset
+        );
+        assert_eq!(a.updated.by, event.actor, "updated by the event's actor");
         if let Some(cid) = event.command_id {
             let prev = self.commands.insert(cid, (event.offset, event.alarm_id));
             assert!(prev.is_none(), "command_id {cid} appended twice");
