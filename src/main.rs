@@ -22,7 +22,7 @@ fn main() -> ExitCode {
         tracing::warn!(variable = %var, "unknown ALARM_LEDGER_* environment variable (typo?); it is ignored");
     }
     let result = match args.command {
-        Command::Serve(serve) => run_server(*serve),
+        Command::Serve(serve) => run_server(*serve, args.log_format == config::LogFormat::Json),
         Command::User(a) => cli::user(a),
         Command::Export(a) => cli::export(a),
         Command::Verify(a) => cli::verify(a).map(|s| println!("{s}")),
@@ -40,7 +40,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_server(args: config::ServeArgs) -> Result<(), Error> {
+/// `json`: `--log-format json`, where stderr is one JSON object per line for a collector, so
+/// the first-start notice is one too (and the human login hint is left out).
+fn run_server(args: config::ServeArgs, json: bool) -> Result<(), Error> {
     match alarm_ledger::memory::raise_open_files_limit() {
         Some(n) if n < 4_096 => tracing::warn!(
             limit = n,
@@ -66,14 +68,31 @@ fn run_server(args: config::ServeArgs) -> Result<(), Error> {
         };
         let addr = app.local_addr();
         tracing::info!(%addr, data = %args.data.data.display(), "alarm-ledger listening");
-        if let Some(pw) = &app.generated_admin_password {
+        if json {
+            if let Some(pw) = &app.generated_admin_password {
+                // Not through `tracing`: the password must not reach a log filter's or layer's
+                // other outputs; one line, once, on stderr, as in the human format.
+                eprintln!(
+                    "{}",
+                    serde_json::json!({
+                        "timestamp": alarm_ledger::time::Timestamp::now().to_rfc3339(),
+                        "level": "WARN",
+                        "message": "first start: created user admin with a random password (shown once; change it with `alarm-ledger user passwd admin`)",
+                        "username": "admin",
+                        "password": pw,
+                    })
+                );
+            }
+        } else {
+            if let Some(pw) = &app.generated_admin_password {
+                eprintln!(
+                    "\n  First start: created user `admin` with password: {pw}\n  (shown once; change it with `alarm-ledger user passwd admin`)\n"
+                );
+            }
             eprintln!(
-                "\n  First start: created user `admin` with password: {pw}\n  (shown once; change it with `alarm-ledger user passwd admin`)\n"
+                "  Log in: curl -s -X POST http://{addr}/api/v1/login -H 'content-type: application/json' -d '{{\"username\":\"admin\",\"password\":\"...\"}}'"
             );
         }
-        eprintln!(
-            "  Log in: curl -s -X POST http://{addr}/api/v1/login -H 'content-type: application/json' -d '{{\"username\":\"admin\",\"password\":\"...\"}}'"
-        );
         let stop = async move {
             signals.wait().await;
             shutdown::exit_on_second(signals);

@@ -73,6 +73,42 @@ async fn first_start_generates_and_prints_the_admin_password_once_and_a_0600_sec
     assert!(!logs.contains(&password));
 }
 
+/// With `--log-format json` stderr stays one JSON object per line for a collector, the
+/// first-start password notice included (it was printed as plain text among the JSON).
+#[tokio::test]
+async fn with_json_logs_the_first_start_notice_is_json_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("fresh");
+    let server = Server::start(&dir, &["--log-format", "json"], &[]).await;
+    let password = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let banner = server.stderr.lock().unwrap().clone();
+            if let Some(p) = banner
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find_map(|v| v["password"].as_str().map(str::to_string))
+            {
+                break p;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no password in:\n{banner}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    assert_eq!(login(&server, &password).await.0, 200);
+    let logs = server.stop().await;
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "not JSON: {line}\n{logs}"
+        );
+    }
+    assert_eq!(logs.matches(&password).count(), 1, "printed exactly once");
+}
+
 #[tokio::test]
 async fn admin_password_from_the_environment_is_used_and_not_printed() {
     let tmp = tempfile::tempdir().unwrap();

@@ -358,7 +358,8 @@ pub struct Server {
 
 impl Server {
     /// `alarm-ledger serve --data <dir> --listen 127.0.0.1:0 <extra>` with `env`; waits for the
-    /// "Log in:" banner (printed once listening) and reads the address from it.
+    /// "Log in:" banner (printed once listening), or with `--log-format json` the listening
+    /// event, and reads the address from it.
     pub async fn start(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut c = bin();
         c.arg("serve")
@@ -381,6 +382,16 @@ impl Server {
                     let mut s = sink.lock().expect("stderr buffer");
                     s.push_str(&line);
                     s.push('\n');
+                }
+                // `--log-format json` prints no banner: the address is in the log event.
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["message"] == "alarm-ledger listening" {
+                        if let (Some(tx), Some(Ok(a))) =
+                            (tx.take(), v["addr"].as_str().map(str::parse))
+                        {
+                            let _ = tx.send(a);
+                        }
+                    }
                 }
                 if let Some(rest) = line.split("http://").nth(1) {
                     if line.contains("Log in:") {
