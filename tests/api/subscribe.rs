@@ -635,8 +635,10 @@ async fn server_pings_and_answers_ping_with_pong() {
         other => panic!("expected a server ping within 5 s, got {other:?}"),
     }
     let waited = t.elapsed();
+    // `t` starts after the hello was read, which a loaded machine can delay: a bound well
+    // below the interval still tells "after the interval" from "at once".
     assert!(
-        waited >= Duration::from_millis(500),
+        waited >= Duration::from_millis(200),
         "first ping after ~1 s, not at once ({waited:?})"
     );
     for req in [json!(5), json!("five")] {
