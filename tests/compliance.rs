@@ -1180,6 +1180,30 @@ impl Mount {
         Ok(Mount(at.to_path_buf()))
     }
 
+    /// `from` bind-mounted read-only at `at`.
+    fn bind_read_only(from: &Path, at: &Path) -> Result<Mount, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        let run = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("mount")
+                .args(args)
+                .output()
+                .map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+        };
+        run(&["--bind", d(from), d(at)])?;
+        let m = Mount(at.to_path_buf());
+        run(&["-o", "remount,bind,ro", d(at)])?;
+        Ok(m)
+    }
+
     fn mount_image(img: &Path, at: &Path) -> Result<(), String> {
         let out = Command::new("mount")
             .args(["-o", "loop,errors=remount-ro"])
@@ -1821,4 +1845,36 @@ async fn export_refuses_a_start_beyond_the_head_and_names_a_bad_out_path() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("no/such/dir"), "the path is named: {err}");
+}
+
+/// On a directory they cannot write (here a read-only bind mount of a live data directory, as
+/// an audit sidecar would see it), `verify` and `export` still refuse while a server holds it
+/// (shared locks through read-only descriptors), and read it once the server has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_tools_on_a_read_only_mount_respect_a_running_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut s = Server::start(&data).await;
+    let (acked, _) = append_until_failure(&s, "ro", 5).await;
+    assert_eq!(acked.len(), 5);
+    let ro = tmp.path().join("ro");
+    let _m = match Mount::bind_read_only(&data, &ro) {
+        Ok(m) => m,
+        Err(why) => {
+            s.stop();
+            return skip_not_exercised(&format!("cannot bind-mount read-only here ({why})"));
+        }
+    };
+    for args in [
+        vec!["verify", "--data", d(&ro)],
+        vec!["export", "--data", d(&ro)],
+    ] {
+        let out = cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("in use"), "{args:?}: {err}");
+    }
+    s.stop();
+    assert!(cli_ok(&["verify", "--data", d(&ro)]).starts_with("ok 5 events"));
+    assert_eq!(lines(&cli_ok(&["export", "--data", d(&ro)])).len(), 5);
 }

@@ -495,6 +495,9 @@ impl Connection {
         // signal's waiter list (shared by every connection, behind a lock) once per event sent.
         let shutdown_signal = shutdown.changed();
         tokio::pin!(shutdown_signal);
+        // The same for account changes, which repeat: a future that owns a receiver and hands
+        // it back, re-armed only after it fired.
+        let mut user_change = next_change(self.user_changes.clone());
         // One timer for the four periodic duties (ping + idle check, user re-check, expiry
         // warning, expiry), armed for the earliest: it is polled on every iteration, before the
         // socket and the subscription, so one timer costs one poll where four cost four.
@@ -559,7 +562,11 @@ impl Connection {
                 }
                 // An account changed: this user may have been disabled, demoted or given a new
                 // password; re-check now rather than at the next periodic re-check.
-                Ok(()) = self.user_changes.changed() => {
+                changed = &mut user_change => {
+                    user_change = match changed {
+                        Some(rx) => next_change(rx),
+                        None => Box::pin(std::future::pending()),
+                    };
                     if let Some(end) = user_recheck(&self.state, &self.principal.claims) {
                         return end;
                     }
@@ -1125,6 +1132,15 @@ fn duty_that_cannot_wait(
         return Some(End::Close(CLOSE_UNAUTHORIZED, "token expired".into()));
     }
     user_recheck(state, claims)
+}
+
+/// Resolves at the next change of any account (`UserStore::watch_changes`) with the receiver to
+/// wait for the one after; `None` once the store is gone.
+type NextChange = Pin<Box<dyn std::future::Future<Output = Option<UserChanges>> + Send>>;
+type UserChanges = tokio::sync::watch::Receiver<u64>;
+
+fn next_change(mut rx: UserChanges) -> NextChange {
+    Box::pin(async move { rx.changed().await.ok().map(|()| rx) })
 }
 
 /// The periodic user re-check: `Some` closes the connection (4001 for a disabled, changed or

@@ -18,9 +18,10 @@ use std::path::{Path, PathBuf};
 
 pub struct DataDir {
     root: PathBuf,
-    /// Held for the life of the process; the lock goes with the file descriptor. `None` only
-    /// for a read-only tool on a directory it cannot write (`lock_for_reading`).
-    _lock: Option<File>,
+    /// Held for the life of the process; a lock goes with its file descriptor. One exclusive
+    /// lock on `.lock`, or for a read-only tool on a directory it cannot write
+    /// (`lock_for_reading`) shared locks on `.lock` and on sled's `ledger/db`.
+    _locks: Vec<File>,
 }
 
 impl DataDir {
@@ -56,14 +57,16 @@ impl DataDir {
         }
         Ok(DataDir {
             root: root.to_path_buf(),
-            _lock: Some(lock),
+            _locks: vec![lock],
         })
     }
 
-    /// `lock_existing` for a tool that only reads the directory (from a private copy): on a
-    /// directory it may not write (a read-only mount, another user's files made readable) there
-    /// can be no lock file, and none is needed to read it — a server could not write there
-    /// either. A lock held by another process is an error as usual.
+    /// `lock_existing` for a tool that only reads the directory (from a private copy). On a
+    /// directory it may not write (a read-only mount, a service account's directory made
+    /// readable to an auditor) it cannot create or write-open the lock file, but a server may
+    /// still be writing there: it takes **shared** locks through read-only descriptors instead,
+    /// on `.lock` (ours) and on `ledger/db` (sled's), which fail while a server or another tool
+    /// holds either exclusively (`flock` needs no write access).
     pub fn lock_for_reading(root: &Path) -> Result<DataDir> {
         Self::must_exist(root)?;
         match Self::lock_file(root) {
@@ -74,10 +77,32 @@ impl DataDir {
                     std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
                 ) =>
             {
-                tracing::info!(dir = %root.display(), error = %e, "directory not writable: read without its lock");
+                let mut locks = Vec::new();
+                for path in [root.join(".lock"), root.join("ledger").join("db")] {
+                    let file = match File::open(&path) {
+                        Ok(f) => f,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            return Err(Error::Other(format!(
+                                "cannot read {}: {e}",
+                                path.display()
+                            )))
+                        }
+                    };
+                    // SAFETY: flock on a valid, owned file descriptor.
+                    let rc =
+                        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+                    if rc != 0 {
+                        return Err(Error::Locked {
+                            path: root.to_path_buf(),
+                        });
+                    }
+                    locks.push(file);
+                }
+                tracing::info!(dir = %root.display(), "directory not writable: read under shared locks");
                 Ok(DataDir {
                     root: root.to_path_buf(),
-                    _lock: None,
+                    _locks: locks,
                 })
             }
             Err(e) => Err(Error::Other(format!(
