@@ -85,11 +85,13 @@ impl ReadView {
             });
         }
         let base = how.scratch.clone().unwrap_or_else(std::env::temp_dir);
+        refuse_scratch_inside(&base, &source)?;
+        sweep_stale_scratch(&base);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let scratch =
-            Scratch(base.join(format!("alarm-ledger-read-{}-{nanos}", std::process::id())));
+        let scratch = Scratch(base.join(format!("{SCRATCH_PREFIX}{}-{nanos}", std::process::id())));
+        remove_on_signal(&scratch.0);
         crate::store::sled_log::prefetch_db_file(&source);
         copy_dir(&source, &scratch.0.join("ledger")).map_err(|e| {
             Error::Other(format!(
@@ -124,6 +126,81 @@ impl ReadView {
     }
 }
 
+/// The name of a read-only tool's scratch directory: this prefix, the pid, a nanosecond stamp.
+const SCRATCH_PREFIX: &str = "alarm-ledger-read-";
+
+/// Removes the scratch directories of earlier runs whose process is gone (one killed with
+/// SIGKILL, or by a signal before this build handled them): each is a whole copy of a ledger,
+/// password hashes and audit trail included, and nothing else would ever remove it.
+fn sweep_stale_scratch(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// SIGINT, SIGTERM or SIGHUP while a read-only tool runs (Ctrl-C, `timeout`) removes its
+/// scratch copy before the process ends (with 128 + the signal's number, as a shell reports
+/// a death by that signal). The signals are blocked in this thread before the copy starts, so
+/// every thread started later (sled's) inherits the mask, and one thread waits for them.
+fn remove_on_signal(scratch: &Path) {
+    // SAFETY: plain signal-set calls on a local, initialized set; pthread_sigmask changes this
+    // thread's mask only.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return;
+        }
+        set
+    };
+    let path = scratch.to_path_buf();
+    let _ = std::thread::Builder::new()
+        .name("scratch-cleanup".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait on a valid set with a valid out-pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                let _ = std::fs::remove_dir_all(&path);
+                std::process::exit(128 + sig);
+            }
+        });
+}
+
+/// A scratch directory inside the directory being read would be copied into itself.
+fn refuse_scratch_inside(base: &Path, source_ledger: &Path) -> Result<()> {
+    let (Ok(base), Ok(root)) = (
+        std::fs::canonicalize(base),
+        std::fs::canonicalize(source_ledger.parent().unwrap_or(source_ledger)),
+    ) else {
+        return Ok(()); // a missing --scratch fails at the copy, with its path
+    };
+    if base.starts_with(&root) {
+        return Err(Error::Config(format!(
+            "--scratch {} is inside the data directory {} being read: choose a directory elsewhere",
+            base.display(),
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
 /// An error about the private copy, told about the directory it was taken from.
 fn name_source(e: Error, copy: &Path, source: &Path) -> Error {
     let fix = |s: String| {
@@ -152,11 +229,10 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         if name.to_string_lossy().ends_with(".generating") {
             continue;
         }
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
+        // `metadata` follows symlinks (a `blobs/` on another disk), as sled does.
+        if std::fs::metadata(entry.path())?.is_dir() {
             copy_dir(&entry.path(), &to.join(&name))?;
         } else {
-            // Follows a symlinked file, as sled would.
             std::fs::copy(entry.path(), to.join(&name))?;
         }
     }
@@ -195,9 +271,9 @@ pub fn user(args: UserArgs) -> Result<()> {
         }
         _ => None,
     };
-    if matches!(args.action, UserAction::List) {
+    if let UserAction::List { read } = &args.action {
         // Reads only: from a private copy, as `verify` and `export` (`ReadView`).
-        let view = ReadView::open(&args.data.data, &ReadArgs::default())?;
+        let view = ReadView::open(&args.data.data, read)?;
         let users = UserStore::open(view.log.db()).map_err(|e| Error::Storage(e.to_string()))?;
         for u in users.list().map_err(|e| Error::Storage(e.to_string()))? {
             println!(
@@ -244,7 +320,7 @@ pub fn user(args: UserArgs) -> Result<()> {
             println!("added {} ({})", info.username, info.role.as_str());
         }
         // Handled above, from a private copy.
-        UserAction::List => {}
+        UserAction::List { .. } => {}
         UserAction::Passwd { name, .. } => {
             let pw = new_password.unwrap_or_default();
             users.set_password(&name, &pw).map_err(auth)?;

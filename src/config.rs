@@ -148,8 +148,11 @@ pub enum UserAction {
         #[arg(long, env = "ALARM_LEDGER_NEW_PASSWORD", hide_env_values = true)]
         password: Option<String>,
     },
-    /// List users.
-    List,
+    /// List users (from a private copy of the ledger, as `verify`).
+    List {
+        #[command(flatten)]
+        read: ReadArgs,
+    },
     /// Change a password (from --password, ALARM_LEDGER_NEW_PASSWORD, or stdin).
     Passwd {
         name: String,

@@ -103,10 +103,22 @@ impl Application {
         refuse_to_refound(&ledger_dir, &dir.snapshot_path())?;
         // With a projection snapshot the directory held a ledger: a log that opens empty lost
         // it (sled found nothing to recover), and is not silently re-founded either.
-        let held_one = dir.snapshot_path().exists();
+        let snapshot_path = dir.snapshot_path();
+        let held_one = snapshot_path.exists();
         let log = tokio::task::spawn_blocking(move || {
             if held_one {
-                SledLog::open_existing(&ledger_dir, &opts)
+                SledLog::open_existing(&ledger_dir, &opts).map_err(|e| match e {
+                    Error::Corrupt { offset: 0, reason } if reason.ends_with("holds no ledger") => {
+                        Error::Other(format!(
+                            "{reason}, but {} shows this directory held one: restore the \
+                             directory from a backup (a new ledger is not started over a lost \
+                             one); to start a new ledger here on purpose, move {} away first",
+                            snapshot_path.display(),
+                            snapshot_path.display()
+                        ))
+                    }
+                    other => other,
+                })
             } else {
                 SledLog::open(&ledger_dir, &opts)
             }
@@ -200,7 +212,8 @@ impl Application {
                 throttle: LoginThrottle::new(args.login_max_failures, args.login_window, 100_000),
                 security,
                 hasher: crate::http::Hasher::start()?,
-                refreshes: Default::default(),
+                refreshes: crate::auth::throttle::PerUserLimit::refreshes(),
+                audit_reads: crate::auth::throttle::PerUserLimit::audit_reads(),
             });
 
             if let Restore::Snapshot { offset, .. } = restore {

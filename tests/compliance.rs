@@ -1878,3 +1878,50 @@ async fn read_only_tools_on_a_read_only_mount_respect_a_running_server() {
     assert!(cli_ok(&["verify", "--data", d(&ro)]).starts_with("ok 5 events"));
     assert_eq!(lines(&cli_ok(&["export", "--data", d(&ro)])).len(), 5);
 }
+
+/// The read-only tools' scratch copies: each run removes its own, and the copies of runs that
+/// died (SIGKILL) are swept by the next; a scratch directory inside the data directory (which
+/// would be copied into itself) is refused; `user list` takes the same options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scratch_copies_are_removed_swept_and_never_inside_the_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut s = Server::start(&data).await;
+    let (acked, _) = append_until_failure(&s, "sc", 3).await;
+    assert_eq!(acked.len(), 3);
+    s.stop();
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    // A copy left by a process that no longer exists (pids stay below 2^22 on Linux).
+    let stale = scratch.join("alarm-ledger-read-999999999-1");
+    std::fs::create_dir_all(stale.join("ledger")).unwrap();
+    std::fs::write(stale.join("ledger/db"), b"left behind").unwrap();
+    let unrelated = scratch.join("someone-else");
+    std::fs::create_dir_all(&unrelated).unwrap();
+    assert!(
+        cli_ok(&["verify", "--data", d(&data), "--scratch", d(&scratch)])
+            .starts_with("ok 3 events")
+    );
+    assert!(!stale.exists(), "the dead run's copy is swept");
+    assert!(unrelated.exists(), "only scratch copies are touched");
+    let left: Vec<_> = std::fs::read_dir(&scratch)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("someone-else")],
+        "its own copy removed"
+    );
+    // Inside the data directory: refused before anything is copied.
+    let inside = data.join("ledger");
+    let out = cli(&["export", "--data", d(&data), "--scratch", d(&inside)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("inside the data directory"), "{err}");
+    // `user list` takes the options (the error message suggests them).
+    assert!(cli_ok(&["user", "list", "--data", d(&data), "--in-place"]).contains("admin"));
+    assert!(
+        cli_ok(&["user", "list", "--data", d(&data), "--scratch", d(&scratch)]).contains("admin")
+    );
+}

@@ -716,7 +716,10 @@ async fn serve_does_not_found_a_new_ledger_over_a_lost_one() {
     let out = serve();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("holds no ledger"), "{err}");
+    assert!(
+        err.contains("holds no ledger") && err.contains("restore the directory from a backup"),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read(data.join("projection.snapshot")).unwrap(),
         snapshot,

@@ -52,17 +52,24 @@ pub struct Throttled {
 }
 
 /// Token refreshes a user may make at once, over HTTP and WebSocket together.
-pub const REFRESH_BURST: f64 = 20.0;
+pub const REFRESH_BURST: f64 = 30.0;
 /// One more refresh per user becomes available this often. A client refreshes once per token
 /// lifetime (15 minutes by default), within the minute after `token_expiring`: one account
 /// shared by 50 desk screens that logged in together (and so refresh together) is served in
-/// that minute (20 at once, 30 more at one per 2 s), while a user refreshing in a loop costs
-/// the disk one synced security-log entry per 2 s.
+/// 40 s of that minute (30 at once, 20 more at one per 2 s), while a user refreshing in a loop
+/// costs the disk one synced security-log entry per 2 s.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(2);
+
+/// Audited reads of the audit trail (an alarm's history, an event export, a past state, the
+/// security log) a user may make at once, and how often one more becomes available: each
+/// appends a synced security-log entry, so a client reading in a loop is bounded like a
+/// refreshing one (5 syncs a second), while an auditor gets 100 at once.
+pub const AUDIT_READ_BURST: f64 = 100.0;
+pub const AUDIT_READ_EVERY: Duration = Duration::from_millis(200);
 
 /// A token bucket: at most `burst` tokens, refilled at `per_sec` a second. The one rate-limit
 /// mechanism of the server besides the login throttle: per WebSocket connection (commands,
-/// subscribes and refreshes) and per user (`RefreshLimit`).
+/// subscribes and refreshes) and per user (`PerUserLimit`).
 #[derive(Clone, Copy, Debug)]
 pub struct TokenBucket {
     per_sec: f64,
@@ -100,28 +107,49 @@ impl TokenBucket {
     }
 }
 
-/// Token refreshes per user, a `TokenBucket` of `REFRESH_BURST` refilled one per `REFRESH_EVERY`.
-/// Each refresh appends a security-log entry and syncs it to disk, and the per-connection
-/// budgets do not bound a user with many connections or HTTP requests: refreshing in a loop
-/// would put an fsync per request beside the writer's group commits. Keyed by user names that
-/// passed the token check (existing accounts), and pruned of full buckets past 10,000 entries.
-#[derive(Default)]
-pub struct RefreshLimit {
+/// A per-user budget: a `TokenBucket` of `burst` refilled one per `every`, for requests that
+/// append a synced security-log entry each — token refreshes (`refreshes`, HTTP and WebSocket
+/// together) and audited reads of the audit trail (`audit_reads`). The per-connection budgets do not bound a
+/// user with many connections or HTTP requests: asking in a loop would put an fsync per request
+/// beside the writer's group commits. Keyed by user names that passed the token check
+/// (existing accounts), and pruned of full buckets past 10,000 entries.
+pub struct PerUserLimit {
+    burst: f64,
+    every: Duration,
     buckets: Mutex<HashMap<String, TokenBucket>>,
 }
 
-impl RefreshLimit {
-    /// Takes one refresh for `user` at `now`, or says how long until one is available (at least
-    /// a second: it becomes a `Retry-After`).
+impl PerUserLimit {
+    pub fn new(burst: f64, every: Duration) -> Self {
+        PerUserLimit {
+            burst,
+            every,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Token refreshes: `REFRESH_BURST`, one per `REFRESH_EVERY`.
+    pub fn refreshes() -> Self {
+        Self::new(REFRESH_BURST, REFRESH_EVERY)
+    }
+
+    /// Audited reads: `AUDIT_READ_BURST`, one per `AUDIT_READ_EVERY`.
+    pub fn audit_reads() -> Self {
+        Self::new(AUDIT_READ_BURST, AUDIT_READ_EVERY)
+    }
+
+    /// Takes one for `user` at `now`, or says how long until one is available (at least a
+    /// second: it becomes a `Retry-After`).
     pub fn take(&self, user: &str, now: Instant) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let burst = self.burst;
         if buckets.len() > 10_000 {
-            buckets.retain(|_, b| b.refilled(now) < REFRESH_BURST);
+            buckets.retain(|_, b| b.refilled(now) < burst);
         }
-        let per_sec = 1.0 / REFRESH_EVERY.as_secs_f64();
+        let per_sec = 1.0 / self.every.as_secs_f64();
         buckets
             .entry(user.to_string())
-            .or_insert_with(|| TokenBucket::full(per_sec, REFRESH_BURST, now))
+            .or_insert_with(|| TokenBucket::full(per_sec, burst, now))
             .take(now)
             .map_err(|wait| wait.max(Duration::from_secs(1)))
     }
@@ -276,7 +304,7 @@ mod tests {
 
     #[test]
     fn refreshes_per_user_are_a_burst_then_one_per_interval() {
-        let limit = RefreshLimit::default();
+        let limit = PerUserLimit::refreshes();
         let t0 = Instant::now();
         for i in 0..REFRESH_BURST as usize {
             assert!(limit.take("ann", t0).is_ok(), "refresh {i} of the burst");

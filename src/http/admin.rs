@@ -300,6 +300,11 @@ pub async fn security_log(state: &State, req: &Request) -> Result<Response, ApiE
     let p = admin(state, req)?;
     // The place first: a read refused with `overloaded` did not read the log.
     let permit = super::stream::permit(state)?;
+    state
+        .auth
+        .audit_reads
+        .take(&p.name, std::time::Instant::now())
+        .map_err(ApiError::rate_limited)?;
     // Reading the audit trail is audited too; recorded first, so this read is in its answer.
     record_read(
         state,

@@ -50,7 +50,10 @@ pub struct AuthCtx {
     /// Where password checks run (PBKDF2, ~150 ms of CPU each).
     pub hasher: Hasher,
     /// Token refreshes per user (HTTP and WebSocket): each one is a synced security-log entry.
-    pub refreshes: crate::auth::throttle::RefreshLimit,
+    pub refreshes: crate::auth::throttle::PerUserLimit,
+    /// Audited reads per user (history, event export, past state, security log): each is a
+    /// synced security-log entry.
+    pub audit_reads: crate::auth::throttle::PerUserLimit,
 }
 
 type HashJob = Box<dyn FnOnce() + Send>;

@@ -98,7 +98,7 @@ pub async fn alarms(state: &State, req: &Request) -> Result<Response, ApiError> 
         "alarms",
         serde_json::Value::Object(details),
     )
-    .await;
+    .await?;
     let ledger = state.ledger.clone();
     let st = state.clone();
     // A thread of its own at the lowest CPU priority, as backups: the replay must not delay the
@@ -240,7 +240,9 @@ pub async fn alarm(state: &State, req: &Request, id: &str) -> Result<Response, A
     }
 }
 
-/// Records who read the audit trail, with which filters (security log, durable).
+/// Records who read the audit trail, with which filters (security log, durable), once the
+/// reader's budget of audited reads (`PerUserLimit::audit_reads`) allows it: `429 rate_limited`
+/// otherwise, and nothing is read.
 async fn audit(
     state: &State,
     req: &Request,
@@ -248,7 +250,12 @@ async fn audit(
     action: SecurityAction,
     target: &str,
     details: serde_json::Value,
-) {
+) -> Result<(), ApiError> {
+    state
+        .auth
+        .audit_reads
+        .take(&p.name, std::time::Instant::now())
+        .map_err(ApiError::rate_limited)?;
     let mut e = super::admin::entry(state, req, action)
         .actor(p.name.clone())
         .target(target);
@@ -258,6 +265,7 @@ async fn audit(
         }
     }
     super::admin::record_read(state, e).await;
+    Ok(())
 }
 
 pub async fn history(state: &State, req: &Request, id: &str) -> Result<Response, ApiError> {
@@ -275,7 +283,7 @@ pub async fn history(state: &State, req: &Request, id: &str) -> Result<Response,
         &format!("alarm:{id}"),
         json!({"alarm_id": id.to_string()}),
     )
-    .await;
+    .await?;
     // Streamed: a flapping alarm's history grows without bound (a trigger-ack-rearm cycle
     // every 10 s is ~3M events a year), so it is never built whole in memory.
     let ledger = state.ledger.clone();
@@ -377,7 +385,7 @@ pub async fn events(state: &State, req: &Request) -> Result<Response, ApiError> 
         "events",
         filter.to_json(),
     )
-    .await;
+    .await?;
     let ledger = state.ledger.clone();
     Ok(super::stream::ndjson(state, permit, move |sink| {
         let ledger_id = ledger.info().ledger_id;

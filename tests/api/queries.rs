@@ -577,6 +577,11 @@ async fn past_state_reconstructions_are_bounded() {
                     assert!(retry_after, "a refusal says when to retry");
                     assert_eq!(v["error"]["code"], "overloaded", "{v}");
                 }
+                // The user's own budget (10 at once): not the server-wide bound tested here.
+                429 => {
+                    assert!(retry_after, "a refusal says when to retry");
+                    assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+                }
                 other => panic!("as_of answered {other}: {v}"),
             }
         }
@@ -589,9 +594,57 @@ async fn past_state_reconstructions_are_bounded() {
         refused >= 1,
         "12 concurrent reconstructions, none refused: no bound"
     );
-    // The permits are back: one at a time is always served.
-    let (status, _, v) = ask().await;
+    // The permits are back: one at a time is always served (asked by another user: this one
+    // has spent its own budget).
+    let other = app.user_token("auditor", "viewer").await;
+    let (status, v) = app.get(&other, &path).await;
     assert_eq!(status, 200, "{v}");
+}
+
+/// Each read of the audit trail (a past state, a history, an export, the security log) appends
+/// a synced security-log entry, so a user's audited reads are bounded together (100 at once,
+/// then one per 200 ms): `429 rate_limited` with `Retry-After` beyond; another user keeps their
+/// own budget.
+#[tokio::test]
+async fn a_users_audited_reads_are_rate_limited() {
+    let app = spawn_app().await;
+    let id = app.create_alarm("one").await;
+    let viewer = app.user_token("looper", "viewer").await;
+    let started = std::time::Instant::now();
+    let paths = [
+        "/api/v1/alarms?as_of=1".to_string(),
+        format!("/api/v1/alarms/{id}/history"),
+        "/api/v1/events?from=1".to_string(),
+    ];
+    let mut ok = 0;
+    let refusal = loop {
+        let r = app
+            .client
+            .get(app.url(&paths[ok % paths.len()]))
+            .bearer_auth(&viewer)
+            .send()
+            .await
+            .expect("get");
+        if r.status() == 200 {
+            ok += 1;
+            assert!(ok <= 1_000, "never limited");
+            continue;
+        }
+        break r;
+    };
+    // The burst, and at most one more per 200 ms the loop took (a slow machine refills some).
+    let refilled = (started.elapsed().as_secs_f64() / 0.2).ceil() as usize;
+    assert!(
+        (100..=100 + refilled).contains(&ok),
+        "{ok} passed in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(refusal.status(), 429);
+    assert!(refusal.headers().get("retry-after").is_some());
+    let v: Value = refusal.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+    let (s, v) = app.get(&app.admin_token, "/api/v1/alarms?as_of=1").await;
+    assert_eq!(s, 200, "another user is not limited: {v}");
 }
 
 /// Current-state answers are built one at a time and shared by the requests that wait for them,
