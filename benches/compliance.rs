@@ -215,6 +215,10 @@ fn process_start(root: &Path, n: u64, snapshot: bool, run: &str) {
                 let msg = v["message"].as_str().unwrap_or_default().to_string();
                 if msg.starts_with("projection ") {
                     let _ = tx.send(Line::Restore(msg, v));
+                } else if msg == "alarm-ledger listening" {
+                    // `--log-format json` prints no "Log in:" banner: the address is here.
+                    let addr = v["addr"].as_str().unwrap_or_default().to_string();
+                    let _ = tx.send(Line::Listening(now, addr));
                 }
             }
         }
@@ -225,7 +229,7 @@ fn process_start(root: &Path, n: u64, snapshot: bool, run: &str) {
             Ok(Line::Listening(t, a)) => break (t - t0, a),
             Ok(Line::Restore(m, v)) => restore = Some((m, v)),
             Err(e) => panic!(
-                "server on {} did not print its Log in: line: {e}",
+                "server on {} did not report its address: {e}",
                 root.display()
             ),
         }

@@ -1,7 +1,7 @@
 //! Offline subcommands on a data directory: `user`, `export`, `verify`, `backup`. Each takes
 //! the directory's lock first, so on a directory a running server holds it fails at once with a
 //! clear message instead of hanging or tripping over sled. They are the binary's: the process
-//! exits when one returns (`release_at_exit`).
+//! exits when one returns (`ReadView::finish`).
 
 use crate::auth::{NewSecurityEntry, SecurityAction, SecurityLog, UserStore};
 use crate::config::AsOf;
@@ -11,6 +11,7 @@ use crate::config::{
 use crate::error::{Error, Result};
 use crate::export::{self, EventFilter};
 use crate::ledger::datadir::DataDir;
+use crate::read_copy::ReadView;
 use crate::store::sled_log::{SledLog, SledOptions};
 use crate::store::EventLog;
 use crate::time::Timestamp;
@@ -39,214 +40,14 @@ fn open_for_full_read(dir: &DataDir) -> Result<SledLog> {
     open(dir)
 }
 
-/// A private copy of a data directory's `ledger/` for a read-only tool, removed when dropped.
-///
-/// Opening a sled database runs sled's recovery, and that writes: it re-reads the end of its
-/// log and zeroes it from the first damaged page on (how it drops a write torn by a crash). A
-/// `verify` of a damaged archive copy opened in place thus destroyed the very evidence it
-/// found (review: 8 KB zeroed by one flipped byte). So `verify`, `export` and `user list` open a
-/// copy, and the directory they were given is only ever read.
-struct Scratch(std::path::PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// What a read-only tool reads: the log (of a private copy unless `--in-place`), the directory
-/// (its lock held when it can be taken) and the copy, to be dropped after the log.
-struct ReadView {
-    dir: DataDir,
-    log: SledLog,
-    scratch: Option<Scratch>,
-}
-
-impl ReadView {
-    fn open(root: &Path, how: &ReadArgs) -> Result<ReadView> {
-        if how.in_place {
-            let dir = DataDir::lock_existing(root)?;
-            let log = open_for_full_read(&dir)?;
-            return Ok(ReadView {
-                dir,
-                log,
-                scratch: None,
-            });
-        }
-        let dir = DataDir::lock_for_reading(root)?;
-        let source = dir.ledger_dir();
-        if !source.join("db").is_file() {
-            return Err(Error::Corrupt {
-                offset: 0,
-                reason: format!(
-                    "{} has no sled database (db file): not a ledger",
-                    source.display()
-                ),
-            });
-        }
-        let base = how.scratch.clone().unwrap_or_else(std::env::temp_dir);
-        refuse_scratch_inside(&base, &source)?;
-        sweep_stale_scratch(&base);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let scratch = Scratch(base.join(format!("{SCRATCH_PREFIX}{}-{nanos}", std::process::id())));
-        remove_on_signal(&scratch.0);
-        crate::store::sled_log::prefetch_db_file(&source);
-        copy_dir(&source, &scratch.0.join("ledger")).map_err(|e| {
-            Error::Other(format!(
-                "cannot copy {} to {} to read it (the copy needs room for the db file: \
-                 --scratch DIR elsewhere, or --in-place on a copy you can lose): {e}",
-                source.display(),
-                scratch.0.display()
-            ))
-        })?;
-        let copy = scratch.0.join("ledger");
-        let log = SledLog::open_existing(
-            &copy,
-            &SledOptions {
-                cache_bytes: OFFLINE_CACHE_BYTES,
-            },
-        )
-        .map_err(|e| name_source(e, &copy, &source))?;
-        Ok(ReadView {
-            dir,
-            log,
-            scratch: Some(scratch),
-        })
-    }
-
-    /// Ends the tool's use of the log (`release_at_exit`), then removes the copy.
-    fn finish(self) -> Result<()> {
-        let ReadView { dir, log, scratch } = self;
-        release_at_exit(log)?;
-        drop(scratch);
-        drop(dir);
-        Ok(())
-    }
-}
-
-/// The name of a read-only tool's scratch directory: this prefix, the pid, a nanosecond stamp.
-const SCRATCH_PREFIX: &str = "alarm-ledger-read-";
-
-/// Removes the scratch directories of earlier runs whose process is gone (one killed with
-/// SIGKILL, or by a signal before this build handled them): each is a whole copy of a ledger,
-/// password hashes and audit trail included, and nothing else would ever remove it.
-fn sweep_stale_scratch(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// SIGINT, SIGTERM or SIGHUP while a read-only tool runs (Ctrl-C, `timeout`) removes its
-/// scratch copy before the process ends (with 128 + the signal's number, as a shell reports
-/// a death by that signal). The signals are blocked in this thread before the copy starts, so
-/// every thread started later (sled's) inherits the mask, and one thread waits for them.
-fn remove_on_signal(scratch: &Path) {
-    // SAFETY: plain signal-set calls on a local, initialized set; pthread_sigmask changes this
-    // thread's mask only.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return;
-        }
-        set
-    };
-    let path = scratch.to_path_buf();
-    let _ = std::thread::Builder::new()
-        .name("scratch-cleanup".into())
-        .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: sigwait on a valid set with a valid out-pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                let _ = std::fs::remove_dir_all(&path);
-                std::process::exit(128 + sig);
-            }
-        });
-}
-
-/// A scratch directory inside the directory being read would be copied into itself.
-fn refuse_scratch_inside(base: &Path, source_ledger: &Path) -> Result<()> {
-    let (Ok(base), Ok(root)) = (
-        std::fs::canonicalize(base),
-        std::fs::canonicalize(source_ledger.parent().unwrap_or(source_ledger)),
-    ) else {
-        return Ok(()); // a missing --scratch fails at the copy, with its path
-    };
-    if base.starts_with(&root) {
-        return Err(Error::Config(format!(
-            "--scratch {} is inside the data directory {} being read: choose a directory elsewhere",
-            base.display(),
-            root.display()
-        )));
-    }
-    Ok(())
-}
-
-/// An error about the private copy, told about the directory it was taken from.
-fn name_source(e: Error, copy: &Path, source: &Path) -> Error {
-    let fix = |s: String| {
-        s.replace(
-            &copy.display().to_string(),
-            &format!("{} (read from a private copy)", source.display()),
-        )
-    };
-    match e {
-        Error::Storage(s) => Error::Storage(fix(s)),
-        Error::Corrupt { offset, reason } => Error::Corrupt {
-            offset,
-            reason: fix(reason),
-        },
-        other => other,
-    }
-}
-
-/// Copies a directory tree of plain files (sled's `ledger/`: `db`, `conf`, `snap.*`, `blobs/`);
-/// a snapshot sled was still generating is left behind (it removes those itself).
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name.to_string_lossy().ends_with(".generating") {
-            continue;
-        }
-        // `metadata` follows symlinks (a `blobs/` on another disk), as sled does.
-        if std::fs::metadata(entry.path())?.is_dir() {
-            copy_dir(&entry.path(), &to.join(&name))?;
-        } else {
-            std::fs::copy(entry.path(), to.join(&name))?;
-        }
-    }
-    Ok(())
-}
-
-/// Ends a read-only command's use of the log without tearing sled down. These functions are the
-/// binary's: the process exits as soon as one returns, and freeing the page cache a full pass
-/// filled (~900 MiB for 1M events, millions of allocations) object by object took 0.4 s of a
-/// 2.9 s `verify`. The command wrote nothing; the flush is a formality that keeps it that way.
-fn release_at_exit(log: SledLog) -> Result<()> {
-    log.db().flush()?;
-    std::mem::forget(log);
-    Ok(())
+/// The ledger a read-only tool reads (`read_copy`: a private copy unless `--in-place`).
+fn read_view(root: &Path, how: &ReadArgs) -> Result<ReadView> {
+    ReadView::open(
+        root,
+        how.scratch.as_deref(),
+        how.in_place,
+        OFFLINE_CACHE_BYTES,
+    )
 }
 
 fn read_password(given: Option<String>) -> Result<String> {
@@ -273,7 +74,7 @@ pub fn user(args: UserArgs) -> Result<()> {
     };
     if let UserAction::List { read } = &args.action {
         // Reads only: from a private copy, as `verify` and `export` (`ReadView`).
-        let view = ReadView::open(&args.data.data, read)?;
+        let view = read_view(&args.data.data, read)?;
         let users = UserStore::open(view.log.db()).map_err(|e| Error::Storage(e.to_string()))?;
         for u in users.list().map_err(|e| Error::Storage(e.to_string()))? {
             println!(
@@ -372,7 +173,7 @@ pub fn user(args: UserArgs) -> Result<()> {
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
-    let view = ReadView::open(&args.data.data, &args.read)?;
+    let view = read_view(&args.data.data, &args.read)?;
     // As `GET /api/v1/events` (416): a start beyond the head + 1 is a mistake, not an empty
     // export (`from` is inclusive: head + 1 is where the next event will be).
     let head = view.log.head()?.offset;
@@ -519,9 +320,9 @@ fn write_export(log: &SledLog, args: &ExportArgs, out: &mut impl Write) -> Resul
 }
 
 pub fn verify(args: VerifyArgs) -> Result<String> {
-    let view = ReadView::open(&args.data.data, &args.read)?;
+    let view = read_view(&args.data.data, &args.read)?;
     let log = &view.log;
-    let mut report = crate::verify::verify_log(log, Some(&view.dir.snapshot_path()))?;
+    let mut report = crate::verify::verify_log(log, Some(&view.snapshot))?;
     let security = SecurityLog::open(log.db(), log.info().ledger_id)
         .map_err(|e| Error::Storage(e.to_string()))?;
     let (n, _) = security.verify().map_err(|why| Error::Corrupt {

@@ -25,6 +25,7 @@ pub mod memory;
 pub mod metrics;
 pub mod projection;
 pub mod protocol;
+pub mod read_copy;
 pub mod shutdown;
 pub mod staging;
 pub mod startup;

@@ -1892,10 +1892,21 @@ async fn scratch_copies_are_removed_swept_and_never_inside_the_source() {
     s.stop();
     let scratch = tmp.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
-    // A copy left by a process that no longer exists (pids stay below 2^22 on Linux).
-    let stale = scratch.join("alarm-ledger-read-999999999-1");
+    // A copy left by a run that died (its lock file is free), and one of a run still going
+    // (its lock held, here by this test).
+    use std::os::unix::io::AsRawFd;
+    let stale = scratch.join("alarm-ledger-read-4242-1");
     std::fs::create_dir_all(stale.join("ledger")).unwrap();
     std::fs::write(stale.join("ledger/db"), b"left behind").unwrap();
+    std::fs::write(stale.join(".lock"), b"").unwrap();
+    let live = scratch.join("alarm-ledger-read-4243-1");
+    std::fs::create_dir_all(&live).unwrap();
+    let held = std::fs::File::create(live.join(".lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
     let unrelated = scratch.join("someone-else");
     std::fs::create_dir_all(&unrelated).unwrap();
     assert!(
@@ -1903,22 +1914,56 @@ async fn scratch_copies_are_removed_swept_and_never_inside_the_source() {
             .starts_with("ok 3 events")
     );
     assert!(!stale.exists(), "the dead run's copy is swept");
+    assert!(live.exists(), "a running run's copy is left alone");
     assert!(unrelated.exists(), "only scratch copies are touched");
-    let left: Vec<_> = std::fs::read_dir(&scratch)
+    drop(held);
+    let mut left: Vec<_> = std::fs::read_dir(&scratch)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
+    left.sort();
     assert_eq!(
         left,
-        vec![std::ffi::OsString::from("someone-else")],
+        vec![
+            std::ffi::OsString::from("alarm-ledger-read-4243-1"),
+            std::ffi::OsString::from("someone-else")
+        ],
         "its own copy removed"
     );
-    // Inside the data directory: refused before anything is copied.
-    let inside = data.join("ledger");
-    let out = cli(&["export", "--data", d(&data), "--scratch", d(&inside)]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("inside the data directory"), "{err}");
+    // A source whose files are read-only (an archive after `chmod -R a-w`): the copy is this
+    // user's and writable, so sled opens it.
+    let archive = tmp.path().join("archive");
+    std::fs::create_dir_all(&archive).unwrap();
+    let status = std::process::Command::new("cp")
+        .args(["-a", &format!("{}/.", d(&data)), d(&archive)])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = std::process::Command::new("chmod")
+        .args(["-R", "a-w", d(&archive)])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        cli_ok(&["verify", "--data", d(&archive), "--scratch", d(&scratch)])
+            .starts_with("ok 3 events")
+    );
+    let _ = std::process::Command::new("chmod")
+        .args(["-R", "u+w", d(&archive)])
+        .status();
+    // Inside the data directory, existing or to be created: refused before anything is
+    // created or copied.
+    for inside in [
+        data.join("ledger"),
+        data.join("ledger/new/tmp"),
+        data.join("tmp"),
+    ] {
+        let out = cli(&["export", "--data", d(&data), "--scratch", d(&inside)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("inside the data directory"), "{err}");
+    }
+    assert!(!data.join("ledger/new").exists() && !data.join("tmp").exists());
     // `user list` takes the options (the error message suggests them).
     assert!(cli_ok(&["user", "list", "--data", d(&data), "--in-place"]).contains("admin"));
     assert!(

@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 
 pub struct DataDir {
     root: PathBuf,
-    /// Held for the life of the process; a lock goes with its file descriptor. One exclusive
-    /// lock on `.lock`, or for a read-only tool on a directory it cannot write
-    /// (`lock_for_reading`) shared locks on `.lock` and on sled's `ledger/db`.
+    /// Held until dropped; a lock goes with its file descriptor. One exclusive lock on
+    /// `.lock`, or for a read-only tool (`lock_for_reading`) shared locks on `.lock` and on
+    /// sled's `ledger/db`.
     _locks: Vec<File>,
 }
 
@@ -61,55 +61,33 @@ impl DataDir {
         })
     }
 
-    /// `lock_existing` for a tool that only reads the directory (from a private copy). On a
-    /// directory it may not write (a read-only mount, a service account's directory made
-    /// readable to an auditor) it cannot create or write-open the lock file, but a server may
-    /// still be writing there: it takes **shared** locks through read-only descriptors instead,
-    /// on `.lock` (ours) and on `ledger/db` (sled's), which fail while a server or another tool
-    /// holds either exclusively (`flock` needs no write access).
+    /// For a tool that only reads the directory (a private copy, `read_copy`): **shared** locks
+    /// taken through read-only descriptors on `.lock` (ours) and `ledger/db` (sled's), which
+    /// fail while a server or a writing tool holds either exclusively, and which need no write
+    /// access (`flock`): the same on a read-only mount or a directory this user may only read.
+    /// Nothing is created in the directory, and read-only tools do not exclude each other.
     pub fn lock_for_reading(root: &Path) -> Result<DataDir> {
         Self::must_exist(root)?;
-        match Self::lock_file(root) {
-            Ok(lock) => Self::locked(root, lock),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
-                ) =>
-            {
-                let mut locks = Vec::new();
-                for path in [root.join(".lock"), root.join("ledger").join("db")] {
-                    let file = match File::open(&path) {
-                        Ok(f) => f,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => {
-                            return Err(Error::Other(format!(
-                                "cannot read {}: {e}",
-                                path.display()
-                            )))
-                        }
-                    };
-                    // SAFETY: flock on a valid, owned file descriptor.
-                    let rc =
-                        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-                    if rc != 0 {
-                        return Err(Error::Locked {
-                            path: root.to_path_buf(),
-                        });
-                    }
-                    locks.push(file);
-                }
-                tracing::info!(dir = %root.display(), "directory not writable: read under shared locks");
-                Ok(DataDir {
-                    root: root.to_path_buf(),
-                    _locks: locks,
-                })
+        let mut locks = Vec::new();
+        for path in [root.join(".lock"), root.join("ledger").join("db")] {
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::Other(format!("cannot read {}: {e}", path.display()))),
+            };
+            // SAFETY: flock on a valid, owned file descriptor.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+            if rc != 0 {
+                return Err(Error::Locked {
+                    path: root.to_path_buf(),
+                });
             }
-            Err(e) => Err(Error::Other(format!(
-                "cannot open lock file in {}: {e}",
-                root.display()
-            ))),
+            locks.push(file);
         }
+        Ok(DataDir {
+            root: root.to_path_buf(),
+            _locks: locks,
+        })
     }
 
     /// Opens an existing data directory for an offline tool: fails if it does not exist.
