@@ -1288,6 +1288,57 @@ fn fill_up(dir: &Path) -> u64 {
 }
 
 /// Appends until one fails; returns (acknowledged command ids and offsets, the failure).
+/// Appends (tagged `tag`, at most `max`) until the disk refuses: that failure says what
+/// failed, nothing unacknowledged is visible, reads go on. `acked` gains what was acknowledged;
+/// returns the head.
+async fn appends_until_refused(
+    s: &Server,
+    tag: &str,
+    max: usize,
+    acked: &mut Vec<(Uuid, u64)>,
+) -> u64 {
+    let (more, failure) = append_until_failure(s, tag, max).await;
+    eprintln!(
+        "{tag}: {} more appends acknowledged before the first failure: {failure}",
+        more.len()
+    );
+    acked.extend(more);
+    assert_ne!(failure, Value::Null, "{tag}: the disk must fail appends");
+    assert_failure_is_clear(&failure);
+    let head = s.ledger().await["head"].as_u64().unwrap();
+    assert_eq!(
+        head,
+        acked.len() as u64,
+        "nothing unacknowledged is visible"
+    );
+    still_serves_reads(s, head).await;
+    head
+}
+
+/// A server started on `data` once the disk is healthy again holds exactly the `head` events,
+/// every acknowledged one at its offset with its command_id.
+async fn restarted_holds_every_acknowledged(
+    data: &Path,
+    head: u64,
+    acked: &[(Uuid, u64)],
+) -> Server {
+    let s = Server::start(data).await;
+    let ev = lines(&s.events_text("").await);
+    assert_eq!(
+        ev.len() as u64,
+        head,
+        "every acknowledged event, and no other"
+    );
+    for (cid, off) in acked {
+        assert_eq!(
+            ev[*off as usize - 1]["command_id"],
+            cid.to_string(),
+            "acknowledged offset {off}"
+        );
+    }
+    s
+}
+
 async fn append_until_failure(s: &Server, tag: &str, max: usize) -> (Vec<(Uuid, u64)>, Value) {
     let mut acked = Vec::new();
     for i in 0..max {
@@ -1375,37 +1426,9 @@ async fn a_write_refused_by_the_disk_fails_appends_clearly_and_loses_nothing() {
     let db = std::fs::metadata(data.join("ledger/db")).unwrap().len();
     // Room for a few hundred of the 2 KB records, not for the 2,000 tried.
     let mut s = Server::start_limited(&data, &[], Some(db + 1024 * 1024)).await;
-    let (more, failure) = append_until_failure(&s, "limited", 2_000).await;
-    eprintln!(
-        "file size limit {} bytes: {} more appends acknowledged before the first failure: {failure}",
-        db + 1024 * 1024,
-        more.len()
-    );
-    acked.extend(more);
-    assert_ne!(failure, Value::Null, "a refused write must fail appends");
-    assert_failure_is_clear(&failure);
-    let head = s.ledger().await["head"].as_u64().unwrap();
-    assert_eq!(
-        head,
-        acked.len() as u64,
-        "nothing unacknowledged is visible"
-    );
-    still_serves_reads(&s, head).await;
+    let head = appends_until_refused(&s, "limited", 2_000, &mut acked).await;
     s.kill9();
-    let mut s = Server::start(&data).await;
-    let ev = lines(&s.events_text("").await);
-    assert_eq!(
-        ev.len() as u64,
-        head,
-        "every acknowledged event, and no other"
-    );
-    for (cid, off) in &acked {
-        assert_eq!(
-            ev[*off as usize - 1]["command_id"],
-            cid.to_string(),
-            "acknowledged offset {off}"
-        );
-    }
+    let mut s = restarted_holds_every_acknowledged(&data, head, &acked).await;
     let (st, _) = s
         .post("/api/v1/alarms", json!({"name": "after restart"}))
         .await;
@@ -1428,21 +1451,8 @@ async fn a_full_disk_fails_appends_clearly_and_loses_nothing() {
     let (mut acked, f) = append_until_failure(&s, "before", 20).await;
     assert_eq!(f, Value::Null, "appends work while there is space");
     let filled = fill_up(&mnt);
-    let (more, failure) = append_until_failure(&s, "full", 2_000).await;
-    eprintln!(
-        "disk full: filler {filled} bytes; {} more appends acknowledged before the first failure: {failure}",
-        more.len()
-    );
-    acked.extend(more);
-    assert_ne!(failure, Value::Null, "a full disk must fail appends");
-    assert_failure_is_clear(&failure);
-    let head = s.ledger().await["head"].as_u64().unwrap();
-    assert_eq!(
-        head,
-        acked.len() as u64,
-        "nothing unacknowledged is visible"
-    );
-    still_serves_reads(&s, head).await;
+    eprintln!("disk full: filler {filled} bytes");
+    let head = appends_until_refused(&s, "full", 2_000, &mut acked).await;
     // Space comes back. The running server does not write again: after a failed write or
     // sync it refuses appends for the life of the process (a second fdatasync after a failed
     // one proves nothing; sled keeps its I/O error too) and says so; a restart recovers
@@ -1461,25 +1471,14 @@ async fn a_full_disk_fails_appends_clearly_and_loses_nothing() {
         "{v}"
     );
     s.kill9();
-    let mut s = Server::start(&data).await;
-    let ev = lines(&s.events_text("").await);
-    for (cid, off) in &acked {
-        let e = &ev[*off as usize - 1];
-        if !cid.is_nil() {
-            assert_eq!(
-                e["command_id"],
-                cid.to_string(),
-                "acknowledged offset {off}"
-            );
-        }
-    }
+    let mut s = restarted_holds_every_acknowledged(&data, head, &acked).await;
     let (st, _) = s
         .post("/api/v1/alarms", json!({"name": "after restart"}))
         .await;
     assert_eq!(st, 200, "a restart with space writes again");
     s.stop();
     let out = cli_ok(&["verify", "--data", d(&data)]);
-    assert_eq!(parse_ok(&out).1, ev.len() as u64 + 1);
+    assert_eq!(parse_ok(&out).1, head + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1498,21 +1497,7 @@ async fn a_filesystem_gone_read_only_fails_appends_clearly_and_loses_nothing() {
     let (mut acked, f) = append_until_failure(&s, "rw", 10).await;
     assert_eq!(f, Value::Null);
     m.force_read_only();
-    let (more, failure) = append_until_failure(&s, "ro", 50).await;
-    eprintln!(
-        "read-only: {} appends acknowledged before the first failure: {failure}",
-        more.len()
-    );
-    acked.extend(more);
-    assert_ne!(
-        failure,
-        Value::Null,
-        "a read-only filesystem must fail appends"
-    );
-    assert_failure_is_clear(&failure);
-    let head = s.ledger().await["head"].as_u64().unwrap();
-    assert_eq!(head, acked.len() as u64);
-    still_serves_reads(&s, head).await;
+    let head = appends_until_refused(&s, "ro", 50, &mut acked).await;
     s.kill9();
 
     // Starting on a read-only directory fails at once, saying why.
@@ -1531,12 +1516,7 @@ async fn a_filesystem_gone_read_only_fails_appends_clearly_and_loses_nothing() {
     // The disk is repaired (remounted read-write): everything acknowledged is there.
     m.unmount();
     Mount::mount_image(&img, &mnt).unwrap();
-    let mut s = Server::start(&data).await;
-    let ev = lines(&s.events_text("").await);
-    assert_eq!(ev.len() as u64, head);
-    for (cid, off) in &acked {
-        assert_eq!(ev[*off as usize - 1]["command_id"], cid.to_string());
-    }
+    let mut s = restarted_holds_every_acknowledged(&data, head, &acked).await;
     s.stop();
     let out = cli_ok(&["verify", "--data", d(&data)]);
     assert_eq!(parse_ok(&out).1, head);
