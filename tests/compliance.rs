@@ -1288,6 +1288,18 @@ fn fill_up(dir: &Path) -> u64 {
 }
 
 /// Appends until one fails; returns (acknowledged command ids and offsets, the failure).
+/// A restarted server on a healthy disk appends again, and after its stop the directory
+/// verifies with that one more event.
+async fn writes_again_and_verifies(mut s: Server, data: &Path, head: u64) {
+    let (st, v) = s
+        .post("/api/v1/alarms", json!({"name": "after restart"}))
+        .await;
+    assert_eq!(st, 200, "a restart on a healthy disk writes again: {v}");
+    s.stop();
+    let out = cli_ok(&["verify", "--data", d(data)]);
+    assert_eq!(parse_ok(&out).1, head + 1);
+}
+
 /// Appends (tagged `tag`, at most `max`) until the disk refuses: that failure says what
 /// failed, nothing unacknowledged is visible, reads go on. `acked` gains what was acknowledged;
 /// returns the head.
@@ -1428,14 +1440,8 @@ async fn a_write_refused_by_the_disk_fails_appends_clearly_and_loses_nothing() {
     let mut s = Server::start_limited(&data, &[], Some(db + 1024 * 1024)).await;
     let head = appends_until_refused(&s, "limited", 2_000, &mut acked).await;
     s.kill9();
-    let mut s = restarted_holds_every_acknowledged(&data, head, &acked).await;
-    let (st, _) = s
-        .post("/api/v1/alarms", json!({"name": "after restart"}))
-        .await;
-    assert_eq!(st, 200, "a restart without the limit writes again");
-    s.stop();
-    let out = cli_ok(&["verify", "--data", d(&data)]);
-    assert_eq!(parse_ok(&out).1, head + 1);
+    let s = restarted_holds_every_acknowledged(&data, head, &acked).await;
+    writes_again_and_verifies(s, &data, head).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1471,14 +1477,8 @@ async fn a_full_disk_fails_appends_clearly_and_loses_nothing() {
         "{v}"
     );
     s.kill9();
-    let mut s = restarted_holds_every_acknowledged(&data, head, &acked).await;
-    let (st, _) = s
-        .post("/api/v1/alarms", json!({"name": "after restart"}))
-        .await;
-    assert_eq!(st, 200, "a restart with space writes again");
-    s.stop();
-    let out = cli_ok(&["verify", "--data", d(&data)]);
-    assert_eq!(parse_ok(&out).1, head + 1);
+    let s = restarted_holds_every_acknowledged(&data, head, &acked).await;
+    writes_again_and_verifies(s, &data, head).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
