@@ -1138,6 +1138,16 @@ async fn nothing_removes_events() {
 /// A small tmpfs mounted for one test (needs root and CAP_SYS_ADMIN); unmounted on drop.
 struct Mount(PathBuf);
 
+/// Runs a command; its stderr is the error.
+fn run_ok(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 impl Mount {
     fn tmpfs(at: &Path, size: &str) -> Result<Mount, String> {
         // SAFETY: geteuid has no preconditions.
@@ -1187,35 +1197,19 @@ impl Mount {
             return Err("not root".into());
         }
         std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
-        let run = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("mount")
-                .args(args)
-                .output()
-                .map_err(|e| e.to_string())?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(String::from_utf8_lossy(&out.stderr).into_owned())
-            }
-        };
-        run(&["--bind", d(from), d(at)])?;
+        run_ok(Command::new("mount").args(["--bind", d(from), d(at)]))?;
         let m = Mount(at.to_path_buf());
-        run(&["-o", "remount,bind,ro", d(at)])?;
+        run_ok(Command::new("mount").args(["-o", "remount,bind,ro", d(at)]))?;
         Ok(m)
     }
 
     fn mount_image(img: &Path, at: &Path) -> Result<(), String> {
-        let out = Command::new("mount")
-            .args(["-o", "loop,errors=remount-ro"])
-            .arg(img)
-            .arg(at)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        run_ok(
+            Command::new("mount")
+                .args(["-o", "loop,errors=remount-ro"])
+                .arg(img)
+                .arg(at),
+        )
     }
 
     /// Makes ext4 report an error, which with `errors=remount-ro` turns the filesystem
@@ -1716,6 +1710,16 @@ async fn export_refuses_ignored_options_and_fails_on_a_missing_record() {
     );
 }
 
+/// A data directory in `parent` whose stopped server acknowledged `n` appends (tagged `tag`).
+async fn stopped_ledger(parent: &Path, tag: &str, n: usize) -> PathBuf {
+    let data = parent.join("data");
+    let mut s = Server::start(&data).await;
+    let (acked, failure) = append_until_failure(&s, tag, n).await;
+    assert_eq!((acked.len(), failure), (n, Value::Null));
+    s.stop();
+    data
+}
+
 /// Every file under `root`, with its bytes.
 fn tree_bytes(root: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
     let mut out = std::collections::BTreeMap::new();
@@ -1740,12 +1744,8 @@ fn tree_bytes(root: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_tools_never_write_to_the_directory_they_read() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let mut s = Server::start(&data).await;
     // Records large enough to fill several of sled's segments.
-    let (acked, f) = append_until_failure(&s, "tail", 600).await;
-    assert_eq!((acked.len(), f), (600, Value::Null));
-    s.stop();
+    let data = stopped_ledger(tmp.path(), "tail", 600).await;
     let head = "ok 600 events, head 600";
 
     // Intact: the tools work, and change nothing.
@@ -1807,11 +1807,7 @@ async fn read_only_tools_never_write_to_the_directory_they_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_refuses_a_start_beyond_the_head_and_names_a_bad_out_path() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let mut s = Server::start(&data).await;
-    let (acked, _) = append_until_failure(&s, "e", 3).await;
-    assert_eq!(acked.len(), 3);
-    s.stop();
+    let data = stopped_ledger(tmp.path(), "e", 3).await;
     assert_eq!(cli_ok(&["export", "--data", d(&data), "--from", "4"]), "");
     let out = cli(&["export", "--data", d(&data), "--from", "5"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -1865,11 +1861,7 @@ async fn read_only_tools_on_a_read_only_mount_respect_a_running_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scratch_copies_are_removed_swept_and_never_inside_the_source() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let mut s = Server::start(&data).await;
-    let (acked, _) = append_until_failure(&s, "sc", 3).await;
-    assert_eq!(acked.len(), 3);
-    s.stop();
+    let data = stopped_ledger(tmp.path(), "sc", 3).await;
     let scratch = tmp.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     // A copy left by a run that died (its lock file is free), and one of a run still going
