@@ -74,6 +74,7 @@ pub fn user(args: UserArgs) -> Result<()> {
     };
     if let UserAction::List { read } = &args.action {
         // Reads only: from a private copy, as `verify` and `export` (`ReadView`).
+        crate::read_copy::handle_signals();
         let view = read_view(&args.data.data, read)?;
         let users = UserStore::open(view.log.db()).map_err(|e| Error::Storage(e.to_string()))?;
         for u in users.list().map_err(|e| Error::Storage(e.to_string()))? {
@@ -173,6 +174,7 @@ pub fn user(args: UserArgs) -> Result<()> {
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
+    crate::read_copy::handle_signals();
     let view = read_view(&args.data.data, &args.read)?;
     // As `GET /api/v1/events` (416): a start beyond the head + 1 is a mistake, not an empty
     // export (`from` is inclusive: head + 1 is where the next event will be).
@@ -204,6 +206,8 @@ fn export_to_file(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
     }
     let partial = crate::staging::staging_path(path)
         .ok_or_else(|| Error::Config(format!("--out {} has no file name", path.display())))?;
+    // Interrupted (Ctrl-C, `timeout`): no half-written `.partial` is left behind.
+    crate::read_copy::remove_on_signal(&partial);
     let written = write_durably(log, args, &partial)
         .and_then(|()| Ok(crate::staging::publish(&partial, path)?));
     if let Err(e) = written {
@@ -301,25 +305,33 @@ fn write_export(log: &SledLog, args: &ExportArgs, out: &mut impl Write) -> Resul
         }
         true
     })?;
+    // A reader that went away (`| head`, a closed FIFO) cut the export short: that is an error
+    // (exit 1), never a success that would pass a truncated audit trail for a whole one.
     if let Some(e) = io_err {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(e.into());
-        }
+        return Err(truncated(e));
     }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    out.flush().or_else(|e| {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    })?;
+    out.flush().map_err(truncated)?;
     Ok(())
 }
 
+/// An export's write error, said plainly when the reader went away.
+fn truncated(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Error::Other(
+            "the output was closed before the export was complete (broken pipe): what was \
+             written is a truncated export"
+                .into(),
+        )
+    } else {
+        e.into()
+    }
+}
+
 pub fn verify(args: VerifyArgs) -> Result<String> {
+    crate::read_copy::handle_signals();
     let view = read_view(&args.data.data, &args.read)?;
     let log = &view.log;
     let mut report = crate::verify::verify_log(log, Some(&view.snapshot))?;

@@ -21,8 +21,9 @@ fn main() -> ExitCode {
     for var in config::unknown_env_vars() {
         tracing::warn!(variable = %var, "unknown ALARM_LEDGER_* environment variable (typo?); it is ignored");
     }
+    let json = args.log_format == config::LogFormat::Json;
     let result = match args.command {
-        Command::Serve(serve) => run_server(*serve, args.log_format == config::LogFormat::Json),
+        Command::Serve(serve) => run_server(*serve, json),
         Command::User(a) => cli::user(a),
         Command::Export(a) => cli::export(a),
         Command::Verify(a) => cli::verify(a).map(|s| println!("{s}")),
@@ -31,7 +32,19 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            if json {
+                // One JSON object per line, as every other line (`--log-format json`).
+                eprintln!(
+                    "{}",
+                    serde_json::json!({
+                        "timestamp": alarm_ledger::time::Timestamp::now().to_rfc3339(),
+                        "level": "ERROR",
+                        "message": format!("error: {e}"),
+                    })
+                );
+            } else {
+                eprintln!("error: {e}");
+            }
             match e {
                 Error::Config(_) => ExitCode::from(2),
                 _ => ExitCode::from(1),

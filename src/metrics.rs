@@ -104,7 +104,7 @@ impl Metrics {
         let tcp_connections = Gauge::default();
         registry.register(
             "tcp_connections",
-            "Open client connections (HTTP and WebSocket), counted against --max-connections",
+            "Open client connections (HTTP and WebSocket): those served, under --max-connections, and those being refused",
             tcp_connections.clone(),
         );
         let connections_refused = Family::<ModeLabel, Counter>::default();

@@ -15,9 +15,9 @@
 //! - The copy's files are this user's, mode 0600, whatever the source's (sled opens its files
 //!   for writing).
 //! - The scratch directory holds a lock of its own for the life of the run. SIGINT, SIGTERM and
-//!   SIGHUP (when not ignored) remove it before the process dies of that signal; a copy left
-//!   by a run killed outright is removed by the next run on the same scratch directory, once
-//!   its lock is free.
+//!   SIGHUP (when not ignored) remove it, and an export's `.partial` file, before the process
+//!   dies of that signal (`handle_signals`); a copy left by a run killed outright is removed by
+//!   the next run on the same scratch directory, once its lock is free.
 
 use crate::error::{Error, Result};
 use crate::ledger::datadir::DataDir;
@@ -213,12 +213,31 @@ fn sweep_stale(base: &Path) {
     }
 }
 
-/// SIGINT, SIGTERM or SIGHUP while a read-only tool copies or reads removes its scratch copy,
-/// then the process dies of that signal (so a shell loop sees Ctrl-C as such). Only signals
-/// still at their default action are handled: one the tool was told to ignore (`nohup`,
-/// `trap '' HUP`) stays ignored. They are blocked in this thread before the copy starts, so
-/// every thread started later (sled's) inherits the mask, and one thread waits for them.
-fn remove_on_signal(scratch: &Path) {
+/// Paths removed when a handled signal ends the tool (`remove_on_signal`).
+static ON_SIGNAL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static HANDLING: std::sync::Once = std::sync::Once::new();
+
+/// Removes `path` (a scratch copy, an export's `.partial` file) if a handled signal ends the
+/// tool before it is done (`handle_signals`).
+pub fn remove_on_signal(path: &Path) {
+    handle_signals();
+    ON_SIGNAL
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(path.to_path_buf());
+}
+
+/// SIGINT, SIGTERM or SIGHUP while a read-only tool runs removes what it registered
+/// (`remove_on_signal`), then the process dies of that signal (so a shell loop sees Ctrl-C as
+/// such). Only signals still at their default action are handled: one the tool was told to
+/// ignore (`nohup`, `trap '' HUP`) stays ignored. They are blocked in this thread, so every
+/// thread started later (sled's) inherits the mask, and one thread waits for them: call it
+/// before the tool opens anything. Once per process.
+pub fn handle_signals() {
+    HANDLING.call_once(install_signal_thread);
+}
+
+fn install_signal_thread() {
     // SAFETY: sigaction only reads the current dispositions; the signal-set calls work on a
     // local, initialized set; pthread_sigmask changes this thread's mask only.
     let (set, previous) = unsafe {
@@ -243,9 +262,8 @@ fn remove_on_signal(scratch: &Path) {
         }
         (set, previous)
     };
-    let path = scratch.to_path_buf();
     let spawned = std::thread::Builder::new()
-        .name("scratch-cleanup".into())
+        .name("signal-cleanup".into())
         .spawn(move || {
             let mut sig: libc::c_int = 0;
             // SAFETY: sigwait on a valid set with a valid out-pointer.
@@ -254,7 +272,13 @@ fn remove_on_signal(scratch: &Path) {
             }
             let mut cancelled = CANCELLED.lock().unwrap_or_else(|p| p.into_inner());
             *cancelled = true;
-            let _ = std::fs::remove_dir_all(&path);
+            for path in ON_SIGNAL.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                if path.is_dir() {
+                    let _ = std::fs::remove_dir_all(path);
+                } else {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
             // SAFETY: resets one signal to its default action, unblocks it in this thread and
             // sends it to this thread: the process ends as killed by it.
             unsafe {

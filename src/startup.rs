@@ -125,6 +125,26 @@ impl Application {
         })
         .await
         .map_err(|e| Error::Other(e.to_string()))??;
+        // A log with no event where a snapshot of a ledger with events remains: the log was
+        // replaced by another, empty one (a new ledger_id, so the snapshot reads as another
+        // ledger's and would be discarded): the same loss as a missing log.
+        if held_one && log.head()?.offset == 0 {
+            if let Ok(Some(s)) = crate::ledger::snapshot::load(&dir.snapshot_path()) {
+                if s.offset > 0 {
+                    return Err(Error::Other(format!(
+                        "{} holds no event, but {} shows this directory held ledger {} at \
+                         offset {}: restore the directory from a backup (a new ledger is not \
+                         started over a lost one); to start a new ledger here on purpose, move \
+                         {} away first",
+                        dir.ledger_dir().display(),
+                        dir.snapshot_path().display(),
+                        s.ledger_id,
+                        s.offset,
+                        dir.snapshot_path().display()
+                    )));
+                }
+            }
+        }
         let log = Arc::new(log);
         let db = log.db().clone();
         let ledger_opts = LedgerOptions {

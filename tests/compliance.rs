@@ -1816,6 +1816,18 @@ async fn export_refuses_a_start_beyond_the_head_and_names_a_bad_out_path() {
         err.contains("offset out of range") && err.contains("head 3"),
         "{err}"
     );
+    // A reader that goes away cuts the export short: an error, not a success.
+    let mut child = process::bin()
+        .args(["export", "--data", d(&data)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("truncated export"), "{err}");
     let bad = tmp.path().join("no/such/dir/x.ndjson");
     let out = cli(&["export", "--data", d(&data), "--out", d(&bad)]);
     let err = String::from_utf8_lossy(&out.stderr);

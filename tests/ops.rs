@@ -720,6 +720,28 @@ async fn serve_does_not_found_a_new_ledger_over_a_lost_one() {
         err.contains("holds no ledger") && err.contains("restore the directory from a backup"),
         "{err}"
     );
+    // Another ledger's empty log in its place (a new ledger_id, so the snapshot reads as another
+    // ledger's): refused the same way.
+    std::fs::remove_dir_all(data.join("ledger")).unwrap();
+    let other = tmp.path().join("other");
+    let (mut child, _) = start_server(other.to_str().unwrap());
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let status = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(other.join("ledger"))
+        .arg(data.join("ledger"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = serve();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("holds no event") && err.contains("restore the directory from a backup"),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read(data.join("projection.snapshot")).unwrap(),
         snapshot,

@@ -147,7 +147,8 @@ impl ConnectionLimit {
                 self.refused("dropped");
                 return Admission::Drop;
             }
-            self.refused("answered");
+            // Counted as "answered" when it is answered (`refuse`): a probe on it is served,
+            // and a socket that sends nothing is closed at the short head timeout.
             false
         };
         self.metrics.tcp_connections.inc();
@@ -162,7 +163,9 @@ impl ConnectionLimit {
         }
     }
 
-    fn refused(&self, how: &str) {
+    /// Counts a refusal (`answered`: a 503 or a close with 1013; `dropped`: closed unread) and
+    /// warns, at most once per 10 s.
+    pub fn refused(&self, how: &str) {
         self.metrics
             .connections_refused
             .get_or_create(&ModeLabel { mode: how.into() })
@@ -200,12 +203,14 @@ async fn refuse(
 ) -> Response {
     let path = req.uri().path();
     if path == "/api/v1/ws" && ws::is_upgrade(&req) {
+        state.connection_limit.refused("answered");
         return ws::upgrade_refused(req, Some(fd), slot, state.settings.ws_max_message);
     }
     let mut resp = if matches!(path, "/healthz" | "/readyz" | "/metrics") {
         let Ok(resp) = tower_service::Service::call(&mut filter, req).await;
         resp
     } else {
+        state.connection_limit.refused("answered");
         ApiError::overloaded("the server is at its connection limit; retry shortly").into_response()
     };
     // One answer per refused connection: it holds a place of the bounded margin.

@@ -902,7 +902,7 @@ impl Connection {
                         "rate_limited",
                         &format!(
                             "too many token refreshes for this user; retry in {} s",
-                            wait.as_secs().max(1)
+                            (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
                         ),
                     );
                 }
