@@ -148,7 +148,7 @@ pub async fn refresh(state: &State, req: &Request) -> Result<Response, ApiError>
         .auth
         .refreshes
         .take(&p.name, std::time::Instant::now())
-        .map_err(ApiError::rate_limited)?;
+        .map_err(|wait| ApiError::budget_spent("too many token refreshes for this user", wait))?;
     let issued = state
         .auth
         .tokens
@@ -304,7 +304,9 @@ pub async fn security_log(state: &State, req: &Request) -> Result<Response, ApiE
         .auth
         .audit_reads
         .take(&p.name, std::time::Instant::now())
-        .map_err(ApiError::rate_limited)?;
+        .map_err(|wait| {
+            ApiError::budget_spent("too many reads of the audit trail for this user", wait)
+        })?;
     // Reading the audit trail is audited too; recorded first, so this read is in its answer.
     record_read(
         state,

@@ -53,6 +53,16 @@ impl ApiError {
         e
     }
 
+    /// `rate_limited` naming the budget that is spent (`what`), with `Retry-After`.
+    pub fn budget_spent(what: &str, retry_after: Duration) -> ApiError {
+        let mut e = Self::new(
+            "rate_limited",
+            format!("{what}; retry after the Retry-After delay"),
+        );
+        e.retry_after = Some(retry_after);
+        e
+    }
+
     /// `503 overloaded` with `Retry-After: 1`: a bounded resource is busy, retry shortly.
     pub fn overloaded(message: impl Into<String>) -> ApiError {
         let mut e = Self::new("overloaded", message);

@@ -255,7 +255,9 @@ async fn audit(
         .auth
         .audit_reads
         .take(&p.name, std::time::Instant::now())
-        .map_err(ApiError::rate_limited)?;
+        .map_err(|wait| {
+            ApiError::budget_spent("too many reads of the audit trail for this user", wait)
+        })?;
     let mut e = super::admin::entry(state, req, action)
         .actor(p.name.clone())
         .target(target);
