@@ -296,17 +296,23 @@ fn applied_unrecorded(e: ApiError) -> ApiError {
     ApiError::internal(format!("the change was applied, but {}", e.message))
 }
 
+/// Takes one of `user`'s audited reads of the audit trail (`PerUserLimit::audit_reads`): each
+/// is a synced security-log entry. `429 rate_limited` once spent, before anything is read.
+pub(super) fn audit_read_budget(state: &State, user: &str) -> Result<(), ApiError> {
+    state
+        .auth
+        .audit_reads
+        .take(user, std::time::Instant::now())
+        .map_err(|wait| {
+            ApiError::budget_spent("too many reads of the audit trail for this user", wait)
+        })
+}
+
 pub async fn security_log(state: &State, req: &Request) -> Result<Response, ApiError> {
     let p = admin(state, req)?;
     // The place first: a read refused with `overloaded` did not read the log.
     let permit = super::stream::permit(state)?;
-    state
-        .auth
-        .audit_reads
-        .take(&p.name, std::time::Instant::now())
-        .map_err(|wait| {
-            ApiError::budget_spent("too many reads of the audit trail for this user", wait)
-        })?;
+    audit_read_budget(state, &p.name)?;
     // Reading the audit trail is audited too; recorded first, so this read is in its answer.
     record_read(
         state,

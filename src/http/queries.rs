@@ -251,13 +251,7 @@ async fn audit(
     target: &str,
     details: serde_json::Value,
 ) -> Result<(), ApiError> {
-    state
-        .auth
-        .audit_reads
-        .take(&p.name, std::time::Instant::now())
-        .map_err(|wait| {
-            ApiError::budget_spent("too many reads of the audit trail for this user", wait)
-        })?;
+    super::admin::audit_read_budget(state, &p.name)?;
     let mut e = super::admin::entry(state, req, action)
         .actor(p.name.clone())
         .target(target);
