@@ -34,14 +34,7 @@ fn main() -> ExitCode {
         Err(e) => {
             if json {
                 // One JSON object per line, as every other line (`--log-format json`).
-                eprintln!(
-                    "{}",
-                    serde_json::json!({
-                        "timestamp": alarm_ledger::time::Timestamp::now().to_rfc3339(),
-                        "level": "ERROR",
-                        "message": format!("error: {e}"),
-                    })
-                );
+                json_line("ERROR", &format!("error: {e}"), serde_json::Map::new());
             } else {
                 eprintln!("error: {e}");
             }
@@ -51,6 +44,19 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// One stderr line in the shape of the JSON log (`--log-format json`) for what is printed
+/// outside `tracing`: the first-start password (which must reach no other log output) and a
+/// fatal error after the subscriber may be gone.
+fn json_line(level: &str, message: &str, mut fields: serde_json::Map<String, serde_json::Value>) {
+    fields.insert(
+        "timestamp".into(),
+        alarm_ledger::time::Timestamp::now().to_rfc3339().into(),
+    );
+    fields.insert("level".into(), level.into());
+    fields.insert("message".into(), message.into());
+    eprintln!("{}", serde_json::Value::Object(fields));
 }
 
 /// `json`: `--log-format json`, where stderr is one JSON object per line for a collector, so
@@ -85,15 +91,13 @@ fn run_server(args: config::ServeArgs, json: bool) -> Result<(), Error> {
             if let Some(pw) = &app.generated_admin_password {
                 // Not through `tracing`: the password must not reach a log filter's or layer's
                 // other outputs; one line, once, on stderr, as in the human format.
-                eprintln!(
-                    "{}",
-                    serde_json::json!({
-                        "timestamp": alarm_ledger::time::Timestamp::now().to_rfc3339(),
-                        "level": "WARN",
-                        "message": "first start: created user admin with a random password (shown once; change it with `alarm-ledger user passwd admin`)",
-                        "username": "admin",
-                        "password": pw,
-                    })
+                let mut fields = serde_json::Map::new();
+                fields.insert("username".into(), "admin".into());
+                fields.insert("password".into(), pw.as_str().into());
+                json_line(
+                    "WARN",
+                    "first start: created user admin with a random password (shown once; change it with `alarm-ledger user passwd admin`)",
+                    fields,
                 );
             }
         } else {

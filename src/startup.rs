@@ -109,13 +109,7 @@ impl Application {
             if held_one {
                 SledLog::open_existing(&ledger_dir, &opts).map_err(|e| match e {
                     Error::Corrupt { offset: 0, reason } if reason.ends_with("holds no ledger") => {
-                        Error::Other(format!(
-                            "{reason}, but {} shows this directory held one: restore the \
-                             directory from a backup (a new ledger is not started over a lost \
-                             one); to start a new ledger here on purpose, move {} away first",
-                            snapshot_path.display(),
-                            snapshot_path.display()
-                        ))
+                        lost_ledger(reason, &snapshot_path)
                     }
                     other => other,
                 })
@@ -131,17 +125,10 @@ impl Application {
         if held_one && log.head()?.offset == 0 {
             if let Ok(Some(s)) = crate::ledger::snapshot::load(&dir.snapshot_path()) {
                 if s.offset > 0 {
-                    return Err(Error::Other(format!(
-                        "{} holds no event, but {} shows this directory held ledger {} at \
-                         offset {}: restore the directory from a backup (a new ledger is not \
-                         started over a lost one); to start a new ledger here on purpose, move \
-                         {} away first",
-                        dir.ledger_dir().display(),
-                        dir.snapshot_path().display(),
-                        s.ledger_id,
-                        s.offset,
-                        dir.snapshot_path().display()
-                    )));
+                    return Err(lost_ledger(
+                        format!("{} holds no event", dir.ledger_dir().display()),
+                        &dir.snapshot_path(),
+                    ));
                 }
             }
         }
@@ -412,16 +399,24 @@ fn refuse_to_refound(ledger_dir: &std::path::Path, snapshot: &std::path::Path) -
     if ledger_dir.join("db").is_file() || !snapshot.exists() {
         return Ok(());
     }
+    Err(lost_ledger(
+        format!("{} is missing", ledger_dir.join("db").display()),
+        snapshot,
+    ))
+}
+
+/// The refusal to start a new ledger where `snapshot` shows one was: what was `found`, what the
+/// directory held, and what to do.
+fn lost_ledger(found: String, snapshot: &std::path::Path) -> Error {
     let held = match crate::ledger::snapshot::load(snapshot) {
         Ok(Some(s)) => format!("ledger {} at offset {}", s.ledger_id, s.offset),
         _ => "a ledger".to_string(),
     };
-    Err(Error::Other(format!(
-        "{} is missing, but {} shows this directory held {held}: restore the directory from a \
-         backup (a new ledger is not started over a lost one); to start a new ledger here on \
-         purpose, move {} away first",
-        ledger_dir.join("db").display(),
+    Error::Other(format!(
+        "{found}, but {} shows this directory held {held}: restore the directory from a backup \
+         (a new ledger is not started over a lost one); to start a new ledger here on purpose, \
+         move {} away first",
         snapshot.display(),
         snapshot.display()
-    )))
+    ))
 }
