@@ -70,15 +70,7 @@ impl ReadView {
         }
         let dir = DataDir::lock_for_reading(root)?;
         let source = dir.ledger_dir();
-        if !source.join("db").is_file() {
-            return Err(Error::Corrupt {
-                offset: 0,
-                reason: format!(
-                    "{} has no sled database (db file): not a ledger",
-                    source.display()
-                ),
-            });
-        }
+        crate::store::sled_log::require_db_file(&source)?;
         let base = scratch
             .map(Path::to_path_buf)
             .unwrap_or_else(std::env::temp_dir);
@@ -357,6 +349,10 @@ fn name_source(e: Error, copy: &Path, source: &Path) -> Error {
         Error::Corrupt { offset, reason } => Error::Corrupt {
             offset,
             reason: fix(reason),
+        },
+        Error::NoLedger { path, why } => Error::NoLedger {
+            path: fix(path.display().to_string()).into(),
+            why,
         },
         other => other,
     }

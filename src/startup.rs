@@ -100,17 +100,15 @@ impl Application {
             cache_bytes: args.cache_mb * 1024 * 1024,
         };
         let ledger_dir = dir.ledger_dir();
-        refuse_to_refound(&ledger_dir, &dir.snapshot_path())?;
-        // With a projection snapshot the directory held a ledger: a log that opens empty lost
-        // it (sled found nothing to recover), and is not silently re-founded either.
+        // With a projection snapshot the directory held a ledger: a log whose db file is gone,
+        // or that opens empty (sled found nothing to recover), lost it, and is not silently
+        // re-founded (a new ledger_id and admin, the snapshot overwritten at stop).
         let snapshot_path = dir.snapshot_path();
         let held_one = snapshot_path.exists();
         let log = tokio::task::spawn_blocking(move || {
             if held_one {
                 SledLog::open_existing(&ledger_dir, &opts).map_err(|e| match e {
-                    Error::Corrupt { offset: 0, reason } if reason.ends_with("holds no ledger") => {
-                        lost_ledger(reason, &snapshot_path)
-                    }
+                    e @ Error::NoLedger { .. } => lost_ledger(e.to_string(), &snapshot_path),
                     other => other,
                 })
             } else {
@@ -391,20 +389,11 @@ impl Application {
     }
 }
 
-/// A data directory whose log is gone but whose projection snapshot is still there held a
-/// ledger: starting would found a new, empty one in its place (a new ledger_id, a new `admin`,
+/// A data directory whose log is gone or empty but whose projection snapshot is still there held
+/// a ledger: starting would found a new, empty one in its place (a new ledger_id, a new `admin`,
 /// and at the next stop a snapshot overwriting the last trace of the old one). That is a lost
 /// or half-restored directory, not a first start: refuse, and say what to do.
-fn refuse_to_refound(ledger_dir: &std::path::Path, snapshot: &std::path::Path) -> Result<()> {
-    if ledger_dir.join("db").is_file() || !snapshot.exists() {
-        return Ok(());
-    }
-    Err(lost_ledger(
-        format!("{} is missing", ledger_dir.join("db").display()),
-        snapshot,
-    ))
-}
-
+///
 /// The refusal to start a new ledger where `snapshot` shows one was: what was `found`, what the
 /// directory held, and what to do.
 fn lost_ledger(found: String, snapshot: &std::path::Path) -> Error {

@@ -707,7 +707,7 @@ async fn serve_does_not_found_a_new_ledger_over_a_lost_one() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("is missing") && err.contains("restore the directory from a backup"),
+        err.contains("no sled database") && err.contains("restore the directory from a backup"),
         "{err}"
     );
     assert!(!data.join("ledger").exists(), "nothing created");

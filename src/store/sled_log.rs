@@ -196,6 +196,18 @@ pub fn open_db_after_close(dir: &Path) -> sled::Result<sled::Db> {
 
 /// The sled configuration of a ledger directory, for every open (the cache size is the caller's;
 /// sled persists only segment size and compression, so one place keeps those from diverging).
+/// `NoLedger` unless `dir` has sled's `db` file: checked before opening, which would create one.
+pub fn require_db_file(dir: &Path) -> Result<()> {
+    if dir.join("db").is_file() {
+        Ok(())
+    } else {
+        Err(Error::NoLedger {
+            path: dir.to_path_buf(),
+            why: "no sled database (db file)",
+        })
+    }
+}
+
 fn sled_config(dir: &Path, cache_bytes: u64) -> sled::Config {
     sled::Config::new().path(dir).cache_capacity(cache_bytes)
 }
@@ -289,15 +301,7 @@ impl SledLog {
     /// Opens an existing log and never creates one: for the offline tools, which must not turn a
     /// copy that lost its `db` file (or its metadata) into a new, empty ledger that verifies.
     pub fn open_existing(dir: &Path, opts: &SledOptions) -> Result<SledLog> {
-        if !dir.join("db").is_file() {
-            return Err(Error::Corrupt {
-                offset: 0,
-                reason: format!(
-                    "{} has no sled database (db file): not a ledger",
-                    dir.display()
-                ),
-            });
-        }
+        require_db_file(dir)?;
         Self::open_inner(dir, opts, None, false)
     }
 
@@ -357,9 +361,9 @@ impl SledLog {
                 })
             }
             None if !create => {
-                return Err(Error::Corrupt {
-                    offset: 0,
-                    reason: format!("{} holds no ledger", dir.display()),
+                return Err(Error::NoLedger {
+                    path: dir.to_path_buf(),
+                    why: "its log is empty and has no ledger identity",
                 })
             }
             None => {
@@ -756,5 +760,33 @@ mod tests {
             "settled: recorded"
         );
         assert!(synced.settled.is_some());
+    }
+
+    /// An existing ledger is required and the directory has none: the typed `NoLedger` (which
+    /// `serve` turns into its lost-ledger refusal), nothing founded; a real ledger opens.
+    #[test]
+    fn open_existing_on_an_empty_directory_is_no_ledger() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ledger");
+        // No db file: refused before sled would create one.
+        assert!(matches!(
+            SledLog::open_existing(&dir, &SledOptions::default()),
+            Err(Error::NoLedger { .. })
+        ));
+        assert!(!dir.join("db").exists(), "nothing created");
+        // A db file with nothing in it (sled's own files, no ledger identity).
+        drop(sled::open(&dir).unwrap());
+        match SledLog::open_existing(&dir, &SledOptions::default()) {
+            Err(Error::NoLedger { path, .. }) => assert_eq!(path, dir),
+            Err(other) => panic!("expected NoLedger, got {other:?}"),
+            Ok(_) => panic!("an empty directory opened as a ledger"),
+        }
+        match SledLog::open_existing(&dir, &SledOptions::default()) {
+            Err(Error::NoLedger { .. }) => {}
+            other => panic!("still no ledger expected: {:?}", other.map(|l| l.info())),
+        }
+        let founded = SledLog::open(&dir, &SledOptions::default()).unwrap().info();
+        let reopened = SledLog::open_existing(&dir, &SledOptions::default()).unwrap();
+        assert_eq!(reopened.info().ledger_id, founded.ledger_id);
     }
 }
