@@ -460,12 +460,21 @@ fn time_expected(s: &str) -> String {
 /// variable (or flag), the value and what is expected, and exits with code 2.
 pub fn parse_cli() -> Cli {
     use clap::CommandFactory;
+    // A refused command line is reported in the log format asked for, when one was: a
+    // collector reading `--log-format json` output gets one JSON object, not clap's text.
+    let json = crate::telemetry::json_requested(
+        std::env::args_os(),
+        std::env::var_os("ALARM_LEDGER_LOG_FORMAT"),
+    );
+    let refuse = |message: String| -> ! {
+        crate::telemetry::fatal_line(json, &message);
+        std::process::exit(2);
+    };
     match Cli::try_parse() {
         Ok(cli) => {
             if let Command::Serve(args) = &cli.command {
                 if let Err(why) = check_serve(args) {
-                    eprintln!("error: invalid configuration: {why}");
-                    std::process::exit(2);
+                    refuse(format!("error: invalid configuration: {why}"));
                 }
             }
             cli
@@ -509,9 +518,14 @@ pub fn parse_cli() -> Cli {
                         Some(i) => &why[i + marker.len()..],
                         None => why.rsplit(": ").next().unwrap_or(why),
                     };
-                    eprintln!("error: invalid configuration {source}: {why}{possible}");
-                    std::process::exit(2);
+                    refuse(format!(
+                        "error: invalid configuration {source}: {why}{possible}"
+                    ));
                 }
+            }
+            if json {
+                // clap's text without its styling, as one message (usage lines included).
+                refuse(e.render().to_string());
             }
             e.exit();
         }

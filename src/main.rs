@@ -32,31 +32,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if json {
-                // One JSON object per line, as every other line (`--log-format json`).
-                json_line("ERROR", &format!("error: {e}"), serde_json::Map::new());
-            } else {
-                eprintln!("error: {e}");
-            }
+            // With `--log-format json`, one JSON object per line, as every other line.
+            telemetry::fatal_line(json, &format!("error: {e}"));
             match e {
                 Error::Config(_) => ExitCode::from(2),
                 _ => ExitCode::from(1),
             }
         }
     }
-}
-
-/// One stderr line in the shape of the JSON log (`--log-format json`) for what is printed
-/// outside `tracing`: the first-start password (which must reach no other log output) and a
-/// fatal error after the subscriber may be gone.
-fn json_line(level: &str, message: &str, mut fields: serde_json::Map<String, serde_json::Value>) {
-    fields.insert(
-        "timestamp".into(),
-        alarm_ledger::time::Timestamp::now().to_rfc3339().into(),
-    );
-    fields.insert("level".into(), level.into());
-    fields.insert("message".into(), message.into());
-    eprintln!("{}", serde_json::Value::Object(fields));
 }
 
 /// `json`: `--log-format json`, where stderr is one JSON object per line for a collector, so
@@ -94,7 +77,7 @@ fn run_server(args: config::ServeArgs, json: bool) -> Result<(), Error> {
                 let mut fields = serde_json::Map::new();
                 fields.insert("username".into(), "admin".into());
                 fields.insert("password".into(), pw.as_str().into());
-                json_line(
+                telemetry::json_line(
                     "WARN",
                     "first start: created user admin with a random password (shown once; change it with `alarm-ledger user passwd admin`)",
                     fields,

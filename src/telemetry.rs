@@ -18,3 +18,90 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
+
+/// One stderr line in the shape of the JSON log (`--log-format json`) for what is printed
+/// outside `tracing`: the first-start password (which must reach no other log output), a fatal
+/// error after the subscriber may be gone, and a configuration error found before it exists.
+pub fn json_line(
+    level: &str,
+    message: &str,
+    mut fields: serde_json::Map<String, serde_json::Value>,
+) {
+    fields.insert(
+        "timestamp".into(),
+        crate::time::Timestamp::now().to_rfc3339().into(),
+    );
+    fields.insert("level".into(), level.into());
+    fields.insert("message".into(), message.into());
+    eprintln!("{}", serde_json::Value::Object(fields));
+}
+
+/// Prints a fatal error on stderr: one JSON line with `json`, else the text as is.
+pub fn fatal_line(json: bool, message: &str) {
+    if json {
+        json_line("ERROR", message.trim_end(), serde_json::Map::new());
+    } else {
+        eprintln!("{}", message.trim_end());
+    }
+}
+
+/// Whether the command line or the environment asks for `--log-format json`, read before
+/// (or without) a successful parse: an invalid command line must still be reported in the
+/// format its collector expects. The last `--log-format` given wins, as in clap; the
+/// environment counts only when no flag is given.
+pub fn json_requested<I: IntoIterator<Item = std::ffi::OsString>>(
+    args: I,
+    env: Option<std::ffi::OsString>,
+) -> bool {
+    let mut flag: Option<bool> = None;
+    let mut args = args.into_iter().skip(1);
+    while let Some(a) = args.next() {
+        let a = a.to_string_lossy().into_owned();
+        if a == "--" {
+            break;
+        }
+        if a == "--log-format" {
+            if let Some(v) = args.next() {
+                flag = Some(v.to_string_lossy().eq_ignore_ascii_case("json"));
+            }
+        } else if let Some(v) = a.strip_prefix("--log-format=") {
+            flag = Some(v.eq_ignore_ascii_case("json"));
+        }
+    }
+    flag.unwrap_or_else(|| env.is_some_and(|v| v.to_string_lossy().eq_ignore_ascii_case("json")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_requested;
+
+    fn asks(args: &[&str], env: Option<&str>) -> bool {
+        json_requested(
+            std::iter::once("alarm-ledger")
+                .chain(args.iter().copied())
+                .map(Into::into),
+            env.map(Into::into),
+        )
+    }
+
+    #[test]
+    fn json_is_read_from_the_flag_then_the_environment() {
+        assert!(!asks(&["serve", "--bogus"], None));
+        assert!(asks(&["--log-format", "json", "serve", "--bogus"], None));
+        assert!(asks(&["serve", "--log-format=json", "--bogus"], None));
+        assert!(asks(&["serve", "--bogus"], Some("json")));
+        assert!(
+            !asks(&["--log-format", "human", "serve"], Some("json")),
+            "the flag wins"
+        );
+        assert!(
+            !asks(&["--log-format", "json", "--log-format", "human"], None),
+            "the last wins"
+        );
+        assert!(
+            !asks(&["export", "--", "--log-format", "json"], None),
+            "after --"
+        );
+        assert!(!asks(&["--log-format"], None), "no value");
+    }
+}

@@ -404,6 +404,56 @@ fn offline_commands_check_their_values_before_opening_the_directory() {
     }
 }
 
+/// With `--log-format json` (flag or environment) a refused command line is one JSON object on
+/// stderr, like every other line a collector reads: clap's usage errors, invalid values and the
+/// cross-field checks alike; exit code 2 throughout. Without it, the text is clap's.
+#[test]
+fn a_refused_command_line_is_a_json_line_in_json_mode() {
+    let json_cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        (
+            &["--log-format", "json", "serve", "--bogus"],
+            &[],
+            "unexpected argument",
+        ),
+        (
+            &["serve", "--listen", "nope"],
+            &[("ALARM_LEDGER_LOG_FORMAT", "json")],
+            "IP:PORT",
+        ),
+        (
+            &[
+                "serve",
+                "--log-format=json",
+                "--ws-ping-interval",
+                "30s",
+                "--ws-idle-timeout",
+                "20s",
+            ],
+            &[],
+            "must be longer than ALARM_LEDGER_WS_PING_INTERVAL",
+        ),
+    ];
+    for (args, env, expect) in json_cases {
+        let out = run_bin(args, env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one line: {err}");
+        let v: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+        assert_eq!(v["level"], "ERROR", "{v}");
+        let message = v["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(expect),
+            "{args:?}: {expect:?} in {message}"
+        );
+        assert!(v["timestamp"].is_string(), "{v}");
+    }
+    let out = run_bin(&["serve", "--bogus"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("error: unexpected argument"), "{err}");
+}
+
 /// A second SIGTERM during the graceful stop ends the process at once with exit code 1. Here
 /// the stop is held up by a WebSocket client that never answers the server's Close (the server
 /// waits up to 2 s for it); without the second-signal exit the process would end 0, later.
