@@ -409,7 +409,8 @@ fn offline_commands_check_their_values_before_opening_the_directory() {
 /// cross-field checks alike; exit code 2 throughout. Without it, the text is clap's.
 #[test]
 fn a_refused_command_line_is_a_json_line_in_json_mode() {
-    let json_cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let json_cases: &[Case] = &[
         (
             &["--log-format", "json", "serve", "--bogus"],
             &[],
