@@ -1177,3 +1177,27 @@ fn golden_wire_messages_conform() {
         assert!(n >= 10, "{n} golden {dir} messages");
     }
 }
+
+/// `docs/PROTOCOL.md` and `docs/PRODUCT.md` are the repository's copies of the product's wire
+/// contract and spec (a clone has no `../shared`): where the originals sit beside the project (as
+/// on CI), the copies must be identical, so the README's links never describe another version.
+#[test]
+fn the_docs_copies_of_the_contract_match_the_originals() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut compared = 0;
+    for name in ["PROTOCOL.md", "PRODUCT.md"] {
+        let copy = std::fs::read(root.join("docs").join(name))
+            .unwrap_or_else(|e| panic!("docs/{name} is missing: {e}"));
+        let Ok(original) = std::fs::read(root.join("../shared").join(name)) else {
+            continue;
+        };
+        assert!(
+            copy == original,
+            "docs/{name} differs from ../shared/{name}: copy the original again"
+        );
+        compared += 1;
+    }
+    if compared == 0 {
+        eprintln!("../shared is not beside the project: the docs copies were not compared");
+    }
+}
