@@ -54,8 +54,8 @@ impl Signals {
 pub fn exit_on_second(mut signals: Signals) {
     tokio::spawn(async move {
         signals.wait().await;
+        // tracing writes stderr synchronously: the line is out before the exit.
         tracing::warn!("second signal during shutdown: exiting now");
-        eprintln!("second signal during shutdown: exiting now");
         std::process::exit(1);
     });
 }

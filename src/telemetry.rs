@@ -5,7 +5,16 @@
 use crate::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
+/// The format `init` set up, for the few lines printed outside `tracing`.
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Whether stderr is JSON lines (`--log-format json`), as set up by `init`.
+pub fn json() -> bool {
+    FORMAT.get() == Some(&LogFormat::Json)
+}
+
 pub fn init(format: LogFormat) {
+    let _ = FORMAT.set(format);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
