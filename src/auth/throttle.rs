@@ -1,5 +1,6 @@
-//! Login throttling: at most `max_failures` failed logins per (username, client address) within a
-//! fixed window that starts at the first attempt; then "retry after" until the window ends.
+//! Login throttling: at most `max_failures` login attempts per (username, client address) within
+//! a sliding window (attempts are counted when they start, a success clears the key); then
+//! "retry after" until the oldest counted attempt leaves the window.
 //!
 //! Keyed by user *and* address on purpose: an attacker hammering an account from one address
 //! cannot lock its owner out from another. The map is bounded (`max_entries`) so a flood of
