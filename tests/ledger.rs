@@ -1160,3 +1160,112 @@ fn a_refusal_is_remembered_with_the_head_it_was_decided_against() {
     );
     ledger.stop();
 }
+
+/// The real sled log, except that its second append panics (as a bug in the writer's path, or
+/// a panic inside sled, would): the writer thread dies with it.
+struct PanicsOnSecondAppend {
+    inner: SledLog,
+    appends: std::sync::atomic::AtomicU64,
+}
+
+impl EventLog for PanicsOnSecondAppend {
+    fn info(&self) -> alarm_ledger::store::LedgerInfo {
+        self.inner.info()
+    }
+    fn head(&self) -> alarm_ledger::error::Result<Head> {
+        self.inner.head()
+    }
+    fn append_with_outcomes(
+        &self,
+        events: &[Event],
+        outcomes: &[(Uuid, alarm_ledger::store::CommandOutcome)],
+    ) -> alarm_ledger::error::Result<()> {
+        if self
+            .appends
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            panic!("injected: the second append panics");
+        }
+        self.inner.append_with_outcomes(events, outcomes)
+    }
+    fn sync(&self) -> alarm_ledger::error::Result<()> {
+        self.inner.sync()
+    }
+    fn read_from(&self, from: u64, max: usize) -> alarm_ledger::error::Result<Vec<Event>> {
+        self.inner.read_from(from, max)
+    }
+    fn iter_from(
+        &self,
+        from: u64,
+    ) -> Box<dyn Iterator<Item = alarm_ledger::error::Result<Event>> + Send + '_> {
+        self.inner.iter_from(from)
+    }
+    fn event_at(&self, offset: u64) -> alarm_ledger::error::Result<Option<Event>> {
+        self.inner.event_at(offset)
+    }
+    fn alarm_offsets(
+        &self,
+        alarm_id: Uuid,
+        from: u64,
+    ) -> Box<dyn Iterator<Item = alarm_ledger::error::Result<u64>> + Send + '_> {
+        self.inner.alarm_offsets(alarm_id, from)
+    }
+    fn command_outcome(
+        &self,
+        command_id: Uuid,
+    ) -> alarm_ledger::error::Result<Option<alarm_ledger::store::CommandOutcome>> {
+        self.inner.command_outcome(command_id)
+    }
+    fn command_index(
+        &self,
+    ) -> Box<
+        dyn Iterator<
+                Item = alarm_ledger::error::Result<(Uuid, alarm_ledger::store::CommandOutcome)>,
+            > + Send
+            + '_,
+    > {
+        self.inner.command_index()
+    }
+    fn alarm_index(
+        &self,
+    ) -> Box<dyn Iterator<Item = alarm_ledger::error::Result<(Uuid, u64)>> + Send + '_> {
+        self.inner.alarm_index()
+    }
+}
+
+/// A writer that dies (a panic on its thread) fails the ledger loudly: the command in flight
+/// gets `internal` (it may or may not have been applied), every later command `internal` too —
+/// not the `overloaded` of a shutdown, which would have clients retry forever — and the ledger
+/// reports itself degraded, so `/healthz` and `/readyz` answer 503 and the orchestrator
+/// restarts it. What was acknowledged before stays in the log.
+#[test]
+fn a_writer_that_panics_fails_the_ledger_instead_of_reading_as_a_shutdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = PanicsOnSecondAppend {
+        inner: SledLog::open(&ledger_dir(tmp.path()), &Default::default()).unwrap(),
+        appends: Default::default(),
+    };
+    let (ledger, _) = Ledger::open(Arc::new(log), opts(None), Arc::new(Metrics::new())).unwrap();
+    ledger.start().unwrap();
+    let rt = rt();
+    let id = Uuid::now_v7();
+    let first = rt.block_on(ledger.submit(create(id, "op", "a"))).unwrap();
+    assert_eq!(first.offset, 1);
+    assert!(!ledger.is_degraded());
+    let in_flight = rt.block_on(ledger.submit(trigger(id, "op"))).unwrap_err();
+    assert_eq!(in_flight.code(), "internal", "{in_flight:?}");
+    // The thread marks the ledger as it unwinds, after the reply it held was dropped.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ledger.is_degraded() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(ledger.is_degraded(), "a dead writer is a failed ledger");
+    for _ in 0..3 {
+        let later = rt.block_on(ledger.submit(trigger(id, "op"))).unwrap_err();
+        assert_eq!(later.code(), "internal", "{later:?}");
+        assert!(later.to_string().contains("restarted"), "{later}");
+    }
+    assert_eq!(ledger.head().offset, 1, "the acknowledged event stays");
+    assert_eq!(ledger.log().event_at(1).unwrap().unwrap().alarm_id, id);
+}

@@ -248,8 +248,16 @@ impl Ledger {
         &self.opts
     }
 
+    /// Storage failed: a failed append, a sync that failed anywhere (a security-log entry's
+    /// included), or a writer that died. Appends are refused for the life of the process.
     pub fn is_degraded(&self) -> bool {
-        self.degraded.load(Ordering::Relaxed)
+        self.degraded.load(Ordering::Relaxed) || self.log.storage_failure().is_some()
+    }
+
+    /// The writer thread ended by a panic: the health checks fail, so that the orchestrator
+    /// restarts the server (commands get `internal`: see `enqueue`).
+    pub(crate) fn mark_writer_died(&self) {
+        self.set_degraded(true);
     }
 
     pub(crate) fn set_degraded(&self, v: bool) {
@@ -358,6 +366,15 @@ impl Ledger {
         });
         tx.try_send(msg).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
+            // The queue closed while no stop was asked for: the writer thread died (its
+            // panic watch may not have run yet; it marks the ledger failed as it unwinds).
+            mpsc::error::TrySendError::Closed(_) if !self.stopping.load(Ordering::Relaxed) => {
+                CommandError::Storage(
+                    "the ledger writer stopped on an internal error: appends are refused until \
+                     the server is restarted"
+                        .into(),
+                )
+            }
             mpsc::error::TrySendError::Closed(_) => CommandError::ShuttingDown,
         })?;
         Ok(rx)

@@ -106,8 +106,25 @@ impl WriterHandle {
 pub(super) fn spawn(ledger: Arc<Ledger>, rx: mpsc::Receiver<WriterMsg>) -> Result<WriterHandle> {
     let thread = std::thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || Writer::new(ledger).run(rx))?;
+        .spawn(move || {
+            let _watch = DeathWatch(ledger.clone());
+            Writer::new(ledger).run(rx)
+        })?;
     Ok(WriterHandle { thread })
+}
+
+/// Marks the ledger failed if the writer thread unwinds (a bug, or a panic inside sled): the
+/// queue's receiver goes with the thread, so without this every later command would read as
+/// "shutting down" (`overloaded`, retry) forever while the health checks stayed green.
+struct DeathWatch(Arc<Ledger>);
+
+impl Drop for DeathWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the ledger writer panicked: appends are refused until a restart");
+            self.0.mark_writer_died();
+        }
+    }
 }
 
 /// One group commit: the events to append, the outcomes of id-carrying commands that append

@@ -79,6 +79,13 @@ pub trait EventLog: Send + Sync + 'static {
     /// Makes everything written so far durable (used to recover after a failed append).
     fn sync(&self) -> Result<()>;
 
+    /// Why storage can no longer be trusted, once a sync failed: from then on every `sync` and
+    /// append fails (a later sync that succeeds would prove nothing about what was written
+    /// before it). `None` while storage is healthy.
+    fn storage_failure(&self) -> Option<String> {
+        None
+    }
+
     /// Up to `max` events with offset ≥ `from`, in order.
     fn read_from(&self, from: u64, max: usize) -> Result<Vec<Event>>;
 

@@ -98,6 +98,11 @@ pub struct SledLog {
     db_file: File,
     /// Names in `blobs/` already synced (pruned to what the directory holds at each sync).
     blobs_synced: Mutex<BlobsSynced>,
+    /// The first failed sync, for the life of this handle. Linux reports a writeback error to
+    /// an open file once: after an `fdatasync` failed (in the writer, or in a security-log
+    /// append on the blocking pool, which shares this descriptor), a later one that succeeds
+    /// proves nothing about the pages written before it. Every later sync and append fails.
+    sync_failure: Mutex<Option<String>>,
     info: LedgerInfo,
     dir: PathBuf,
 }
@@ -400,6 +405,7 @@ impl SledLog {
             tree,
             db_file,
             blobs_synced: Mutex::new(BlobsSynced::default()),
+            sync_failure: Mutex::new(None),
             info,
             dir: dir.to_path_buf(),
         })
@@ -489,6 +495,17 @@ impl SledLog {
         }
         self.tree.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// The error of the first failed sync, once there was one (see `sync_failure`).
+    fn refuse_after_sync_failure(&self) -> Result<()> {
+        match self.storage_failure() {
+            Some(why) => Err(Error::Storage(format!(
+                "an earlier sync of the log failed ({why}): nothing written since can be proven \
+                 durable; restart the server (it recovers what the disk holds)"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Writes what `write_unsynced` buffered to the file (sled's flush: `pwrite` and
@@ -606,15 +623,31 @@ impl EventLog for SledLog {
         if events.is_empty() && outcomes.is_empty() {
             return Ok(());
         }
+        self.refuse_after_sync_failure()?;
         self.write_unsynced(events, outcomes)?;
         self.sync()
     }
 
     fn sync(&self) -> Result<()> {
-        self.db.flush()?;
-        self.sync_blobs()?;
-        self.db_file.sync_data()?;
-        Ok(())
+        self.refuse_after_sync_failure()?;
+        let synced = (|| -> Result<()> {
+            self.db.flush()?;
+            self.sync_blobs()?;
+            self.db_file.sync_data()?;
+            Ok(())
+        })();
+        if let Err(e) = &synced {
+            let mut failure = self.sync_failure.lock().unwrap_or_else(|p| p.into_inner());
+            failure.get_or_insert_with(|| e.to_string());
+        }
+        synced
+    }
+
+    fn storage_failure(&self) -> Option<String> {
+        self.sync_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn read_from(&self, from: u64, max: usize) -> Result<Vec<Event>> {
@@ -788,5 +821,52 @@ mod tests {
         let founded = SledLog::open(&dir, &SledOptions::default()).unwrap().info();
         let reopened = SledLog::open_existing(&dir, &SledOptions::default()).unwrap();
         assert_eq!(reopened.info().ledger_id, founded.ledger_id);
+    }
+
+    /// A failed sync is remembered: the same descriptor fixed again, later syncs and appends
+    /// still fail (a writeback error is reported to an open file once, so a later successful
+    /// `fdatasync` would prove nothing), and `storage_failure` says why.
+    #[test]
+    fn a_failed_sync_fails_every_later_sync_and_append() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ledger");
+        let mut log = SledLog::open(&dir, &SledOptions::default()).unwrap();
+        log.sync().unwrap();
+        assert_eq!(log.storage_failure(), None);
+        // fdatasync on a pipe fails (EINVAL): the failure a bad disk gives, on demand.
+        let (pipe, _writer) = std::io::pipe().unwrap();
+        let real = std::mem::replace(
+            &mut log.db_file,
+            File::from(std::os::fd::OwnedFd::from(pipe)),
+        );
+        let first = log.sync().unwrap_err().to_string();
+        log.db_file = real;
+        let why = log.storage_failure().expect("remembered");
+        assert!(
+            first.contains(&why) || why.contains(&first),
+            "{first} / {why}"
+        );
+        let again = log.sync().unwrap_err().to_string();
+        assert!(
+            again.contains("an earlier sync of the log failed"),
+            "{again}"
+        );
+        let info = log.info();
+        let e = Event {
+            offset: 1,
+            id: Uuid::now_v7(),
+            at: Timestamp(1),
+            actor: "t".into(),
+            alarm_id: Uuid::now_v7(),
+            command_id: None,
+            data: crate::domain::EventData::Rearmed,
+            hash: crate::store::chain::genesis(info.ledger_id),
+        };
+        let refused = log.append_batch(&[e]).unwrap_err().to_string();
+        assert!(
+            refused.contains("an earlier sync of the log failed"),
+            "{refused}"
+        );
+        assert_eq!(log.head().unwrap().offset, 0, "nothing was written");
     }
 }
