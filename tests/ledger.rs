@@ -1269,3 +1269,36 @@ fn a_writer_that_panics_fails_the_ledger_instead_of_reading_as_a_shutdown() {
     assert_eq!(ledger.head().offset, 1, "the acknowledged event stays");
     assert_eq!(ledger.log().event_at(1).unwrap().unwrap().alarm_id, id);
 }
+
+/// `head()` does not queue behind the model's lock: while a reader holds the model (as a
+/// snapshot subscribe or a state answer does while it copies every alarm) and the writer waits
+/// to apply a batch, the event loop's `head()` calls still answer, with the head before the
+/// batch; once the reader lets go, the batch is applied and its head published.
+#[test]
+fn head_answers_while_a_reader_holds_the_model_and_the_writer_waits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ledger, _) = open(tmp.path(), false);
+    ledger.start().unwrap();
+    let rt = rt();
+    let id = Uuid::now_v7();
+    rt.block_on(ledger.submit(create(id, "op", "a"))).unwrap();
+    let guard = ledger.read_model();
+    let pending = rt.spawn({
+        let ledger = ledger.clone();
+        async move { ledger.submit(trigger(id, "op")).await }
+    });
+    // Time for the writer to make the trigger durable and block on the model's write lock
+    // (if it has not yet, head() answers at once either way: the check cannot fail falsely).
+    std::thread::sleep(Duration::from_millis(300));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l2 = ledger.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(l2.head().offset);
+    });
+    let seen = rx.recv_timeout(Duration::from_secs(5));
+    drop(guard);
+    assert_eq!(seen, Ok(1), "head() blocked behind the model's lock");
+    let o = rt.block_on(pending).unwrap().unwrap();
+    assert_eq!(o.offset, 2);
+    assert_eq!(ledger.head().offset, 2);
+}

@@ -70,6 +70,11 @@ pub struct Ledger {
     info: LedgerInfo,
     /// std RwLock, not tokio's: held only for in-memory reads/applies, never across an await.
     model: RwLock<ReadModel>,
+    /// `model.head`, published on its own by the writer (while it holds the model's write
+    /// lock, after the apply): `head()` is called on the event loop's threads by every
+    /// subscription step, hello and query, and must not queue behind a writer waiting for the
+    /// model while a reader copies every alarm (a snapshot subscribe, a state answer).
+    published_head: std::sync::Mutex<Head>,
     hub: Hub,
     pub metrics: Arc<Metrics>,
     writer: std::sync::Mutex<Option<WriterHandle>>,
@@ -193,6 +198,7 @@ impl Ledger {
             log,
             info,
             model: RwLock::new(ReadModel { projection, head }),
+            published_head: std::sync::Mutex::new(head),
             hub,
             metrics,
             writer: std::sync::Mutex::new(None),
@@ -326,7 +332,12 @@ impl Ledger {
 
     /// The durable head as published (never ahead of what readers may see).
     pub fn head(&self) -> Head {
-        self.read_model().head
+        *lock(&self.published_head)
+    }
+
+    /// Publishes the head the writer just applied (see `published_head`).
+    pub(crate) fn publish_head(&self, head: Head) {
+        *lock(&self.published_head) = head;
     }
 
     pub fn read_model(&self) -> std::sync::RwLockReadGuard<'_, ReadModel> {

@@ -413,6 +413,8 @@ impl Writer {
                 m.head.offset = last.offset;
                 m.head.hash = last.hash;
                 m.head.at = last.at;
+                // Under the write guard: whoever sees this head finds the model at it or later.
+                self.ledger.publish_head(m.head);
             }
         }
         // Count per kind first: one labelled-counter lookup per kind and batch, not per event.
