@@ -462,9 +462,33 @@ impl Connection {
                 format!("dropped mid-message: {code} {reason}")
             }
             End::Close(code, reason) => {
-                let _ =
-                    tokio::time::timeout(CLOSE_LINGER, socket.send(close_msg(code, &reason))).await;
-                format!("closed {code} {reason}")
+                // A stalled client takes the Close only after the data queued before it: it
+                // gets until the idle timeout (after which any silent peer is dropped) to read
+                // on, instead of the 2 s linger, so that a client that resumes reading gets the
+                // rest of its last frame and the 4008, not a cut frame and a vanished socket.
+                // A shutdown cuts the wait.
+                let linger = if code == CLOSE_SLOW_CONSUMER {
+                    self.state.settings.ws_idle_timeout
+                } else {
+                    CLOSE_LINGER
+                };
+                let mut shutdown = self.state.shutdown.clone();
+                let stopping = async move {
+                    if !*shutdown.borrow_and_update() {
+                        let _ = shutdown.changed().await;
+                    }
+                };
+                let delivered = tokio::select! {
+                    sent = tokio::time::timeout(linger, socket.send(close_msg(code, &reason))) => {
+                        matches!(sent, Ok(Ok(())))
+                    }
+                    _ = stopping => false,
+                };
+                if delivered {
+                    format!("closed {code} {reason}")
+                } else {
+                    format!("{code} {reason}: the Close was not taken within {linger:?}; dropped")
+                }
             }
         };
         if !mid_frame {

@@ -292,6 +292,56 @@ async fn stalled_reader_does_not_stall_writers_or_others_and_resumes_after_4008(
     println!("stalled reader test: {:?}", started.elapsed());
 }
 
+/// A client that stalls well past the limit before it reads again (here 5 s against a 1 s
+/// stall limit; the Close used to get 2 s to go out) still receives every frame queued before
+/// the Close whole, then the 4008: the server waits up to the idle timeout for it to read on.
+/// Before, it got a frame cut in the middle and a socket gone without a Close (1006), while the
+/// server logged "closed 4008".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_again_long_after_the_stall_still_gets_4008() {
+    let app = spawn_app_with(&[
+        "--ws-stall-timeout",
+        "1s",
+        "--ws-ping-interval",
+        "10s",
+        "--ws-idle-timeout",
+        "20s",
+        "--ws-command-rate",
+        "100000",
+    ])
+    .await;
+    let token = app.admin_token.clone();
+    const N: usize = 1_500; // ~10 MB of events: more than the socket buffers hold
+    assert_eq!(blast(&app, &token, "late", N, 32).await.len(), N);
+    let (mut slow, _) = app.ws(&token).await;
+    send_json(&mut slow, json!({"type": "subscribe", "from": 0})).await;
+    assert!(
+        stall_detected(&app, Duration::from_secs(30)).await,
+        "the non-reading client was never given up on"
+    );
+    sleep(Duration::from_secs(5)).await;
+    let mut check = StreamCheck::new("late", 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        match next_frame(
+            &mut slow,
+            deadline.saturating_duration_since(Instant::now()),
+        )
+        .await
+        {
+            Got::Json(v) => assert!(check.feed(&v), "{v}"),
+            Got::Ping => {}
+            Got::Close(code) => break code,
+            other => panic!(
+                "at offset {}: expected a 4008 close, got {other:?}",
+                check.last
+            ),
+        }
+    };
+    assert_eq!(code, Some(4008), "after offset {}", check.last);
+    assert!(check.last >= 1 && check.last < N as u64, "{}", check.last);
+}
+
 /// A slow but steady reader is not a stalled one (PROTOCOL.md guarantee 2): the stall limit
 /// measures time without progress, not the time a whole replay chunk takes to go through.
 /// Nor is it a silent one: its pong waits behind megabytes of queued events, seconds longer
