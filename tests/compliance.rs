@@ -1599,6 +1599,95 @@ async fn offline_tools_never_found_a_new_ledger() {
     assert!(!gone.join("ledger/db").exists(), "nothing was created");
 }
 
+/// A data directory whose `ledger/db` spans several of sled's 512 KiB segments: 6,000 chained
+/// events of ~1 KB written through the log interface, closed and checkpointed (so sled's own
+/// snapshot of its page table refers to all of them).
+fn several_segment_ledger(root: &Path) {
+    use alarm_ledger::domain::{AlarmSpec, Event, EventData, Hash, Severity};
+    use alarm_ledger::store::{chain, sled_log::SledLog, EventLog};
+    let log = SledLog::open(&root.join("ledger"), &Default::default()).unwrap();
+    let ledger_id = log.info().ledger_id;
+    let mut prev = chain::genesis(ledger_id);
+    let mut batch = Vec::new();
+    for offset in 1..=6_000u64 {
+        let mut e = Event {
+            offset,
+            id: Uuid::now_v7(),
+            at: alarm_ledger::time::Timestamp(1_763_700_000_000 + offset as i64),
+            actor: "admin".into(),
+            alarm_id: Uuid::from_u128(offset as u128),
+            command_id: Some(Uuid::new_v4()),
+            data: EventData::Created(AlarmSpec {
+                name: format!("alarm {offset}"),
+                instrument: "x".repeat(900),
+                condition: "PX_LAST > 200".into(),
+                severity: Severity::High,
+                tags: vec![],
+                owner: "admin".into(),
+            }),
+            hash: Hash::default(),
+        };
+        e.hash = chain::event_hash(&prev, &e, ledger_id);
+        prev = e.hash;
+        batch.push(e);
+        if batch.len() == 500 {
+            log.append_batch(&batch).unwrap();
+            batch.clear();
+        }
+    }
+    drop(log);
+    wait_unlocked(root);
+    // One more open, as a server's shutdown checkpoint does: sled writes its page-table
+    // snapshot, which names every segment.
+    alarm_ledger::store::sled_log::checkpoint(&root.join("ledger"), Duration::from_secs(10))
+        .unwrap()
+        .expect("checkpointed");
+}
+
+/// A `ledger/db` cut short (a copy interrupted, a full disk during a copy) made sled 0.34 panic
+/// while opening it (an index out of bounds: its page table names a segment the file no longer
+/// has), so every tool died with exit 101 and a panic message. Each now says the database is
+/// damaged and exits 1; so does `serve`. Which cuts make sled panic (rather than return its
+/// own corruption error) depends on the layout, which varies from run to run: of the nine cuts
+/// here, one to three did in each of five runs (counted by hand from the "sled panicked" log
+/// line); every cut must end the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_database_is_reported_as_damaged_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = tmp.path().join("source");
+    several_segment_ledger(&source);
+    // A backup of it (the file layout sled's panic was seen on; cut at half, the page table
+    // names segments the file no longer has).
+    let backup = tmp.path().join("backup");
+    cli_ok(&["backup", "--data", d(&source), "--to", d(&backup)]);
+    let len = std::fs::metadata(backup.join("ledger/db")).unwrap().len();
+    assert!(len > 2 * 524_288, "several segments: {len} bytes");
+    for tenths in 1..=9u64 {
+        let cut = tmp.path().join(format!("cut{tenths}"));
+        cli_ok(&["backup", "--data", d(&backup), "--to", d(&cut)]);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(cut.join("ledger/db"))
+            .unwrap()
+            .set_len(len * tenths / 10)
+            .unwrap();
+        let runs: [&[&str]; 4] = [
+            &["verify", "--data", d(&cut)],
+            &["verify", "--in-place", "--data", d(&cut)],
+            &["export", "--data", d(&cut)],
+            &["serve", "--data", d(&cut), "--listen", "127.0.0.1:0"],
+        ];
+        for args in runs {
+            let out = cli(args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+            assert!(err.contains("the database is damaged"), "{args:?}: {err}");
+            assert!(!err.contains("panicked at"), "{args:?}: {err}");
+            assert!(out.stdout.is_empty(), "{args:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alarm_filtered_export_fails_on_a_damaged_index_instead_of_skipping() {
     let tmp = tempfile::tempdir().unwrap();

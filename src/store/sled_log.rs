@@ -199,8 +199,6 @@ pub fn open_db_after_close(dir: &Path) -> sled::Result<sled::Db> {
     )
 }
 
-/// The sled configuration of a ledger directory, for every open (the cache size is the caller's;
-/// sled persists only segment size and compression, so one place keeps those from diverging).
 /// `NoLedger` unless `dir` has sled's `db` file: checked before opening, which would create one.
 pub fn require_db_file(dir: &Path) -> Result<()> {
     if dir.join("db").is_file() {
@@ -213,6 +211,8 @@ pub fn require_db_file(dir: &Path) -> Result<()> {
     }
 }
 
+/// The sled configuration of a ledger directory, for every open (the cache size is the caller's;
+/// sled persists only segment size and compression, so one place keeps those from diverging).
 fn sled_config(dir: &Path, cache_bytes: u64) -> sled::Config {
     sled::Config::new().path(dir).cache_capacity(cache_bytes)
 }
@@ -220,9 +220,48 @@ fn sled_config(dir: &Path, cache_bytes: u64) -> sled::Config {
 /// Every open of a ledger's sled database: first `remove_partial_snapshots`, then sled's open.
 /// The caller holds the data directory's lock (or owns the directory: a backup being written, a
 /// test's temp dir), so no other process is writing a snapshot there.
+///
+/// sled 0.34 panics on some damaged files instead of returning an error (an empty or truncated
+/// `db`: an index out of bounds while it reads its segments): such a panic is caught and
+/// reported as the corruption it is, so every tool and `serve` fail with a clear message.
 fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
     remove_partial_snapshots(dir);
-    sled_config(dir, cache_bytes).open()
+    match quiet_panics_during(|| sled_config(dir, cache_bytes).open()) {
+        Ok(opened) => opened,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            tracing::error!(dir = %dir.display(), panic = what, "sled panicked while opening the database: it is damaged");
+            Err(sled::Error::Corruption { at: None, bt: () })
+        }
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs `quiet_panics_during`.
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic, which is not printed (the caller reports it): the process-wide
+/// panic hook is wrapped once to skip threads inside this function; every other panic prints
+/// as before.
+fn quiet_panics_during<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static WRAP_HOOK: std::sync::Once = std::sync::Once::new();
+    WRAP_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET_PANICS.with(|q| q.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET_PANICS.with(|q| q.set(false));
+    result
 }
 
 /// Removes `snap.*.generating` files from `dir`. sled 0.34 writes its page-table snapshot (at
@@ -868,5 +907,15 @@ mod tests {
             "{refused}"
         );
         assert_eq!(log.head().unwrap().offset, 0, "nothing was written");
+    }
+
+    /// A panic inside `quiet_panics_during` comes back as an error with its message, and the
+    /// thread is not left quiet: the next call runs normally.
+    #[test]
+    fn a_panic_while_quiet_is_caught_and_the_next_call_runs() {
+        let caught = quiet_panics_during(|| -> u32 { panic!("sled fell over") }).unwrap_err();
+        assert_eq!(caught.downcast_ref::<&str>(), Some(&"sled fell over"));
+        assert!(!QUIET_PANICS.with(std::cell::Cell::get));
+        assert_eq!(quiet_panics_during(|| 7).unwrap(), 7);
     }
 }
