@@ -433,7 +433,7 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
                 let state = state.clone();
                 async move {
                     let started = Instant::now();
-                    let request_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+                    let request_id = ws::new_request_id();
                     let span = tracing::info_span!("http", request_id = %request_id, method = %method, path = %path.as_str());
                     let resp = async {
                         let body = match read_body(Box::pin(body), body_deadline).await {
@@ -506,14 +506,18 @@ async fn dispatch(state: &State, req: &Request) -> (&'static str, Response) {
         }};
     }
     match (m.as_str(), segs.as_slice()) {
-        ("GET", ["healthz"]) => route!("healthz", health::healthz(state)),
-        ("GET", ["readyz"]) => route!("readyz", health::readyz(state)),
-        ("GET", ["metrics"]) => route!("metrics", health::metrics(state)),
+        // HEAD (RFC 9110: a server must support it) on the probes and the ledger summary, which
+        // load balancers and uptime checks use: the GET answer, whose body hyper leaves out.
+        // Not on the streamed or audited reads: a HEAD would run the whole read (and record
+        // it) for nothing.
+        ("GET" | "HEAD", ["healthz"]) => route!("healthz", health::healthz(state)),
+        ("GET" | "HEAD", ["readyz"]) => route!("readyz", health::readyz(state)),
+        ("GET" | "HEAD", ["metrics"]) => route!("metrics", health::metrics(state)),
         ("POST", ["api", "v1", "login"]) => route!("login", admin::login(state, req)),
         ("POST", ["api", "v1", "token", "refresh"]) => {
             route!("token_refresh", admin::refresh(state, req))
         }
-        ("GET", ["api", "v1", "ledger"]) => route!("ledger", queries::ledger(state, req)),
+        ("GET" | "HEAD", ["api", "v1", "ledger"]) => route!("ledger", queries::ledger(state, req)),
         ("GET", ["api", "v1", "alarms"]) => route!("alarms", queries::alarms(state, req)),
         ("POST", ["api", "v1", "alarms"]) => route!("alarm_create", commands::create(state, req)),
         ("GET", ["api", "v1", "alarms", id]) => route!("alarm", queries::alarm(state, req, id)),

@@ -169,7 +169,9 @@ pub(crate) fn upgrade(
     socket: Option<RawFd>,
     slot: Arc<Slot>,
 ) -> warp::reply::Response {
-    let (on_upgrade, resp) = match handshake(&mut req) {
+    // The connection's id in the logs, and its answer's `x-request-id` (as every HTTP answer).
+    let conn_id = new_request_id();
+    let (on_upgrade, resp) = match handshake(&mut req, &conn_id) {
         Ok(pair) => pair,
         Err(resp) => return *resp,
     };
@@ -197,7 +199,6 @@ pub(crate) fn upgrade(
         .and_then(|v| v.to_str().ok())
         .map(|s| s.chars().take(256).collect::<String>());
     let config = transport_config(state.settings.ws_max_message);
-    let conn_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
     let span = tracing::info_span!("ws", conn = %conn_id, user = tracing::field::Empty, ip = ?ip);
     let counted = state.connections.enter();
     tokio::spawn(
@@ -240,7 +241,7 @@ pub(crate) fn upgrade_refused(
     slot: Arc<Slot>,
     max_message: usize,
 ) -> warp::reply::Response {
-    let (on_upgrade, resp) = match handshake(&mut req) {
+    let (on_upgrade, resp) = match handshake(&mut req, &new_request_id()) {
         Ok(pair) => pair,
         Err(resp) => return *resp,
     };
@@ -254,11 +255,19 @@ pub(crate) fn upgrade_refused(
     resp
 }
 
-/// Checks an upgrade request's WebSocket version and builds the 101 answer; the socket comes
-/// from the returned `OnUpgrade` once hyper has sent it.
+/// A request id, as the HTTP routes make them (12 hex characters).
+pub(super) fn new_request_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+/// Checks an upgrade request's WebSocket version and builds the 101 answer, either carrying
+/// `request_id` as `x-request-id`; the socket comes from the returned `OnUpgrade` once hyper
+/// has sent it.
 fn handshake(
     req: &mut hyper::Request<hyper::body::Incoming>,
+    request_id: &str,
 ) -> Result<(hyper::upgrade::OnUpgrade, warp::reply::Response), Box<warp::reply::Response>> {
+    let id = warp::http::HeaderValue::from_str(request_id).ok();
     let headers = req.headers();
     if headers
         .get("sec-websocket-version")
@@ -272,6 +281,9 @@ fn handshake(
             "sec-websocket-version",
             warp::http::HeaderValue::from_static("13"),
         );
+        if let Some(id) = id {
+            resp.headers_mut().insert("x-request-id", id);
+        }
         return Err(Box::new(resp));
     }
     let accept = headers
@@ -290,6 +302,9 @@ fn handshake(
     );
     if let Ok(v) = warp::http::HeaderValue::from_str(&accept) {
         h.insert("sec-websocket-accept", v);
+    }
+    if let Some(id) = id {
+        h.insert("x-request-id", id);
     }
     Ok((on_upgrade, resp))
 }

@@ -51,3 +51,39 @@ async fn create_trigger_subscribe_round_trip() {
     assert_eq!(s, 200);
     assert_eq!(v["head"], 3);
 }
+
+/// HEAD (RFC 9110: servers must support it) on the probes and the ledger summary answers as GET
+/// would, without a body; on an audited or streamed read it is no route (it would run the read
+/// and record it for nothing). Every answer carries `x-request-id`, the WebSocket's 101 too.
+#[tokio::test]
+async fn head_on_the_probes_and_request_ids_on_every_answer() {
+    let app = spawn_app().await;
+    for path in ["/healthz", "/readyz", "/metrics", "/api/v1/ledger"] {
+        let r = app
+            .client
+            .head(app.url(path))
+            .bearer_auth(&app.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "HEAD {path}");
+        assert!(r.headers().contains_key("x-request-id"), "HEAD {path}");
+        assert!(
+            r.bytes().await.unwrap().is_empty(),
+            "HEAD {path} has no body"
+        );
+    }
+    let r = app
+        .client
+        .head(app.url("/api/v1/events"))
+        .bearer_auth(&app.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let id = app.ws_request_id(&app.admin_token).await;
+    assert!(
+        id.as_deref().is_some_and(|id| id.len() == 12),
+        "the 101 carries x-request-id: {id:?}"
+    );
+}

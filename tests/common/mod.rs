@@ -215,6 +215,17 @@ impl TestApp {
         req
     }
 
+    /// The upgrade answer's `x-request-id` (every HTTP answer carries one, the 101 included).
+    pub async fn ws_request_id(&self, token: &str) -> Option<String> {
+        let (_ws, resp) = tokio_tungstenite::connect_async(self.ws_request(token))
+            .await
+            .expect("ws connect");
+        resp.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
     /// Opens a WebSocket without reading anything.
     pub async fn ws_raw(&self, token: &str) -> Ws {
         let (ws, _) = tokio_tungstenite::connect_async(self.ws_request(token))
