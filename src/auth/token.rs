@@ -56,6 +56,10 @@ pub struct Claims {
     /// this claim) are judged by their second, conservatively.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat_ms: Option<i64>,
+    /// Not before, seconds since the Unix epoch. We issue none; a gateway sharing the secret may,
+    /// and such a token is refused until then (RFC 7519 §4.1.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
 }
 
 /// A freshly signed token: the string for the client plus what it says.
@@ -182,6 +186,7 @@ impl TokenService {
             exp,
             jti: Uuid::new_v4(),
             iat_ms: Some(now.timestamp_millis()),
+            nbf: None,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| TokenError::Internal(e.to_string()))?;
@@ -211,6 +216,12 @@ impl TokenService {
         }
         if claims.iat > now.saturating_add(LEEWAY_SECS) {
             return Err(TokenError::Invalid("issued in the future".into()));
+        }
+        if claims
+            .nbf
+            .is_some_and(|nbf| nbf > now.saturating_add(LEEWAY_SECS))
+        {
+            return Err(TokenError::Invalid("not valid yet (nbf)".into()));
         }
         if let Some(ms) = claims.iat_ms {
             if ms.div_euclid(1000) != claims.iat {

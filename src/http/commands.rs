@@ -48,16 +48,28 @@ fn alarm_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::not_found(format!("no alarm {id:?} (not a UUID)")))
 }
 
-/// The `Idempotency-Key` header (a UUID), else the body's `command_id`.
+/// The `Idempotency-Key` header (a UUID), else the body's `command_id`. Two keys, or a key and
+/// a `command_id` that differ, are refused: which one would the retry be deduplicated on?
 fn command_id(req: &Request, body: Option<Uuid>) -> Result<Option<Uuid>, ApiError> {
-    match req.headers.get("idempotency-key") {
-        None => Ok(body),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| Uuid::parse_str(s.trim()).ok())
-            .map(Some)
-            .ok_or_else(|| ApiError::bad_request("Idempotency-Key must be a UUID")),
+    let mut keys = req.headers.get_all("idempotency-key").iter();
+    let Some(v) = keys.next() else {
+        return Ok(body);
+    };
+    if keys.next().is_some() {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key given more than once",
+        ));
+    }
+    let key = v
+        .to_str()
+        .ok()
+        .and_then(|s| Uuid::parse_str(s.trim()).ok())
+        .ok_or_else(|| ApiError::bad_request("Idempotency-Key must be a UUID"))?;
+    match body {
+        Some(c) if c != key => Err(ApiError::bad_request(
+            "Idempotency-Key and the body's command_id differ (give one, or the same)",
+        )),
+        _ => Ok(Some(key)),
     }
 }
 

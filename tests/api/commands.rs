@@ -284,6 +284,57 @@ async fn retried_command_ids_append_nothing() {
     assert_eq!(s, 200, "{t2}");
     assert_eq!(t2["duplicate"], true);
     assert_eq!(t2["offset"], t1["offset"]);
+    // Two keys, or a key and a different body command_id, are refused (which would the retry
+    // be deduplicated on?); a body command_id equal to the key is the same command.
+    let r = app
+        .client
+        .post(app.url(&path))
+        .bearer_auth(&tok)
+        .header("Idempotency-Key", uuid())
+        .header("Idempotency-Key", uuid())
+        .json(&json!({"value": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than once"),
+        "{v}"
+    );
+    let (s, v) = http(
+        &app,
+        &tok,
+        "POST",
+        &path,
+        json!({"value": 5, "command_id": uuid()}),
+        Some(&trig_key),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("differ"),
+        "{v}"
+    );
+    let (s, same) = http(
+        &app,
+        &tok,
+        "POST",
+        &path,
+        json!({"value": 5, "command_id": trig_key}),
+        Some(&trig_key),
+    )
+    .await;
+    assert_eq!(s, 200, "{same}");
+    assert_eq!(same["duplicate"], true, "{same}");
+    assert_eq!(
+        head(&app).await,
+        t1["offset"].as_u64().unwrap(),
+        "nothing appended"
+    );
     // The same key on the WebSocket is the same command.
     let ws_retry = ask(
         &mut ws,

@@ -178,6 +178,18 @@ async fn correctly_signed_tokens_that_no_longer_match_the_user_are_refused() {
         Some(SECRET.as_bytes()),
     );
     refused(&app, &future, "unauthorized", "issued in the future").await;
+    // Not valid before a minute from now (`nbf`, which a gateway sharing the secret may set).
+    let not_yet = forge(
+        &json!({"alg": "HS256", "typ": "JWT"}),
+        &json!({"sub": "admin", "role": "admin",
+                "iat": chrono::Utc::now().timestamp(),
+                "nbf": chrono::Utc::now().timestamp() + 60,
+                "exp": chrono::Utc::now().timestamp() + 600,
+                "jti": uuid::Uuid::new_v4().to_string()}),
+        hmac::HMAC_SHA256,
+        Some(SECRET.as_bytes()),
+    );
+    refused(&app, &not_yet, "unauthorized", "not valid yet").await;
     // Issued before the account existed (a token minted for a name that was later created).
     let before = signed("vic", Role::Viewer, 120, 600);
     assert_error(
