@@ -174,6 +174,9 @@ pub fn user(args: UserArgs) -> Result<()> {
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
+    if let Some(out) = &args.out {
+        crate::read_copy::refuse_output_inside("--out", out, &args.data.data, None)?;
+    }
     crate::read_copy::handle_signals();
     let view = read_view(&args.data.data, &args.read)?;
     // As `GET /api/v1/events` (416): a start beyond the head + 1 is a mistake, not an empty
@@ -353,7 +356,9 @@ pub fn verify(args: VerifyArgs) -> Result<String> {
 }
 
 pub fn backup(args: BackupArgs) -> Result<String> {
-    let dir = DataDir::lock_existing(&args.data.data)?;
+    let data = &args.data.data;
+    crate::read_copy::refuse_output_inside("--to", &args.to, data, Some(&data.join("backups")))?;
+    let dir = DataDir::lock_existing(data)?;
     let log = open_for_full_read(&dir)?;
     let head = log.head()?.offset;
     let security = SecurityLog::open(log.db(), log.info().ledger_id)

@@ -311,6 +311,40 @@ fn refuse_inside(base: &Path, root: &Path, source: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an output (`--out` of `export`, `--to` of `backup`) inside the data directory `data`
+/// (symlinks and `..` resolved), except under `allowed` (the `backups/` the online backup uses):
+/// a result written into `ledger/` would sit among sled's files, and one beside them would
+/// travel with every copy of the directory taken as a backup.
+pub fn refuse_output_inside(
+    flag: &str,
+    out: &Path,
+    data: &Path,
+    allowed: Option<&Path>,
+) -> Result<()> {
+    let Ok(data) = std::fs::canonicalize(data) else {
+        return Ok(()); // no such directory: the command fails on it next, with its own message
+    };
+    let out = canonical_even_if_missing(out)?;
+    let allowed = allowed.and_then(|a| canonical_even_if_missing(a).ok());
+    if out.starts_with(&data)
+        && !allowed
+            .as_ref()
+            .is_some_and(|a| out.starts_with(a) && out != *a)
+    {
+        return Err(Error::Config(format!(
+            "{flag} {} is inside the data directory {}: write it elsewhere{}",
+            out.display(),
+            data.display(),
+            if allowed.is_some() {
+                " (or under its backups/)"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// `path` with its existing part resolved (symlinks, `..`) and the rest, still to be created,
 /// appended: where a directory created at `path` would really be.
 fn canonical_even_if_missing(path: &Path) -> Result<PathBuf> {

@@ -1891,6 +1891,54 @@ async fn read_only_tools_never_write_to_the_directory_they_read() {
     );
 }
 
+/// Results are not written into the data directory they come from: `export --out` anywhere
+/// inside it, `backup --to` inside it except under `backups/` (where the online backup writes)
+/// — `ledger/` is sled's, and a file beside it travels with every copy of the directory. Each
+/// refusal is exit 2 and creates nothing; under `backups/` the backup is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_not_written_into_the_data_directory_they_come_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    known_ledger(&data).await;
+    let refused: [(&[&str], PathBuf); 4] = [
+        (
+            &["export", "--data", d(&data), "--out"],
+            data.join("audit.ndjson"),
+        ),
+        (
+            &["export", "--data", d(&data), "--out"],
+            data.join("ledger/audit.ndjson"),
+        ),
+        (
+            &["backup", "--data", d(&data), "--to"],
+            data.join("ledger/copy"),
+        ),
+        (&["backup", "--data", d(&data), "--to"], data.join("copy")),
+    ];
+    for (args, dest) in &refused {
+        // Through `..` and a symlink too: the real location counts.
+        let link = tmp.path().join("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&data, &link).unwrap();
+        let via_link = link.join(dest.strip_prefix(&data).unwrap());
+        for target in [dest.clone(), via_link] {
+            let mut all: Vec<&str> = args.to_vec();
+            all.push(d(&target));
+            let out = cli(&all);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{all:?}: {err}");
+            assert!(
+                err.contains("is inside the data directory"),
+                "{all:?}: {err}"
+            );
+            assert!(!dest.exists(), "{all:?}: nothing created");
+        }
+    }
+    let under = data.join("backups/by-hand");
+    cli_ok(&["backup", "--data", d(&data), "--to", d(&under)]);
+    cli_ok(&["verify", "--data", d(&under)]);
+}
+
 /// `export --from` beyond the head + 1 is refused as on HTTP (416 there), not an empty export;
 /// an `--out` that cannot be created is named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
