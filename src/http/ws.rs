@@ -488,7 +488,13 @@ impl Connection {
                     CLOSE_LINGER
                 };
                 let mut shutdown = self.state.shutdown.clone();
+                let slow = code == CLOSE_SLOW_CONSUMER;
+                // Only the slow consumer's long wait is cut: the 1001 of a shutdown itself
+                // must still go out (within its 2 s).
                 let stopping = async move {
+                    if !slow {
+                        return std::future::pending().await;
+                    }
                     if !*shutdown.borrow_and_update() {
                         let _ = shutdown.changed().await;
                     }
