@@ -309,6 +309,12 @@ impl Writer {
                     }
                     Ok(None) => {}
                     Err(e) => {
+                        // sled hands out an I/O error its background flusher met from every
+                        // later operation, reads included: a failed look-up is the first sign
+                        // of a failed disk, and the health checks must say so now, not at the
+                        // next append (which fails too, and refuses appends for good).
+                        tracing::error!(error = %e, "command_id look-up failed: storage failed");
+                        self.ledger.set_degraded(true);
                         batch
                             .plans
                             .push(Plan::Err(CommandError::Storage(e.to_string())));
