@@ -324,7 +324,7 @@ pub fn refuse_output_inside(
     let Ok(data) = std::fs::canonicalize(data) else {
         return Ok(()); // no such directory: the command fails on it next, with its own message
     };
-    let out = canonical_even_if_missing(out)?;
+    let out = where_written(out)?;
     let allowed = allowed.and_then(|a| canonical_even_if_missing(a).ok());
     if out.starts_with(&data)
         && !allowed
@@ -343,6 +343,27 @@ pub fn refuse_output_inside(
         )));
     }
     Ok(())
+}
+
+/// Where a result given as `path` really lands. A regular file (or a new one) is written under
+/// a staging name beside `path` and renamed over it, replacing a symlink there rather than
+/// following it: its directory is resolved, not its name. Anything else that exists (a FIFO,
+/// `/dev/stdout`, a symlink to one) is written through: resolved whole.
+fn where_written(path: &Path) -> Result<PathBuf> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() && !meta.is_dir() => Ok(std::fs::canonicalize(path)?),
+        _ => match (path.parent(), path.file_name()) {
+            (Some(parent), Some(name)) => {
+                let parent = if parent.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    parent
+                };
+                Ok(canonical_even_if_missing(parent)?.join(name))
+            }
+            _ => canonical_even_if_missing(path),
+        },
+    }
 }
 
 /// `path` with its existing part resolved (symlinks, `..`) and the rest, still to be created,

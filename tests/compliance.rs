@@ -1965,6 +1965,30 @@ async fn results_are_not_written_into_the_data_directory_they_come_from() {
             assert!(!dest.exists(), "{all:?}: nothing created");
         }
     }
+    // A symlink as the last component is replaced by the result (written beside it, renamed
+    // over it), not followed: a link inside the data directory is refused wherever it points,
+    // one outside it is fine even when it points in (and stays outside: replaced by the file).
+    let outside = tmp.path().join("outside.ndjson");
+    let inner_link = data.join("to-outside.ndjson");
+    std::os::unix::fs::symlink(&outside, &inner_link).unwrap();
+    let out = cli(&["export", "--data", d(&data), "--out", d(&inner_link)]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outer_link = tmp.path().join("to-inside.ndjson");
+    std::os::unix::fs::symlink(data.join("inside.ndjson"), &outer_link).unwrap();
+    cli_ok(&["export", "--data", d(&data), "--out", d(&outer_link)]);
+    assert!(
+        std::fs::symlink_metadata(&outer_link).unwrap().is_file(),
+        "the link was replaced"
+    );
+    assert!(
+        !data.join("inside.ndjson").exists(),
+        "nothing written inside"
+    );
     let under = data.join("backups/by-hand");
     cli_ok(&["backup", "--data", d(&data), "--to", d(&under)]);
     cli_ok(&["verify", "--data", d(&under)]);

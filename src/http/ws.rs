@@ -351,6 +351,11 @@ async fn reject(mut socket: WebSocket, code: u16, reason: &str) {
 /// How long the closing handshake may take (our Close out, the client's Close back).
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// The longest a slow consumer's 4008 waits to be taken (`ws-idle-timeout` if shorter): the
+/// connection keeps its place under `--max-connections` meanwhile, and a client frozen for
+/// longer has most likely reconnected already.
+const SLOW_CLOSE_LINGER_MAX: Duration = Duration::from_secs(60);
+
 /// The closing handshake after our Close frame: read (and drop) what the client still sends
 /// until its Close comes back, bounded by `CLOSE_LINGER`. Closing a TCP socket with unread
 /// input sends a reset, which can destroy the answers and the Close frame still on their way
@@ -478,12 +483,15 @@ impl Connection {
             }
             End::Close(code, reason) => {
                 // A stalled client takes the Close only after the data queued before it: it
-                // gets until the idle timeout (after which any silent peer is dropped) to read
-                // on, instead of the 2 s linger, so that a client that resumes reading gets the
+                // gets until the idle timeout (after which any silent peer is dropped; at most
+                // a minute) to read on, instead of the 2 s linger, so that a client that resumes reading gets the
                 // rest of its last frame and the 4008, not a cut frame and a vanished socket.
                 // A shutdown cuts the wait.
                 let linger = if code == CLOSE_SLOW_CONSUMER {
-                    self.state.settings.ws_idle_timeout
+                    self.state
+                        .settings
+                        .ws_idle_timeout
+                        .min(SLOW_CLOSE_LINGER_MAX)
                 } else {
                     CLOSE_LINGER
                 };

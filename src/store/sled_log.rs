@@ -98,11 +98,15 @@ pub struct SledLog {
     db_file: File,
     /// Names in `blobs/` already synced (pruned to what the directory holds at each sync).
     blobs_synced: Mutex<BlobsSynced>,
-    /// The first failed sync, for the life of this handle. Linux reports a writeback error to
-    /// an open file once: after an `fdatasync` failed (in the writer, or in a security-log
-    /// append on the blocking pool, which shares this descriptor), a later one that succeeds
-    /// proves nothing about the pages written before it. Every later sync and append fails.
-    sync_failure: Mutex<Option<String>>,
+    /// Syncs run one at a time under this lock, which also holds the first failed one for the
+    /// life of this handle. Linux reports a writeback error to an open file once: after an
+    /// `fdatasync` failed (in the writer, or in a security-log append on the blocking pool,
+    /// which shares this descriptor), a later one that succeeds proves nothing about the pages
+    /// written before it, so every later sync and append fails. Serialised, no sync can succeed
+    /// while another one, started earlier, is about to take the error.
+    sync_state: Mutex<SyncState>,
+    /// Tickets handed to `sync` callers in arrival order (see `SyncState::synced_through`).
+    sync_tickets: std::sync::atomic::AtomicU64,
     info: LedgerInfo,
     dir: PathBuf,
 }
@@ -197,6 +201,29 @@ pub fn open_db_after_close(dir: &Path) -> sled::Result<sled::Db> {
         || open_sled(dir, DEFAULT_CACHE_BYTES),
         is_lock_error,
     )
+}
+
+/// See `SledLog::sync_state`.
+#[derive(Default)]
+struct SyncState {
+    /// The first sync that failed (other than for lack of descriptors or memory).
+    failure: Option<String>,
+    /// Every `sync` caller whose ticket is at most this is durable: a sync that began after
+    /// those callers had written completed.
+    synced_through: u64,
+}
+
+fn refused_after(why: &str) -> Error {
+    Error::Storage(format!(
+        "an earlier sync of the log failed ({why}): nothing written since can be proven durable; \
+         restart the server (it recovers what the disk holds)"
+    ))
+}
+
+/// A sync that failed for lack of descriptors or memory (opening a blob file, reading
+/// `blobs/`), before any writeback was attempted on what it could not open: not a disk failure.
+fn out_of_resources(e: &Error) -> bool {
+    matches!(e, Error::Io(io) if matches!(io.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)))
 }
 
 /// `NoLedger` unless `dir` has sled's `db` file: checked before opening, which would create one.
@@ -444,7 +471,8 @@ impl SledLog {
             tree,
             db_file,
             blobs_synced: Mutex::new(BlobsSynced::default()),
-            sync_failure: Mutex::new(None),
+            sync_state: Mutex::new(SyncState::default()),
+            sync_tickets: std::sync::atomic::AtomicU64::new(0),
             info,
             dir: dir.to_path_buf(),
         })
@@ -536,15 +564,16 @@ impl SledLog {
         Ok(())
     }
 
-    /// The error of the first failed sync, once there was one (see `sync_failure`).
+    /// The error of the first failed sync, once there was one (see `sync_state`).
     fn refuse_after_sync_failure(&self) -> Result<()> {
         match self.storage_failure() {
-            Some(why) => Err(Error::Storage(format!(
-                "an earlier sync of the log failed ({why}): nothing written since can be proven \
-                 durable; restart the server (it recovers what the disk holds)"
-            ))),
+            Some(why) => Err(refused_after(&why)),
             None => Ok(()),
         }
+    }
+
+    fn lock_sync_state(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.sync_state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes what `write_unsynced` buffered to the file (sled's flush: `pwrite` and
@@ -668,25 +697,36 @@ impl EventLog for SledLog {
     }
 
     fn sync(&self) -> Result<()> {
-        self.refuse_after_sync_failure()?;
+        use std::sync::atomic::Ordering::SeqCst;
+        // Taken after the caller's writes: a sync that reads the ticket counter at or past it
+        // starts its flush after those writes, and makes them durable too.
+        let ticket = self.sync_tickets.fetch_add(1, SeqCst) + 1;
+        let mut state = self.lock_sync_state();
+        if let Some(why) = &state.failure {
+            return Err(refused_after(why));
+        }
+        if state.synced_through >= ticket {
+            return Ok(()); // group commit: another caller's sync covered these writes
+        }
+        let covering = self.sync_tickets.load(SeqCst);
         let synced = (|| -> Result<()> {
             self.db.flush()?;
             self.sync_blobs()?;
             self.db_file.sync_data()?;
             Ok(())
         })();
-        if let Err(e) = &synced {
-            let mut failure = self.sync_failure.lock().unwrap_or_else(|p| p.into_inner());
-            failure.get_or_insert_with(|| e.to_string());
+        match &synced {
+            Ok(()) => state.synced_through = covering,
+            Err(e) if !out_of_resources(e) => state.failure = Some(e.to_string()),
+            // Out of descriptors or memory before anything was synced: nothing written was
+            // lost, and the next sync tries again.
+            Err(_) => {}
         }
         synced
     }
 
     fn storage_failure(&self) -> Option<String> {
-        self.sync_failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.lock_sync_state().failure.clone()
     }
 
     fn read_from(&self, from: u64, max: usize) -> Result<Vec<Event>> {
@@ -846,19 +886,29 @@ mod tests {
             Err(Error::NoLedger { .. })
         ));
         assert!(!dir.join("db").exists(), "nothing created");
-        // A db file with nothing in it (sled's own files, no ledger identity).
-        drop(sled::open(&dir).unwrap());
-        match SledLog::open_existing(&dir, &SledOptions::default()) {
+        // A db file with nothing in it (sled's own files, no ledger identity). sled releases
+        // its lock a while after the last handle is dropped: each reopen waits for it.
+        drop(open_db_after_close(&dir).unwrap());
+        let existing = || {
+            retry_while_locked(
+                REOPEN_WAIT,
+                || SledLog::open_existing(&dir, &SledOptions::default()),
+                |e| matches!(e, Error::Locked { .. }),
+            )
+        };
+        match existing() {
             Err(Error::NoLedger { path, .. }) => assert_eq!(path, dir),
             Err(other) => panic!("expected NoLedger, got {other:?}"),
             Ok(_) => panic!("an empty directory opened as a ledger"),
         }
-        match SledLog::open_existing(&dir, &SledOptions::default()) {
+        match existing() {
             Err(Error::NoLedger { .. }) => {}
             other => panic!("still no ledger expected: {:?}", other.map(|l| l.info())),
         }
-        let founded = SledLog::open(&dir, &SledOptions::default()).unwrap().info();
-        let reopened = SledLog::open_existing(&dir, &SledOptions::default()).unwrap();
+        let founded = SledLog::open_after_close(&dir, &SledOptions::default())
+            .unwrap()
+            .info();
+        let reopened = existing().unwrap();
         assert_eq!(reopened.info().ledger_id, founded.ledger_id);
     }
 
@@ -873,11 +923,14 @@ mod tests {
         log.sync().unwrap();
         assert_eq!(log.storage_failure(), None);
         // fdatasync on a pipe fails (EINVAL): the failure a bad disk gives, on demand.
-        let (pipe, _writer) = std::io::pipe().unwrap();
-        let real = std::mem::replace(
-            &mut log.db_file,
-            File::from(std::os::fd::OwnedFd::from(pipe)),
-        );
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) fills two descriptors, each owned by exactly one File below.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (pipe, _writer) = unsafe {
+            use std::os::fd::FromRawFd;
+            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+        };
+        let real = std::mem::replace(&mut log.db_file, pipe);
         let first = log.sync().unwrap_err().to_string();
         log.db_file = real;
         let why = log.storage_failure().expect("remembered");
@@ -917,5 +970,43 @@ mod tests {
         assert_eq!(caught.downcast_ref::<&str>(), Some(&"sled fell over"));
         assert!(!QUIET_PANICS.with(std::cell::Cell::get));
         assert_eq!(quiet_panics_during(|| 7).unwrap(), 7);
+    }
+
+    /// Running out of descriptors or memory is not a disk failure (nothing written was lost;
+    /// the next sync tries again); any other failed sync is.
+    #[test]
+    fn only_a_real_writeback_failure_is_remembered() {
+        let io = |errno| Error::Io(std::io::Error::from_raw_os_error(errno));
+        assert!(out_of_resources(&io(libc::EMFILE)));
+        assert!(out_of_resources(&io(libc::ENFILE)));
+        assert!(out_of_resources(&io(libc::ENOMEM)));
+        assert!(!out_of_resources(&io(libc::EIO)));
+        assert!(!out_of_resources(&io(libc::ENOSPC)));
+        assert!(!out_of_resources(&Error::Storage("sled: IO error".into())));
+    }
+
+    /// Concurrent syncs (the writer's and security-log entries') all succeed, one at a time,
+    /// and a caller whose writes an already finished sync covered returns without one.
+    #[test]
+    fn concurrent_syncs_all_succeed_and_cover_each_other() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = SledLog::open(&tmp.path().join("ledger"), &SledOptions::default()).unwrap();
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..20 {
+                        log.sync().unwrap();
+                    }
+                });
+            }
+        });
+        let state = log.lock_sync_state();
+        assert_eq!(state.failure, None);
+        let tickets = log.sync_tickets.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(tickets, 160);
+        assert_eq!(
+            state.synced_through, tickets,
+            "the last sync covered every caller"
+        );
     }
 }
