@@ -173,6 +173,23 @@ async fn stall_detected(app: &TestApp, within: Duration) -> bool {
     false
 }
 
+/// Reads a subscription's frames into `check` (each must follow the last) until the server's
+/// Close, within 30 s; its code. Anything else (a cut frame, a reset) fails the test.
+async fn read_checked_to_close(ws: &mut Ws, check: &mut StreamCheck) -> Option<u16> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match next_frame(ws, deadline.saturating_duration_since(Instant::now())).await {
+            Got::Json(v) => assert!(check.feed(&v), "{v}"),
+            Got::Ping => {}
+            Got::Close(code) => return code,
+            other => panic!(
+                "{} at {}: expected a close, got {other:?}",
+                check.name, check.last
+            ),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_reader_does_not_stall_writers_or_others_and_resumes_after_4008() {
     let started = std::time::Instant::now();
@@ -255,23 +272,7 @@ async fn stalled_reader_does_not_stall_writers_or_others_and_resumes_after_4008(
         "the non-reading client was never closed with 4008 (head {head_at_stall})"
     );
     // Everything before the close is contiguous; then 4008; then resume from the last offset.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let code = loop {
-        match next_frame(
-            &mut slow,
-            deadline.saturating_duration_since(Instant::now()),
-        )
-        .await
-        {
-            Got::Json(v) => assert!(slow_check.feed(&v), "{v}"),
-            Got::Ping => {}
-            Got::Close(code) => break code,
-            other => panic!(
-                "slow reader at {}: expected a 4008 close, got {other:?}",
-                slow_check.last
-            ),
-        }
-    };
+    let code = read_checked_to_close(&mut slow, &mut slow_check).await;
     assert_eq!(code, Some(4008));
     println!("slow reader closed with 4008 at offset {}", slow_check.last);
     // While it was stuck, the writers went on far beyond what it had received.
@@ -321,23 +322,7 @@ async fn a_client_that_reads_again_long_after_the_stall_still_gets_4008() {
     );
     sleep(Duration::from_secs(5)).await;
     let mut check = StreamCheck::new("late", 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let code = loop {
-        match next_frame(
-            &mut slow,
-            deadline.saturating_duration_since(Instant::now()),
-        )
-        .await
-        {
-            Got::Json(v) => assert!(check.feed(&v), "{v}"),
-            Got::Ping => {}
-            Got::Close(code) => break code,
-            other => panic!(
-                "at offset {}: expected a 4008 close, got {other:?}",
-                check.last
-            ),
-        }
-    };
+    let code = read_checked_to_close(&mut slow, &mut check).await;
     assert_eq!(code, Some(4008), "after offset {}", check.last);
     assert!(check.last >= 1 && check.last < N as u64, "{}", check.last);
 }
