@@ -158,9 +158,74 @@ pub enum ClientMessage {
 }
 
 /// Parses one text frame. On failure, returns the `req` (if it could be read) with the error.
+/// A JSON value whose objects may not repeat a key. serde_json keeps the last of repeated keys
+/// without a word, so `{"type":"trigger","alarm_id":A,"alarm_id":B}` would act on B while a
+/// proxy or log that read the first saw A; HTTP bodies refuse them (serde's derived structs
+/// do), and so do WebSocket messages.
+struct StrictValue(Value);
+
+impl<'de> serde::Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(StrictValue(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let StrictValue(v) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
+            }
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 pub fn parse_client_message(text: &str) -> Result<(Req, ClientMessage), (Req, BadRequest)> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| (None, BadRequest(format!("invalid JSON: {e}"))))?;
+    let value: Value = serde_json::from_str::<StrictValue>(text)
+        .map_err(|e| (None, BadRequest(format!("invalid JSON: {e}"))))?
+        .0;
     let Value::Object(obj) = &value else {
         return Err((None, BadRequest("a message must be a JSON object".into())));
     };
@@ -552,5 +617,23 @@ mod tests {
             parse_client_message(r#"{"type":"create","alarm":{"name":"x","severity":"urgent"}}"#)
                 .unwrap();
         assert!(command_of(m, "a").unwrap().is_err());
+    }
+
+    /// A repeated key, at the top or inside an object, is refused (serde_json would keep the
+    /// last one without a word); numbers, arrays and nesting come through as before.
+    #[test]
+    fn repeated_keys_are_refused() {
+        let a = "0196a0a0-0000-7000-8000-00000000000a";
+        let b = "0196a0a0-0000-7000-8000-00000000000b";
+        let twice = format!(r#"{{"type":"trigger","alarm_id":"{a}","alarm_id":"{b}"}}"#);
+        let (_, e) = parse_client_message(&twice).unwrap_err();
+        assert!(e.0.contains("duplicate key `alarm_id`"), "{}", e.0);
+        let nested = r#"{"type":"create","req":1,"alarm":{"name":"x","name":"y"}}"#;
+        let (_, e) = parse_client_message(nested).unwrap_err();
+        assert!(e.0.contains("duplicate key `name`"), "{}", e.0);
+        let fine = r#"{"type":"create","req":18446744073709551615,"alarm":{"name":"x","tags":["a","b"],"severity":"low"}}"#;
+        let (req, m) = parse_client_message(fine).unwrap();
+        assert_eq!(req, Some(json!(18446744073709551615u64)));
+        assert!(command_of(m, "a").unwrap().is_ok());
     }
 }
