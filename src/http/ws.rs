@@ -476,10 +476,13 @@ impl Connection {
         // frame would be read as part of it), so the socket is dropped; a client that
         // reconnects learns why (4001 at the upgrade if its user was revoked) and resumes.
         let mid_frame = socket.get_ref().mid_frame;
-        let how = match end {
-            End::Gone => "peer gone".to_string(),
+        // Whether to finish with the closing handshake: not after a Close that could not go out
+        // (the client would get a Close without its code once it read on, which reads as a
+        // normal end; dropped, it sees the connection cut, and learns why when it reconnects).
+        let (how, handshake) = match end {
+            End::Gone => ("peer gone".to_string(), !mid_frame),
             End::Close(code, reason) if mid_frame => {
-                format!("dropped mid-message: {code} {reason}")
+                (format!("dropped mid-message: {code} {reason}"), false)
             }
             End::Close(code, reason) => {
                 // A stalled client takes the Close only after the data queued before it: it
@@ -514,13 +517,18 @@ impl Connection {
                     _ = stopping => false,
                 };
                 if delivered {
-                    format!("closed {code} {reason}")
+                    (format!("closed {code} {reason}"), true)
                 } else {
-                    format!("{code} {reason}: the Close was not taken within {linger:?}; dropped")
+                    (
+                        format!(
+                            "{code} {reason}: the Close was not taken within {linger:?}; dropped"
+                        ),
+                        false,
+                    )
                 }
             }
         };
-        if !mid_frame {
+        if handshake {
             closing_handshake(&mut socket, self.unreadable).await;
         }
         tracing::info!(end = %how, "websocket disconnected");

@@ -327,6 +327,54 @@ async fn a_client_that_reads_again_long_after_the_stall_still_gets_4008() {
     assert!(check.last >= 1 && check.last < N as u64, "{}", check.last);
 }
 
+/// A client that reads again only after the 4008's wait ran out is dropped: it sees the
+/// connection cut (and learns why when it resumes), never a Close without a code, which reads
+/// as a normal end. Here the wait is the 3 s idle timeout and the client comes back after 4 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_back_after_the_4008_wait_is_dropped_not_closed_without_a_code() {
+    let app = spawn_app_with(&[
+        "--ws-stall-timeout",
+        "1s",
+        "--ws-ping-interval",
+        "1s",
+        "--ws-idle-timeout",
+        "3s",
+        "--ws-command-rate",
+        "100000",
+    ])
+    .await;
+    let token = app.admin_token.clone();
+    const N: usize = 1_500; // ~10 MB of events: more than the socket buffers hold
+    assert_eq!(blast(&app, &token, "gone", N, 32).await.len(), N);
+    let (mut slow, _) = app.ws(&token).await;
+    send_json(&mut slow, json!({"type": "subscribe", "from": 0})).await;
+    assert!(
+        stall_detected(&app, Duration::from_secs(30)).await,
+        "the non-reading client was never given up on"
+    );
+    // Back after the 3 s wait, within the 2 s a closing handshake would take after it.
+    sleep(Duration::from_secs(4)).await;
+    let mut check = StreamCheck::new("gone", 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let end = loop {
+        match next_frame(
+            &mut slow,
+            deadline.saturating_duration_since(Instant::now()),
+        )
+        .await
+        {
+            Got::Json(v) => assert!(check.feed(&v), "{v}"),
+            Got::Ping => {}
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(end, Got::Ended(_) | Got::Close(Some(_))),
+        "after offset {}: {end:?}",
+        check.last
+    );
+}
+
 /// A slow but steady reader is not a stalled one (PROTOCOL.md guarantee 2): the stall limit
 /// measures time without progress, not the time a whole replay chunk takes to go through.
 /// Nor is it a silent one: its pong waits behind megabytes of queued events, seconds longer
