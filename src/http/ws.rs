@@ -129,21 +129,26 @@ struct Due {
 }
 
 impl Due {
-    fn new(now: Instant, ping_interval: Duration, expiry: Instant) -> Self {
+    fn new(now: Instant, ping_interval: Duration, expiry: Instant, lifetime: Duration) -> Self {
         let mut due = Due {
             ping: now + ping_interval,
             recheck: now + USER_RECHECK,
             warn: expiry,
             expiry,
         };
-        due.set_expiry(expiry);
+        due.set_expiry(expiry, lifetime);
         due
     }
 
-    /// A refresh moved the expiry: the warning moves with it.
-    fn set_expiry(&mut self, expiry: Instant) {
+    /// A refresh moved the expiry: the warning moves with it. It comes `EXPIRY_WARNING` before
+    /// the expiry, or half the tokens' `lifetime` before it when they live less than twice that
+    /// (`--token-ttl` may be 1 minute): otherwise every fresh token would be "expiring" at once,
+    /// and a client that refreshes on each warning would spend its refresh budget in a second.
+    fn set_expiry(&mut self, expiry: Instant, lifetime: Duration) {
         self.expiry = expiry;
-        self.warn = expiry.checked_sub(EXPIRY_WARNING).unwrap_or(expiry);
+        self.warn = expiry
+            .checked_sub(EXPIRY_WARNING.min(lifetime / 2))
+            .unwrap_or(expiry);
     }
 
     /// The earliest duty still to do (the warning only once per token).
@@ -465,6 +470,18 @@ impl Connection {
         }
     }
 
+    /// The lifetime of the tokens this server issues (`--token-ttl`), for the expiry warning.
+    /// (Not the token's own: it may have been issued before the connection, and a token is
+    /// never older than its account, so the server's setting is what a refresh will give.)
+    fn token_lifetime(&self) -> Duration {
+        self.state
+            .auth
+            .tokens
+            .ttl()
+            .to_std()
+            .unwrap_or(EXPIRY_WARNING * 2)
+    }
+
     async fn run(mut self, socket: WebSocket) {
         // A guard, not a decrement at the end: a task that unwinds must not leave the gauge up.
         let _counted = crate::metrics::GaugeGuard::enter(&self.state.metrics.ws_connections);
@@ -562,14 +579,19 @@ impl Connection {
         // One timer for the four periodic duties (ping + idle check, user re-check, expiry
         // warning, expiry), armed for the earliest: it is polled on every iteration, before the
         // socket and the subscription, so one timer costs one poll where four cost four.
-        let mut due = Due::new(Instant::now(), settings.ws_ping_interval, self.expires_at);
+        let mut due = Due::new(
+            Instant::now(),
+            settings.ws_ping_interval,
+            self.expires_at,
+            self.token_lifetime(),
+        );
         let mut last_seen = Instant::now();
         let mut drain = Drain::new(last_seen);
         let timer = sleep_until(due.next(self.warned));
         tokio::pin!(timer);
         loop {
             if self.expires_at != due.expiry {
-                due.set_expiry(self.expires_at);
+                due.set_expiry(self.expires_at, self.token_lifetime());
                 timer.as_mut().reset(due.next(self.warned));
             }
             tokio::select! {
@@ -1452,6 +1474,31 @@ mod tests {
         FrameHeader::parse(&mut cursor)
             .unwrap()
             .expect("a whole header")
+    }
+
+    /// `token_expiring` is due 60 s before the expiry, or half-way for a token that lives less
+    /// than 2 minutes (never at once, which made a client refreshing on each warning loop).
+    #[test]
+    fn the_expiry_warning_comes_a_minute_before_or_half_way() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        // Fresh tokens of each lifetime: the warning, from now.
+        let warn = |ttl: u64| {
+            Due::new(now, s(20), now + s(ttl), s(ttl))
+                .warn
+                .saturating_duration_since(now)
+        };
+        assert_eq!(warn(900), s(840));
+        assert_eq!(warn(120), s(60));
+        assert_eq!(warn(90), s(45));
+        assert_eq!(warn(60), s(30));
+        // A 15-minute token with 30 s left when the socket opens: warned at once.
+        let late = Due::new(now, s(20), now + s(30), s(900));
+        assert!(late.warn <= now);
+        // A 1-minute token refreshed: the new one is warned 30 s before its end, not at once.
+        let mut due = Due::new(now, s(20), now + s(60), s(60));
+        due.set_expiry(now + s(90), s(60));
+        assert_eq!(due.warn.saturating_duration_since(now), s(60));
     }
 
     #[test]

@@ -254,3 +254,26 @@ async fn a_users_refreshes_are_limited_across_http_and_websocket() {
     let other = app.user_token("calm", "viewer").await;
     assert_eq!(refresh_http(&app, Some(&other)).await.0, 200);
 }
+
+/// With the shortest token lifetime (`--token-ttl 1m`), a fresh token is not "expiring" at once
+/// (it was, 60 s before its end being its start, and a client refreshing on each warning spent
+/// its refresh budget in about a second): the warning comes half-way, ~30 s before the expiry.
+#[tokio::test]
+async fn a_one_minute_token_is_warned_half_way_not_at_once() {
+    let app = spawn_app_with(&["--token-ttl", "1m"]).await;
+    let (mut ws, hello) = app.ws(&app.admin_token).await;
+    // Nothing but the pong within 3 s.
+    send_json(&mut ws, json!({"type": "ping", "req": "p"})).await;
+    let first = recv_json(&mut ws).await.expect("a message");
+    assert_eq!(first["type"], "pong", "{first}");
+    let quiet = tokio::time::timeout(Duration::from_secs(3), recv_json(&mut ws)).await;
+    assert!(quiet.is_err(), "nothing more at once: {quiet:?}");
+    // The warning, when it comes, names the same expiry, ~30 s before it.
+    let m = expect_type(&mut ws, "token_expiring", Duration::from_secs(40)).await;
+    assert_eq!(m["expires_at"], hello["token_expires_at"], "{m}");
+    let left = rfc3339(&m["expires_at"]) - chrono::Utc::now();
+    assert!(
+        left > chrono::Duration::seconds(25) && left <= chrono::Duration::seconds(31),
+        "warned {left} before expiry"
+    );
+}
