@@ -109,7 +109,17 @@ pub fn user(args: UserArgs) -> Result<()> {
             .map_err(|e| Error::Storage(e.to_string()))
     };
     let audit = |action: SecurityAction, target: &str| audit_with(action, target, None);
-    let auth = |e: crate::auth::AuthError| Error::Other(e.to_string());
+    // A value the command line gave (a name, a password) is a bad argument, exit 2 like every
+    // other; an unknown user, an existing one or the last-admin guard, exit 1.
+    let auth = |e: crate::auth::AuthError| {
+        use crate::auth::AuthError as A;
+        match e {
+            A::InvalidUsername(_) | A::WeakPassword | A::PasswordTooLong | A::InvalidRole(_) => {
+                Error::Config(e.to_string())
+            }
+            other => Error::Other(other.to_string()),
+        }
+    };
     match args.action {
         UserAction::Add { name, role: r, .. } => {
             let pw = new_password.unwrap_or_default();
@@ -383,7 +393,14 @@ pub fn backup(args: BackupArgs) -> Result<String> {
         .append(
             NewSecurityEntry::new(SecurityAction::BackupCreated)
                 .actor("cli")
-                .target(r.path.display().to_string())
+                // The absolute path (as the online backup records it): an auditor must be able
+                // to tell which copy it was, whatever directory the command ran in.
+                .target(
+                    std::path::absolute(&r.path)
+                        .unwrap_or_else(|_| r.path.clone())
+                        .display()
+                        .to_string(),
+                )
                 .detail("head", r.head)
                 .detail("via", "cli"),
         )

@@ -324,7 +324,12 @@ pub fn refuse_output_inside(
     let Ok(data) = std::fs::canonicalize(data) else {
         return Ok(()); // no such directory: the command fails on it next, with its own message
     };
-    let out = where_written(out)?;
+    let out = where_written(out).map_err(|e| {
+        Error::Config(format!(
+            "{flag} {}: cannot resolve the path: {e}",
+            out.display()
+        ))
+    })?;
     let allowed = allowed.and_then(|a| canonical_even_if_missing(a).ok());
     if out.starts_with(&data)
         && !allowed

@@ -310,6 +310,13 @@ pub(super) fn audit_read_budget(state: &State, user: &str) -> Result<(), ApiErro
 
 pub async fn security_log(state: &State, req: &Request) -> Result<Response, ApiError> {
     let p = admin(state, req)?;
+    // It takes no filter: one given (`?actor=`) would be silently ignored and the whole log
+    // read as if filtered, so it is refused, like an unknown filter on `/events`.
+    if let Some((k, _)) = req.query_pairs()?.first() {
+        return Err(ApiError::bad_request(format!(
+            "unknown parameter {k:?}: the security log takes no parameter (filter the NDJSON lines)"
+        )));
+    }
     // The place first: a read refused with `overloaded` did not read the log.
     let permit = super::stream::permit(state)?;
     audit_read_budget(state, &p.name)?;

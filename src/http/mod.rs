@@ -243,10 +243,7 @@ impl Request {
     }
 
     pub fn user_agent(&self) -> Option<String> {
-        self.headers
-            .get("user-agent")
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(256).collect())
+        user_agent(&self.headers)
     }
 
     /// The query's parameters, decoded; a name given twice is refused (which one would count
@@ -411,6 +408,17 @@ async fn read_body(
         }
     }
     Ok(out.freeze())
+}
+
+/// The client's `User-Agent` for the security log, cut to 256 characters. Not ASCII-only:
+/// UTF-8 is kept, and any other byte becomes U+FFFD, so no agent is recorded as none.
+pub(crate) fn user_agent(headers: &HeaderMap) -> Option<String> {
+    headers.get("user-agent").map(|v| {
+        String::from_utf8_lossy(v.as_bytes())
+            .chars()
+            .take(256)
+            .collect()
+    })
 }
 
 /// All routes.

@@ -199,10 +199,7 @@ pub(crate) fn upgrade(
         Some(t) => check_token(&state, &t),
     };
     let ip = super::client_ip(peer, headers, &state.settings.trusted_proxies);
-    let ua = headers
-        .get("user-agent")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().take(256).collect::<String>());
+    let ua = super::user_agent(headers);
     let config = transport_config(state.settings.ws_max_message);
     let span = tracing::info_span!("ws", conn = %conn_id, user = tracing::field::Empty, ip = ?ip);
     let counted = state.connections.enter();

@@ -261,7 +261,7 @@ fn open_sled(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
                 .unwrap_or("a panic");
-            tracing::error!(dir = %dir.display(), panic = what, "sled panicked while opening the database: it is damaged");
+            tracing::error!(dir = %dir.display(), detail = what, "sled failed while opening the database (an internal error of sled's on damaged data): it is damaged");
             Err(sled::Error::Corruption { at: None, bt: () })
         }
     }

@@ -68,6 +68,13 @@ async fn user_subcommands_on_a_stopped_server_directory() {
     assert_failed(&r, "weak password", "too weak");
     let r = cli_user(&dir, &["add", "bad name", "--password", carol_pw], &[]).await;
     assert_failed(&r, "bad name", "invalid username");
+    // A bad value given on the command line exits 2, like a bad option; a refusal of what the
+    // directory holds (duplicate, last admin, unknown user) exits 1.
+    assert_eq!(r.code, Some(2), "bad name: {}", r.stderr);
+    let r = cli_user(&dir, &["add", "erin", "--password", "short"], &[]).await;
+    assert_eq!(r.code, Some(2), "weak password: {}", r.stderr);
+    let r = cli_user(&dir, &["add", "carol", "--password", carol_pw], &[]).await;
+    assert_eq!(r.code, Some(1), "duplicate: {}", r.stderr);
     let r = cli_user(
         &dir,
         &["add", "erin", "--role", "root", "--password", carol_pw],

@@ -464,3 +464,50 @@ async fn a_patch_that_changes_nothing_records_nothing() {
     assert_eq!(changed.len(), 1);
     assert_eq!(changed[0]["details"]["role"], "viewer");
 }
+
+/// A user agent in UTF-8 (a desk named in its own language) is recorded as sent, and a byte
+/// that is not UTF-8 as U+FFFD: never dropped, which left the entry without one.
+#[tokio::test]
+async fn a_non_ascii_user_agent_is_recorded() {
+    let app = spawn_app().await;
+    for (sent, recorded) in [
+        ("Bureau de Zoë/2.1".as_bytes(), "Bureau de Zoë/2.1"),
+        (&b"desk-\xff/1"[..], "desk-\u{fffd}/1"),
+    ] {
+        let r = app
+            .client
+            .post(app.url("/api/v1/login"))
+            .header(
+                "user-agent",
+                reqwest::header::HeaderValue::from_bytes(sent).unwrap(),
+            )
+            .json(&json!({"username": "admin", "password": "wrong password, twelve+"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+        let log = security_log(&app).await;
+        assert!(
+            log.iter()
+                .any(|e| e["action"] == "login_failed" && e["user_agent"] == recorded),
+            "{recorded:?} not in {log:?}"
+        );
+    }
+}
+
+/// The security log takes no filter: a parameter is refused (it was ignored, and the whole log
+/// came back as if filtered), and the refusal reads nothing, so nothing is recorded.
+#[tokio::test]
+async fn the_security_log_refuses_parameters() {
+    let app = spawn_app().await;
+    let before = security_log(&app).await.len();
+    for q in ["?actor=admin", "?x=1", "?seq=3"] {
+        let (s, v) = app
+            .get(&app.admin_token, &format!("/api/v1/security-log{q}"))
+            .await;
+        assert_eq!(s, 400, "{q}: {v}");
+        assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    }
+    // The reads that listed it before and after are the only new entries.
+    assert_eq!(security_log(&app).await.len(), before + 1);
+}
