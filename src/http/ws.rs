@@ -486,6 +486,21 @@ impl Connection {
         let mut socket = socket;
         let end = self.serve(&mut socket).await;
         self.stop_subscription();
+        // A token that expired or was revoked ends the connection, but commands it sent while
+        // still valid were handed to the writer and are committed: answer them first (as a
+        // shutdown does), or a client without command_ids could not tell whether they were
+        // applied, and cannot ask again with the credentials it lost. Bounded by the stall
+        // limit per answer.
+        if let End::Close(CLOSE_UNAUTHORIZED, _) = &end {
+            let stall = self.state.settings.ws_stall_timeout;
+            while let Some(answer) = self.answers.next().await {
+                if socket.get_ref().mid_frame
+                    || send(&mut socket, vec![answer.into()], stall).await.is_err()
+                {
+                    break;
+                }
+            }
+        }
         // A long frame cut off part way (`write_frame`): nothing more may be written (a Close
         // frame would be read as part of it), so the socket is dropped; a client that
         // reconnects learns why (4001 at the upgrade if its user was revoked) and resumes.

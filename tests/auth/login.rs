@@ -3,8 +3,10 @@
 
 use crate::common::*;
 use crate::support::*;
-use serde_json::json;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
 use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
 async fn bad_credentials_are_401_unauthorized_and_do_not_say_which_part_was_wrong() {
@@ -124,4 +126,62 @@ async fn a_command_sent_after_the_disable_was_answered_is_not_appended() {
             "{change}: appended after the change: {text}"
         );
     }
+}
+
+/// Commands a socket sent before its user was disabled, and that the writer appended, are
+/// answered before the 4001 (as before a shutdown's 1001): the client learns which of them
+/// were applied, which it could not ask again with credentials it no longer has.
+#[tokio::test]
+async fn commands_appended_before_a_disable_are_answered_before_the_4001() {
+    let app = spawn_app_with(&["--ws-command-rate", "100000"]).await;
+    let token = app.user_token("hank", "operator").await;
+    let (mut ws, _) = app.ws(&token).await;
+    assert_alive(&mut ws, "before").await;
+    const N: usize = 200;
+    for i in 0..N {
+        send_json(
+            &mut ws,
+            json!({"type": "create", "req": i, "alarm": {"name": format!("pipelined {i}")}}),
+        )
+        .await;
+    }
+    let (s, v) = patch_user(&app, &app.admin_token, "hank", json!({"disabled": true})).await;
+    assert_eq!(s, 200, "{v}");
+    // Every answer up to the close.
+    let mut answered = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("the close in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "ok" {
+                    answered.insert(v["offset"].as_u64().unwrap());
+                }
+            }
+            Some(Ok(Message::Close(Some(f)))) => break u16::from(f.code),
+            Some(Ok(_)) => {}
+            other => panic!("before the close: {other:?}"),
+        }
+    };
+    assert_eq!(code, 4001);
+    let (s, text) = app
+        .get_text(&app.admin_token, "/api/v1/events?actor=hank")
+        .await;
+    assert_eq!(s, 200);
+    let appended: std::collections::HashSet<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["offset"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        appended.is_subset(&answered),
+        "appended but never answered: {:?}",
+        appended.difference(&answered).collect::<Vec<_>>()
+    );
 }
