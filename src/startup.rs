@@ -390,6 +390,16 @@ impl Application {
             std::mem::forget(dir);
             return Err(Error::Storage(format!("final flush failed: {e}")));
         }
+        if let Some(why) = ledger.integrity_failure() {
+            // The checkpoint opens sled once more, and sled's recovery rewrites a damaged tail:
+            // leave the directory as it is for `verify` and a restore (exit 1).
+            std::mem::forget(dir);
+            return Err(Error::Other(format!(
+                "stopped without the final snapshot and the shutdown checkpoint: {why}; the \
+                 directory is left as it was: run `alarm-ledger verify` on it, and restore it \
+                 from a backup"
+            )));
+        }
         tracing::info!("stopped");
         Ok(Stopped {
             dir,

@@ -2146,3 +2146,43 @@ async fn scratch_copies_are_removed_swept_and_never_inside_the_source() {
         cli_ok(&["user", "list", "--data", d(&data), "--scratch", d(&scratch)]).contains("admin")
     );
 }
+
+/// A server started from its projection snapshot over a log with a record tampered below it:
+/// the background check finds it (`/readyz` 503 `integrity_error`, appends refused), and at the
+/// stop the server leaves the directory as it was — no final snapshot over the corrupt log (the
+/// one in place is the last made from a sound one), no shutdown checkpoint (whose sled open
+/// would run sled's recovery over the damage) — and exits 1 saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_found_a_corrupt_log_stops_without_writing_over_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    known_ledger(&data).await;
+    tamper(&data, 4, b"seen, ok");
+    let snapshot_before = std::fs::read(data.join("projection.snapshot")).unwrap();
+    let mut s = Server::start(&data).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, r) = s.req("GET", "", "/readyz", None).await;
+        if r["integrity"] == "failed" {
+            assert_eq!(st, 503, "{r}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the scrub found nothing: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (st, v) = s.post("/api/v1/alarms", json!({"name": "after"})).await;
+    assert_eq!(st, 500, "appends refused: {v}");
+    let mut child = s.child.take().unwrap();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let log = s.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("stopped without the final snapshot"), "{log}");
+    assert!(
+        std::fs::read(data.join("projection.snapshot")).unwrap() == snapshot_before,
+        "the snapshot was rewritten"
+    );
+    let err = verify_fails(&data);
+    assert!(err.contains("at offset 4"), "{err}");
+}

@@ -843,8 +843,13 @@ fn start_from_snapshot(root: &Path) -> (Arc<Ledger>, u64) {
 }
 
 fn scrub_fails_at(root: &Path) -> (u64, String) {
+    let snapshot_before = std::fs::read(snap_path(root)).unwrap();
     let (l, offset) = start_from_snapshot(root);
     l.start().unwrap();
+    // Served while the prefix is still being checked (as in production: the scrub runs in
+    // the background): the head moves past the snapshot's.
+    rt().block_on(l.submit(create(Uuid::now_v7(), "a", "before the verdict")))
+        .expect("appends are taken until the scrub finds something");
     let found = match l.scrub(offset) {
         Err(Error::Corrupt { offset, reason }) => (offset, reason),
         other => panic!("expected Error::Corrupt from the scrub, got {other:?}"),
@@ -856,6 +861,12 @@ fn scrub_fails_at(root: &Path) -> (u64, String) {
         "append accepted on a corrupt ledger: {refused:?}"
     );
     l.stop();
+    // No final snapshot over a log that failed its check: the one in place stays, for the
+    // next start (which checks again) and for whoever investigates.
+    assert!(
+        std::fs::read(snap_path(root)).unwrap() == snapshot_before,
+        "the projection snapshot was rewritten over a corrupt log"
+    );
     found
 }
 

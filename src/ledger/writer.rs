@@ -210,7 +210,12 @@ impl Writer {
                 all = rest;
             }
         }
-        if let Err(e) = self.ledger.write_snapshot() {
+        // Not over a log that failed its integrity check: the snapshot in place is the last one
+        // made from a sound log, and one more would hide, at the next start, what the scrub
+        // found below it.
+        if let Some(why) = self.ledger.integrity_failure() {
+            tracing::warn!(reason = %why, "final projection snapshot skipped: the log failed its integrity check");
+        } else if let Err(e) = self.ledger.write_snapshot() {
             tracing::error!(error = %e, "final projection snapshot failed");
         }
         tracing::info!("writer stopped");
