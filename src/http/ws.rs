@@ -1065,7 +1065,7 @@ impl Connection {
                 Ok(o) => protocol::ok_value(&req, o.offset, o.alarm_id, o.already, o.duplicate)
                     .to_string(),
                 Err(e) => {
-                    if matches!(e, CommandError::Storage(_)) {
+                    if matches!(e, CommandError::Storage(_) | CommandError::NotApplied(_)) {
                         tracing::error!(error = %e, "command failed on storage");
                     }
                     protocol::error(&req, e.code(), &e.to_string())

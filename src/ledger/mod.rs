@@ -380,7 +380,7 @@ impl Ledger {
             // The queue closed while no stop was asked for: the writer thread died (its
             // panic watch may not have run yet; it marks the ledger failed as it unwinds).
             mpsc::error::TrySendError::Closed(_) if !self.stopping.load(Ordering::Relaxed) => {
-                CommandError::Storage(
+                CommandError::NotApplied(
                     "the ledger writer stopped on an internal error: appends are refused until \
                      the server is restarted"
                         .into(),

@@ -52,6 +52,11 @@ pub enum CommandError {
     /// the message does not claim either way: a retry with the same command_id tells.
     #[error("storage failure; the command may or may not have been applied (retry with the same command_id to find out): {0}")]
     Storage(String),
+    /// Refused before anything of it was written (the ledger failed earlier, its log failed
+    /// its integrity check, its writer died, or its command_id could not be looked up): not
+    /// applied, for certain.
+    #[error("not applied: {0}")]
+    NotApplied(String),
     #[error("the server is shutting down; retry with the same command_id")]
     ShuttingDown,
     /// The writer took the command and ended without answering (it failed: it answers
@@ -68,7 +73,9 @@ impl CommandError {
         match self {
             CommandError::Rejected(r) => r.code(),
             CommandError::Overloaded => "overloaded",
-            CommandError::Storage(_) | CommandError::Unanswered => "internal",
+            CommandError::Storage(_) | CommandError::NotApplied(_) | CommandError::Unanswered => {
+                "internal"
+            }
             // Nothing was appended and the command may be sent again (to this server once it is
             // back, or another): what `overloaded` tells a client ("retry with the same
             // command_id"), where `internal` would read as a failure of the command itself.
@@ -228,14 +235,14 @@ impl Writer {
         if let Some(why) = self.ledger.integrity_failure() {
             for r in reqs {
                 self.ledger.metrics.rejected("internal");
-                let _ = r.reply.send(Err(CommandError::Storage(why.clone())));
+                let _ = r.reply.send(Err(CommandError::NotApplied(why.clone())));
             }
             return;
         }
         if let Some(why) = &self.failed {
             for r in reqs {
                 self.ledger.metrics.rejected("internal");
-                let _ = r.reply.send(Err(CommandError::Storage(format!(
+                let _ = r.reply.send(Err(CommandError::NotApplied(format!(
                     "storage failed earlier ({why}); appends stay refused until the server restarts"
                 ))));
             }
@@ -320,9 +327,9 @@ impl Writer {
                         // next append (which fails too, and refuses appends for good).
                         tracing::error!(error = %e, "command_id look-up failed: storage failed");
                         self.ledger.set_degraded(true);
-                        batch
-                            .plans
-                            .push(Plan::Err(CommandError::Storage(e.to_string())));
+                        batch.plans.push(Plan::Err(CommandError::NotApplied(format!(
+                            "its command_id could not be looked up: {e}"
+                        ))));
                         continue;
                     }
                 }

@@ -79,16 +79,26 @@ impl ServerMessages {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_output_matches_the_schemas() {
-    // A token lifetime of 1 minute makes `token_expiring` due at once.
-    let app = spawn_app_with(&["--token-ttl", "1m"]).await;
+    let app = spawn_app().await;
     let tok = app.admin_token.clone();
     let client = validator("client-messages.schema.json");
     let mut msgs = ServerMessages::new();
 
     let (mut ws, hello) = app.ws(&tok).await;
     msgs.check(&hello);
-    let warn = msgs.recv(&mut ws).await;
+    // A token with 61 s left gets `token_expiring` (due 60 s before its expiry) within a second.
+    let short = alarm_ledger::auth::TokenService::new(
+        b"test-secret-test-secret-test-secret-0123".to_vec(),
+        chrono::Duration::seconds(61),
+    )
+    .issue("admin", alarm_ledger::auth::Role::Admin, chrono::Utc::now())
+    .expect("token")
+    .token;
+    let (mut expiring, expiring_hello) = app.ws(&short).await;
+    msgs.check(&expiring_hello);
+    let warn = msgs.recv(&mut expiring).await;
     assert_eq!(warn["type"], "token_expiring", "{warn}");
+    drop(expiring);
 
     // Commands producing every event kind, with and without optional fields.
     let mut ids = Vec::new();
