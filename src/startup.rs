@@ -395,9 +395,9 @@ impl Application {
             // leave the directory as it is for `verify` and a restore (exit 1).
             std::mem::forget(dir);
             return Err(Error::Other(format!(
-                "stopped without the final snapshot and the shutdown checkpoint: {why}; the \
-                 directory is left as it was: run `alarm-ledger verify` on it, and restore it \
-                 from a backup"
+                "stopped without the shutdown checkpoint (and, once the check had failed, \
+                 without a final snapshot): {why}; run `alarm-ledger verify` on the directory, \
+                 and restore it from a backup"
             )));
         }
         tracing::info!("stopped");

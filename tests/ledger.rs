@@ -1277,6 +1277,12 @@ fn a_writer_that_panics_fails_the_ledger_instead_of_reading_as_a_shutdown() {
         assert_eq!(later.code(), "internal", "{later:?}");
         assert!(later.to_string().contains("restarted"), "{later}");
     }
+    // Without a command_id nothing can have been applied by an earlier attempt: "not applied".
+    let mut plain = trigger(id, "op");
+    plain.command_id = None;
+    let refused = rt.block_on(ledger.submit(plain)).unwrap_err();
+    assert!(refused.to_string().starts_with("not applied"), "{refused}");
+    assert_eq!(refused.code(), "internal");
     assert_eq!(ledger.head().offset, 1, "the acknowledged event stays");
     assert_eq!(ledger.log().event_at(1).unwrap().unwrap().alarm_id, id);
 }

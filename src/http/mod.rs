@@ -411,12 +411,22 @@ async fn read_body(
 }
 
 /// The client's `User-Agent` for the security log, cut to 256 characters. Not ASCII-only:
-/// UTF-8 is kept, and any other byte becomes U+FFFD, so no agent is recorded as none.
+/// UTF-8 is kept, and any other byte becomes U+FFFD, so no agent is recorded as none; control
+/// and bidirectional-formatting characters become U+FFFD too (an audit line must read as it
+/// is stored).
 pub(crate) fn user_agent(headers: &HeaderMap) -> Option<String> {
     headers.get("user-agent").map(|v| {
         String::from_utf8_lossy(v.as_bytes())
             .chars()
             .take(256)
+            .map(|c| {
+                let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+                if c.is_control() || bidi {
+                    '\u{fffd}'
+                } else {
+                    c
+                }
+            })
             .collect()
     })
 }

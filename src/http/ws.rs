@@ -398,6 +398,8 @@ struct ConnMeta {
 enum End {
     /// The peer closed or vanished.
     Gone,
+    /// The peer was silent beyond the idle timeout: the socket is dropped.
+    Dropped,
     /// We close with this code and reason.
     Close(u16, String),
 }
@@ -467,9 +469,9 @@ impl Connection {
         }
     }
 
-    /// The lifetime of the tokens this server issues (`--token-ttl`), for the expiry warning.
-    /// (Not the token's own: it may have been issued before the connection, and a token is
-    /// never older than its account, so the server's setting is what a refresh will give.)
+    /// The lifetime of the tokens this server issues (`--token-ttl`), for the expiry warning:
+    /// what every refresh gives. A token from elsewhere with a shorter life may be warned at
+    /// once the first time; the token it is refreshed into is the server's.
     fn token_lifetime(&self) -> Duration {
         self.state
             .auth
@@ -493,7 +495,9 @@ impl Connection {
         // limit per answer.
         if let End::Close(CLOSE_UNAUTHORIZED, _) = &end {
             let stall = self.state.settings.ws_stall_timeout;
-            while let Some(answer) = self.answers.next().await {
+            // The writer answers what it took within a commit; a writer stuck on the disk
+            // must not hold the close: one stall limit for each answer to come, and to go.
+            while let Ok(Some(answer)) = tokio::time::timeout(stall, self.answers.next()).await {
                 if socket.get_ref().mid_frame
                     || send(&mut socket, vec![answer.into()], stall).await.is_err()
                 {
@@ -510,6 +514,9 @@ impl Connection {
         // normal end; dropped, it sees the connection cut, and learns why when it reconnects).
         let (how, handshake) = match end {
             End::Gone => ("peer gone".to_string(), !mid_frame),
+            // No closing handshake: its Close (without a code) would reach a frozen client that
+            // wakes up as a normal end; dropped, it sees the connection cut, and resumes.
+            End::Dropped => ("silent beyond the idle timeout; dropped".to_string(), false),
             End::Close(code, reason) if mid_frame => {
                 (format!("dropped mid-message: {code} {reason}"), false)
             }
@@ -647,7 +654,7 @@ impl Connection {
                         drain.observe(now, ws.get_mut().delivery());
                         if last_seen.max(drain.at).elapsed() > settings.ws_idle_timeout {
                             tracing::info!("peer silent beyond the idle timeout; dropping");
-                            return End::Gone;
+                            return End::Dropped;
                         }
                         if let Err(fail) = send_msg(ws, Message::Ping(Default::default()), stall).await {
                             return self.ended(fail);

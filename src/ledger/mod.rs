@@ -370,6 +370,7 @@ impl Ledger {
     ) -> Result<oneshot::Receiver<Result<Outcome, CommandError>>, CommandError> {
         let (reply, rx) = oneshot::channel();
         let tx = lock(&self.tx).clone().ok_or(CommandError::ShuttingDown)?;
+        let has_command_id = cmd.command_id.is_some();
         let msg = writer::WriterMsg::Command(writer::WriteRequest {
             cmd,
             reply,
@@ -380,11 +381,14 @@ impl Ledger {
             // The queue closed while no stop was asked for: the writer thread died (its
             // panic watch may not have run yet; it marks the ledger failed as it unwinds).
             mpsc::error::TrySendError::Closed(_) if !self.stopping.load(Ordering::Relaxed) => {
-                CommandError::NotApplied(
-                    "the ledger writer stopped on an internal error: appends are refused until \
-                     the server is restarted"
-                        .into(),
-                )
+                let why = "the ledger writer stopped on an internal error: appends are refused \
+                           until the server is restarted"
+                    .to_string();
+                if has_command_id {
+                    CommandError::Storage(why)
+                } else {
+                    CommandError::NotApplied(why)
+                }
             }
             mpsc::error::TrySendError::Closed(_) => CommandError::ShuttingDown,
         })?;

@@ -53,8 +53,8 @@ pub enum CommandError {
     #[error("storage failure; the command may or may not have been applied (retry with the same command_id to find out): {0}")]
     Storage(String),
     /// Refused before anything of it was written (the ledger failed earlier, its log failed
-    /// its integrity check, its writer died, or its command_id could not be looked up): not
-    /// applied, for certain.
+    /// its integrity check, its writer died), for a command without a command_id: not applied,
+    /// for certain. (With a command_id, an earlier attempt may have been: see `refused`.)
     #[error("not applied: {0}")]
     NotApplied(String),
     #[error("the server is shutting down; retry with the same command_id")]
@@ -131,6 +131,17 @@ impl Drop for DeathWatch {
             tracing::error!("the ledger writer panicked: appends are refused until a restart");
             self.0.mark_writer_died();
         }
+    }
+}
+
+/// The answer to a command refused before anything of it was written. Without a command_id it
+/// was not applied; with one, an earlier attempt may have been (its answer lost, the batch
+/// adopted after a failed sync), which only a retry once the server is back can tell.
+pub(crate) fn refused(cmd: &Command, why: String) -> CommandError {
+    if cmd.command_id.is_some() {
+        CommandError::Storage(why)
+    } else {
+        CommandError::NotApplied(why)
     }
 }
 
@@ -235,16 +246,19 @@ impl Writer {
         if let Some(why) = self.ledger.integrity_failure() {
             for r in reqs {
                 self.ledger.metrics.rejected("internal");
-                let _ = r.reply.send(Err(CommandError::NotApplied(why.clone())));
+                let _ = r.reply.send(Err(refused(&r.cmd, why.clone())));
             }
             return;
         }
         if let Some(why) = &self.failed {
             for r in reqs {
                 self.ledger.metrics.rejected("internal");
-                let _ = r.reply.send(Err(CommandError::NotApplied(format!(
-                    "storage failed earlier ({why}); appends stay refused until the server restarts"
-                ))));
+                let _ = r.reply.send(Err(refused(
+                    &r.cmd,
+                    format!(
+                        "storage failed earlier ({why}); appends stay refused until the server restarts"
+                    ),
+                )));
             }
             return;
         }
@@ -327,7 +341,7 @@ impl Writer {
                         // next append (which fails too, and refuses appends for good).
                         tracing::error!(error = %e, "command_id look-up failed: storage failed");
                         self.ledger.set_degraded(true);
-                        batch.plans.push(Plan::Err(CommandError::NotApplied(format!(
+                        batch.plans.push(Plan::Err(CommandError::Storage(format!(
                             "its command_id could not be looked up: {e}"
                         ))));
                         continue;

@@ -466,13 +466,19 @@ async fn a_patch_that_changes_nothing_records_nothing() {
 }
 
 /// A user agent in UTF-8 (a desk named in its own language) is recorded as sent, and a byte
-/// that is not UTF-8 as U+FFFD: never dropped, which left the entry without one.
+/// that is not UTF-8, a control or a bidirectional override as U+FFFD: never dropped, which
+/// left the entry without one.
 #[tokio::test]
 async fn a_non_ascii_user_agent_is_recorded() {
     let app = spawn_app().await;
     for (sent, recorded) in [
         ("Bureau de Zoë/2.1".as_bytes(), "Bureau de Zoë/2.1"),
         (&b"desk-\xff/1"[..], "desk-\u{fffd}/1"),
+        // A C1 control (CSI) and a right-to-left override: an audit line reads as stored.
+        (
+            "desk\u{9b}2J/\u{202e}1".as_bytes(),
+            "desk\u{fffd}2J/\u{fffd}1",
+        ),
     ] {
         let r = app
             .client
