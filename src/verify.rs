@@ -105,13 +105,7 @@ fn verify_with(
         }
     }
     for item in events {
-        let e = item.map_err(|err| match err {
-            Error::Corrupt { offset, reason } => Error::Corrupt { offset, reason },
-            other => Error::Corrupt {
-                offset: expected,
-                reason: other.to_string(),
-            },
-        })?;
+        let e = item.map_err(|err| crate::ledger::unreadable_at(expected, err))?;
         check_link(&e, expected, &prev, info.ledger_id)?;
         // The writer never lets `at` decrease (a clock stepping back keeps the last time);
         // export's `--until` early stop and the as-of time search rely on it.

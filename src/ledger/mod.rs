@@ -154,7 +154,7 @@ impl Ledger {
         // replay of 1M events costs about the larger half rather than both.
         crate::store::read_ahead(log.as_ref(), expected, |events| -> Result<()> {
             for item in events {
-                let event = item?;
+                let event = item.map_err(|e| unreadable_at(expected, e))?;
                 check_link(&event, expected, &prev, info.ledger_id)?;
                 prev = event.hash;
                 last_at = event.at;
@@ -293,7 +293,7 @@ impl Ledger {
             // `contiguous` fails on a missing record, below `upto` or at its end.
             let mut rebuilt = Projection::new();
             for item in crate::export::contiguous(self.log.as_ref(), 1, upto) {
-                let e = item?;
+                let e = item.map_err(|e| unreadable_at(expected, e))?;
                 if e.offset % 4096 == 1 && self.stopping.load(Ordering::Relaxed) {
                     return Ok(false);
                 }
@@ -467,6 +467,19 @@ impl Ledger {
 }
 
 /// Checks that `event` is the one expected at `expected` after `prev`.
+/// A read of the log that failed where the record at `expected` was due, named by that offset
+/// (sled's own errors name a file position, which tells an operator nothing): a `Corrupt`
+/// already naming its offset is kept.
+pub fn unreadable_at(expected: u64, e: Error) -> Error {
+    match e {
+        e @ Error::Corrupt { .. } => e,
+        other => Error::Corrupt {
+            offset: expected,
+            reason: format!("the record cannot be read: {other}"),
+        },
+    }
+}
+
 pub fn check_link(event: &Event, expected: u64, prev: &Hash, ledger_id: Uuid) -> Result<()> {
     if event.offset != expected {
         return Err(Error::Corrupt {
@@ -563,4 +576,31 @@ fn alarms_digest(p: &Projection) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed read where offset 7 was due is named by that offset; a `Corrupt` that already
+    /// names one keeps it.
+    #[test]
+    fn an_unreadable_record_is_named_by_its_offset() {
+        let sled_says = Error::Storage("IO error: failed to fill whole buffer".into());
+        match unreadable_at(7, sled_says) {
+            Error::Corrupt { offset, reason } => {
+                assert_eq!(offset, 7);
+                assert!(reason.contains("failed to fill whole buffer"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let named = Error::Corrupt {
+            offset: 3,
+            reason: "hash mismatch".into(),
+        };
+        assert!(matches!(
+            unreadable_at(7, named),
+            Error::Corrupt { offset: 3, .. }
+        ));
+    }
 }
