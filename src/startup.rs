@@ -95,6 +95,7 @@ impl Application {
             .await
             .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", args.listen)))?;
         let addr = listener.local_addr()?;
+        remove_cut_short_backups(&dir.root().join("backups"));
         let metrics = Arc::new(Metrics::new());
         let opts = SledOptions {
             cache_bytes: args.cache_mb * 1024 * 1024,
@@ -405,6 +406,31 @@ impl Application {
             dir,
             budget: shutdown_timeout,
         })
+    }
+}
+
+/// Removes the `<stamp>.partial` directories an online backup cut short (the server killed
+/// during the copy) left in `backups/`: a partial copy is not a backup, and a later backup
+/// never finishes it. Ours alone: the data directory's lock is held and no backup runs yet.
+/// Logged, one line each; best effort.
+fn remove_cut_short_backups(backups: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(backups) else {
+        return; // no backups/ yet
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let partial = path.extension().is_some_and(|e| e == "partial");
+        if !partial || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {
+                tracing::warn!(path = %path.display(), "removed an online backup that was cut short (the server stopped during the copy)")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "an online backup was cut short and could not be removed; remove it by hand")
+            }
+        }
     }
 }
 

@@ -2198,3 +2198,30 @@ async fn a_server_that_found_a_corrupt_log_stops_without_writing_over_it() {
     let err = verify_fails(&data);
     assert!(err.contains("at offset 4"), "{err}");
 }
+
+/// An online backup cut short (the server killed during the copy) leaves `<stamp>.partial` in
+/// `backups/`: the next start removes it, saying so, and leaves everything else there alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_removes_online_backups_cut_short() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    known_ledger(&data).await;
+    let backups = data.join("backups");
+    let cut = backups.join("20261207T101010.123Z.partial");
+    std::fs::create_dir_all(cut.join("ledger")).unwrap();
+    std::fs::write(cut.join("ledger/db"), b"half a copy").unwrap();
+    let whole = backups.join("20261207T090000.000Z");
+    std::fs::create_dir_all(&whole).unwrap();
+    let note = backups.join("notes.partial");
+    std::fs::write(&note, b"an operator's file").unwrap();
+    let mut s = Server::start(&data).await;
+    assert!(!cut.exists(), "the cut-short copy is removed");
+    assert!(whole.exists() && note.exists(), "nothing else is touched");
+    assert!(
+        s.log_text()
+            .contains("removed an online backup that was cut short"),
+        "{}",
+        s.log_text()
+    );
+    s.stop();
+}
