@@ -70,25 +70,10 @@ fn run_server(args: config::ServeArgs, json: bool) -> Result<(), Error> {
         };
         let addr = app.local_addr();
         tracing::info!(%addr, data = %args.data.data.display(), "alarm-ledger listening");
-        if json {
-            if let Some(pw) = &app.generated_admin_password {
-                // Not through `tracing`: the password must not reach a log filter's or layer's
-                // other outputs; one line, once, on stderr, as in the human format.
-                let mut fields = serde_json::Map::new();
-                fields.insert("username".into(), "admin".into());
-                fields.insert("password".into(), pw.as_str().into());
-                telemetry::json_line(
-                    "WARN",
-                    "first start: created user admin with a random password (shown once; change it with `alarm-ledger user passwd admin`)",
-                    fields,
-                );
-            }
-        } else {
-            if let Some(pw) = &app.generated_admin_password {
-                eprintln!(
-                    "\n  First start: created user `admin` with password: {pw}\n  (shown once; change it with `alarm-ledger user passwd admin`)\n"
-                );
-            }
+        if let Some(pw) = &app.generated_admin_password {
+            telemetry::admin_password_notice("First start: created user", pw);
+        }
+        if !json {
             eprintln!(
                 "  Log in: curl -s -X POST http://{addr}/api/v1/login -H 'content-type: application/json' -d '{{\"username\":\"admin\",\"password\":\"...\"}}'"
             );

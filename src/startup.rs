@@ -246,18 +246,10 @@ impl Application {
             Ok(auth) => auth,
             Err(e) => {
                 if let Some(pw) = &generated_admin_password {
-                    // Outside `tracing`, as the first-start notice (main.rs): once, on stderr.
-                    const NOTE: &str = "start-up failed after creating user admin with a random password (shown once; change it with `alarm-ledger user passwd admin`)";
-                    if crate::telemetry::json() {
-                        let mut fields = serde_json::Map::new();
-                        fields.insert("username".into(), "admin".into());
-                        fields.insert("password".into(), pw.as_str().into());
-                        crate::telemetry::json_line("WARN", NOTE, fields);
-                    } else {
-                        eprintln!(
-                            "\n  Start-up failed after creating user `admin` with password: {pw}\n  (shown once; change it with `alarm-ledger user passwd admin`)\n"
-                        );
-                    }
+                    crate::telemetry::admin_password_notice(
+                        "Start-up failed after creating user",
+                        pw,
+                    );
                 }
                 return Err(e);
             }

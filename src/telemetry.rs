@@ -45,6 +45,29 @@ pub fn json_line(
     eprintln!("{}", serde_json::Value::Object(fields));
 }
 
+/// The one notice that carries the generated `admin` password: on stderr, once, outside
+/// `tracing` (it must reach no log filter's or layer's other outputs). `what` leads up to the
+/// account ("First start: created user", "Start-up failed after creating user"); as one JSON
+/// line with `--log-format json`, else as the human banner.
+pub fn admin_password_notice(what: &str, password: &str) {
+    const CHANGE: &str = "shown once; change it with `alarm-ledger user passwd admin`";
+    if json() {
+        let mut fields = serde_json::Map::new();
+        fields.insert("username".into(), "admin".into());
+        fields.insert("password".into(), password.into());
+        json_line(
+            "WARN",
+            &format!(
+                "{} admin with a random password ({CHANGE})",
+                what.to_lowercase()
+            ),
+            fields,
+        );
+    } else {
+        eprintln!("\n  {what} `admin` with password: {password}\n  ({CHANGE})\n");
+    }
+}
+
 /// Prints a fatal error on stderr: one JSON line with `json`, else the text as is.
 pub fn fatal_line(json: bool, message: &str) {
     if json {
