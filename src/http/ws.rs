@@ -481,6 +481,21 @@ impl Connection {
             .unwrap_or(EXPIRY_WARNING * 2)
     }
 
+    /// Answers the commands this connection handed to the writer and has not answered yet,
+    /// before a close (a shutdown's 1001, a 4001): they are committed, and a client without
+    /// command_ids could not otherwise tell whether they were applied. The writer answers what
+    /// it took within a commit; one stuck on the disk must not hold the close, so each answer
+    /// gets the stall limit to come, and to go. False if the client could not take them.
+    async fn answer_pending(&mut self, ws: &mut WebSocket) -> bool {
+        let stall = self.state.settings.ws_stall_timeout;
+        while let Ok(Some(answer)) = tokio::time::timeout(stall, self.answers.next()).await {
+            if ws.get_ref().mid_frame || send(ws, vec![answer.into()], stall).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
     async fn run(mut self, socket: WebSocket) {
         // A guard, not a decrement at the end: a task that unwinds must not leave the gauge up.
         let _counted = crate::metrics::GaugeGuard::enter(&self.state.metrics.ws_connections);
@@ -494,16 +509,7 @@ impl Connection {
         // applied, and cannot ask again with the credentials it lost. Bounded by the stall
         // limit per answer.
         if let End::Close(CLOSE_UNAUTHORIZED, _) = &end {
-            let stall = self.state.settings.ws_stall_timeout;
-            // The writer answers what it took within a commit; a writer stuck on the disk
-            // must not hold the close: one stall limit for each answer to come, and to go.
-            while let Ok(Some(answer)) = tokio::time::timeout(stall, self.answers.next()).await {
-                if socket.get_ref().mid_frame
-                    || send(&mut socket, vec![answer.into()], stall).await.is_err()
-                {
-                    break;
-                }
-            }
+            self.answer_pending(&mut socket).await;
         }
         // A long frame cut off part way (`write_frame`): nothing more may be written (a Close
         // frame would be read as part of it), so the socket is dropped; a client that
@@ -523,9 +529,9 @@ impl Connection {
             End::Close(code, reason) => {
                 // A stalled client takes the Close only after the data queued before it: it
                 // gets until the idle timeout (after which any silent peer is dropped; at most
-                // a minute) to read on, instead of the 2 s linger, so that a client that resumes reading gets the
-                // rest of its last frame and the 4008, not a cut frame and a vanished socket.
-                // A shutdown cuts the wait.
+                // a minute) to read on, instead of the 2 s linger, so that a client that
+                // resumes reading gets the rest of its last frame and the 4008, not a cut frame
+                // and a vanished socket.
                 let linger = if code == CLOSE_SLOW_CONSUMER {
                     self.state
                         .settings
@@ -534,23 +540,17 @@ impl Connection {
                 } else {
                     CLOSE_LINGER
                 };
-                let mut shutdown = self.state.shutdown.clone();
-                let slow = code == CLOSE_SLOW_CONSUMER;
-                // Only the slow consumer's long wait is cut: the 1001 of a shutdown itself
-                // must still go out (within its 2 s).
-                let stopping = async move {
-                    if !slow {
-                        return std::future::pending().await;
+                let sent = tokio::time::timeout(linger, socket.send(close_msg(code, &reason)));
+                let delivered = if code == CLOSE_SLOW_CONSUMER {
+                    // Only the slow consumer's long wait is cut by a shutdown: the 1001 of a
+                    // shutdown itself must still go out (within its 2 s).
+                    let mut shutdown = self.state.shutdown.clone();
+                    tokio::select! {
+                        sent = sent => matches!(sent, Ok(Ok(()))),
+                        _ = shutdown.wait_for(|stopping| *stopping) => false,
                     }
-                    if !*shutdown.borrow_and_update() {
-                        let _ = shutdown.changed().await;
-                    }
-                };
-                let delivered = tokio::select! {
-                    sent = tokio::time::timeout(linger, socket.send(close_msg(code, &reason))) => {
-                        matches!(sent, Ok(Ok(())))
-                    }
-                    _ = stopping => false,
+                } else {
+                    matches!(sent.await, Ok(Ok(())))
                 };
                 if delivered {
                     (format!("closed {code} {reason}"), true)
@@ -619,10 +619,8 @@ impl Connection {
                     // Commands already handed to the writer are committed (it finishes its
                     // queue before it stops): answer them before closing, or a client that
                     // sent no command_id could not tell whether its command was applied.
-                    while let Some(answer) = self.answers.next().await {
-                        if send(ws, vec![answer.into()], stall).await.is_err() {
-                            return End::Gone;
-                        }
+                    if !self.answer_pending(ws).await {
+                        return End::Gone;
                     }
                     return End::Close(CLOSE_GOING_AWAY, "server shutting down".into());
                 }

@@ -381,14 +381,12 @@ impl Ledger {
             // The queue closed while no stop was asked for: the writer thread died (its
             // panic watch may not have run yet; it marks the ledger failed as it unwinds).
             mpsc::error::TrySendError::Closed(_) if !self.stopping.load(Ordering::Relaxed) => {
-                let why = "the ledger writer stopped on an internal error: appends are refused \
-                           until the server is restarted"
-                    .to_string();
-                if has_command_id {
-                    CommandError::Storage(why)
-                } else {
-                    CommandError::NotApplied(why)
-                }
+                writer::refused(
+                    has_command_id,
+                    "the ledger writer stopped on an internal error: appends are refused until \
+                     the server is restarted"
+                        .into(),
+                )
             }
             mpsc::error::TrySendError::Closed(_) => CommandError::ShuttingDown,
         })?;

@@ -137,8 +137,8 @@ impl Drop for DeathWatch {
 /// The answer to a command refused before anything of it was written. Without a command_id it
 /// was not applied; with one, an earlier attempt may have been (its answer lost, the batch
 /// adopted after a failed sync), which only a retry once the server is back can tell.
-pub(crate) fn refused(cmd: &Command, why: String) -> CommandError {
-    if cmd.command_id.is_some() {
+pub(crate) fn refused(has_command_id: bool, why: String) -> CommandError {
+    if has_command_id {
         CommandError::Storage(why)
     } else {
         CommandError::NotApplied(why)
@@ -246,7 +246,9 @@ impl Writer {
         if let Some(why) = self.ledger.integrity_failure() {
             for r in reqs {
                 self.ledger.metrics.rejected("internal");
-                let _ = r.reply.send(Err(refused(&r.cmd, why.clone())));
+                let _ = r
+                    .reply
+                    .send(Err(refused(r.cmd.command_id.is_some(), why.clone())));
             }
             return;
         }
@@ -254,7 +256,7 @@ impl Writer {
             for r in reqs {
                 self.ledger.metrics.rejected("internal");
                 let _ = r.reply.send(Err(refused(
-                    &r.cmd,
+                    r.cmd.command_id.is_some(),
                     format!(
                         "storage failed earlier ({why}); appends stay refused until the server restarts"
                     ),
