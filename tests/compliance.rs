@@ -1363,6 +1363,16 @@ async fn append_until_failure(s: &Server, tag: &str, max: usize) -> (Vec<(Uuid, 
     (acked, Value::Null)
 }
 
+/// The value of an unlabelled sample in the server's `/metrics`.
+async fn metric(s: &Server, name: &str) -> f64 {
+    let (st, text) = s.req("GET", "", "/metrics", None).await;
+    assert_eq!(st, 200);
+    let text = text.as_str().expect("metrics are text").to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
 /// What a running server that cannot write still does: answers reads, says it is not ready.
 async fn still_serves_reads(s: &Server, head: u64) {
     let (st, v) = s.get("/api/v1/alarms").await;
@@ -1373,6 +1383,7 @@ async fn still_serves_reads(s: &Server, head: u64) {
     let (st, h) = s.req("GET", "", "/healthz", None).await;
     assert_eq!(st, 503, "{h}");
     assert_eq!(h["status"], "storage_failed", "{h}");
+    assert_eq!(metric(s, "alarm_ledger_storage_failed").await, 1.0);
     let (st, r) = s.req("GET", "", "/readyz", None).await;
     assert_eq!(st, 503, "not ready while storage fails: {r}");
     // Reads that walk the log go through sled, and sled 0.34 completes deferred node splits
@@ -2176,9 +2187,11 @@ async fn a_server_that_found_a_corrupt_log_stops_without_writing_over_it() {
             assert_eq!(st, 503, "{r}");
             break;
         }
+        assert_eq!(metric(&s, "alarm_ledger_integrity_failed").await, 0.0);
         assert!(Instant::now() < deadline, "the scrub found nothing: {r}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(metric(&s, "alarm_ledger_integrity_failed").await, 1.0);
     let (st, v) = s.post("/api/v1/alarms", json!({"name": "after"})).await;
     assert_eq!(st, 500, "appends refused: {v}");
     let mut child = s.child.take().unwrap();

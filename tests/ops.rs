@@ -58,6 +58,33 @@ async fn healthz_readyz_and_metrics_parse() {
         matches!(head.value, prometheus_parse::Value::Gauge(v) if v == 1.0),
         "{head:?}"
     );
+    // The standard process metrics, unprefixed, with values that describe this process.
+    let value = |name: &str| match scrape.samples.iter().find(|s| s.metric == name) {
+        Some(s) => match s.value {
+            // prometheus-parse reads an OpenMetrics counter's `_total` sample as untyped.
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: {other:?}"),
+        },
+        None => panic!("missing {name} in\n{text}"),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = value("process_start_time_seconds");
+    assert!(
+        started <= now + 1.0 && started > now - 3600.0,
+        "{started} vs {now}"
+    );
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"));
+    assert!(value("process_cpu_seconds_total") > 0.0);
+    let (open, max) = (value("process_open_fds"), value("process_max_fds"));
+    assert!(open >= 3.0 && open <= max, "{open} / {max}");
+    assert_eq!(value("alarm_ledger_storage_failed"), 0.0);
+    assert_eq!(value("alarm_ledger_integrity_failed"), 0.0);
     // Every sample line is `name{labels} value`, and the document ends with # EOF.
     assert!(text.trim_end().ends_with("# EOF"));
 }

@@ -127,7 +127,11 @@ fn probe_writable(dir: &std::path::Path) -> bool {
 }
 
 pub async fn metrics(state: &State) -> Result<Response, ApiError> {
-    let text = state.metrics.render();
+    let m = &state.metrics;
+    m.storage_failed.set(i64::from(state.ledger.is_degraded()));
+    m.integrity_failed
+        .set(i64::from(state.ledger.integrity_failure().is_some()));
+    let text = m.render();
     Ok(warp::reply::with_header(
         text,
         "content-type",
