@@ -54,9 +54,19 @@ fn read_password(given: Option<String>) -> Result<String> {
     if let Some(p) = given {
         return Ok(p);
     }
-    eprintln!("password (one line on stdin):");
+    // The prompt is for a person at a terminal; piped in, the password needs none (and with
+    // `--log-format json` a collector would get a line that is not JSON).
+    let stdin = std::io::stdin();
+    if std::io::IsTerminal::is_terminal(&stdin) {
+        crate::telemetry::stderr_line("password (one line on stdin):");
+    }
     let mut line = String::new();
-    std::io::stdin().read_line(&mut line)?;
+    if stdin.read_line(&mut line)? == 0 {
+        return Err(Error::Config(
+            "no password given: pass --password, set ALARM_LEDGER_NEW_PASSWORD or write it on stdin"
+                .into(),
+        ));
+    }
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
@@ -78,13 +88,13 @@ pub fn user(args: UserArgs) -> Result<()> {
         let view = read_view(&args.data.data, read)?;
         let users = UserStore::open(view.log.db()).map_err(|e| Error::Storage(e.to_string()))?;
         for u in users.list().map_err(|e| Error::Storage(e.to_string()))? {
-            println!(
+            crate::telemetry::stdout_line(&format!(
                 "{}\t{}\t{}\t{}",
                 u.username,
                 u.role.as_str(),
                 if u.disabled { "disabled" } else { "enabled" },
                 Timestamp::from_datetime(u.created_at)
-            );
+            ))?;
         }
         drop(users);
         return view.finish();
@@ -129,7 +139,11 @@ pub fn user(args: UserArgs) -> Result<()> {
                 &name,
                 Some(("role", r.as_str())),
             )?;
-            println!("added {} ({})", info.username, info.role.as_str());
+            crate::telemetry::stdout_line(&format!(
+                "added {} ({})",
+                info.username,
+                info.role.as_str()
+            ))?;
         }
         // Handled above, from a private copy.
         UserAction::List { .. } => {}
@@ -137,7 +151,7 @@ pub fn user(args: UserArgs) -> Result<()> {
             let pw = new_password.unwrap_or_default();
             users.set_password(&name, &pw).map_err(auth)?;
             audit(SecurityAction::UserPasswordChanged, &name)?;
-            println!("password changed for {name}");
+            crate::telemetry::stdout_line(&format!("password changed for {name}"))?;
         }
         UserAction::Role { name, role: r } => {
             // What changed, not what was asked (like the HTTP route).
@@ -157,7 +171,7 @@ pub fn user(args: UserArgs) -> Result<()> {
                     Some(("role", r.as_str())),
                 )?;
             }
-            println!("{name} is now {}", r.as_str());
+            crate::telemetry::stdout_line(&format!("{name} is now {}", r.as_str()))?;
         }
         UserAction::Disable { name, enable } => {
             let (before, _) = users
@@ -177,7 +191,10 @@ pub fn user(args: UserArgs) -> Result<()> {
                 };
                 audit(action, &name)?;
             }
-            println!("{name} {}", if enable { "enabled" } else { "disabled" });
+            crate::telemetry::stdout_line(&format!(
+                "{name} {}",
+                if enable { "enabled" } else { "disabled" }
+            ))?;
         }
     }
     log.sync()

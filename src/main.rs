@@ -26,8 +26,8 @@ fn main() -> ExitCode {
         Command::Serve(serve) => run_server(*serve, json),
         Command::User(a) => cli::user(a),
         Command::Export(a) => cli::export(a),
-        Command::Verify(a) => cli::verify(a).map(|s| println!("{s}")),
-        Command::Backup(a) => cli::backup(a).map(|s| println!("{s}")),
+        Command::Verify(a) => cli::verify(a).and_then(|s| telemetry::stdout_line(&s)),
+        Command::Backup(a) => cli::backup(a).and_then(|s| telemetry::stdout_line(&s)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -74,9 +74,9 @@ fn run_server(args: config::ServeArgs, json: bool) -> Result<(), Error> {
             telemetry::admin_password_notice("First start: created user", pw);
         }
         if !json {
-            eprintln!(
+            telemetry::stderr_line(&format!(
                 "  Log in: curl -s -X POST http://{addr}/api/v1/login -H 'content-type: application/json' -d '{{\"username\":\"admin\",\"password\":\"...\"}}'"
-            );
+            ));
         }
         let stop = async move {
             signals.wait().await;

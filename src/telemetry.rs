@@ -19,6 +19,10 @@ pub fn init(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A line that cannot be written (stderr a closed pipe: a log collector or `| tee` that
+        // died) is dropped: tracing's report of it goes to stderr through `eprintln`, which
+        // panics on that error, in whatever task was logging (a request, the writer).
+        .log_internal_errors(false)
         // Colours only on a terminal: files and collectors get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // try_init: tests may initialise twice.
@@ -42,7 +46,7 @@ pub fn json_line(
     );
     fields.insert("level".into(), level.into());
     fields.insert("message".into(), message.into());
-    eprintln!("{}", serde_json::Value::Object(fields));
+    stderr_line(&serde_json::Value::Object(fields).to_string());
 }
 
 /// The one notice that carries the generated `admin` password: on stderr, once, outside
@@ -64,8 +68,27 @@ pub fn admin_password_notice(what: &str, password: &str) {
             fields,
         );
     } else {
-        eprintln!("\n  {what} `admin` with password: {password}\n  ({CHANGE})\n");
+        stderr_line(&format!(
+            "\n  {what} `admin` with password: {password}\n  ({CHANGE})\n"
+        ));
     }
+}
+
+/// Writes a line on stderr, or nothing if it cannot be written: `eprintln` panics when stderr
+/// is a closed pipe, and a server (or a tool's exit) must not depend on its log reader.
+pub fn stderr_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Writes a result line on stdout. `println` panics when stdout is a closed pipe (`| head`);
+/// this is an error the tool reports and exits 1 for.
+pub fn stdout_line(line: &str) -> Result<(), crate::error::Error> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|_| out.flush())
+        .map_err(|e| crate::error::Error::Other(format!("cannot write to standard output: {e}")))
 }
 
 /// Prints a fatal error on stderr: one JSON line with `json`, else the text as is.
@@ -73,7 +96,7 @@ pub fn fatal_line(json: bool, message: &str) {
     if json {
         json_line("ERROR", message.trim_end(), serde_json::Map::new());
     } else {
-        eprintln!("{}", message.trim_end());
+        stderr_line(message.trim_end());
     }
 }
 

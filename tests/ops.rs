@@ -826,3 +826,110 @@ async fn serve_does_not_found_a_new_ledger_over_a_lost_one() {
         "the old ledger's snapshot is untouched"
     );
 }
+
+/// A server whose stderr reader goes away (a log collector or `| tee` that died) goes on serving,
+/// and stops cleanly: a log line that cannot be written is dropped. Before, tracing reported the
+/// failed write with `eprintln`, which panicked in the task that was logging: every request was
+/// dropped unanswered and the stop exited 101 without its snapshot.
+#[tokio::test]
+async fn a_server_whose_stderr_reader_went_away_keeps_serving_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = process::bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .env("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the server logs its address").unwrap();
+        if let Some(i) = line.find("127.0.0.1:") {
+            if line.contains("listening") {
+                break line[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect::<String>();
+            }
+        }
+    };
+    drop(lines); // the reader goes away: every later write to stderr fails with EPIPE
+    let client = reqwest::Client::new();
+    for i in 0..20 {
+        // Each request logs a line; a wrong password logs a warning too.
+        let r = client
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {i} unanswered: {e}"));
+        assert_eq!(r.status(), 200);
+        let r = client
+            .post(format!("http://{addr}/api/v1/login"))
+            .json(&serde_json::json!({"username": "nobody", "password": format!("wrong-{i}")}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("login {i} unanswered: {e}"));
+        assert!(matches!(r.status().as_u16(), 401 | 429), "{}", r.status());
+    }
+    let token = admin_login(&client, &addr).await;
+    let r = client
+        .post(format!("http://{addr}/api/v1/alarms"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"name": "logged nowhere"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(dir.path().join("projection.snapshot").exists());
+}
+
+/// The offline tools on a closed stderr (and stdout) exit with their own code, not a panic's 101.
+#[test]
+fn a_tool_whose_output_reader_went_away_exits_with_its_own_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        Stdio::from(writer)
+    };
+    // An error to report (no ledger there) on a closed stderr: exit 1, as with a reader.
+    let status = process::bin()
+        .args(["verify", "--data"])
+        .arg(dir.path().join("none"))
+        .stderr(closed())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    // A result that cannot be printed (stdout closed): exit 1, not 101.
+    let data = dir.path().join("data");
+    let mut server = process::spawn_server(&data, &["--admin-password", ADMIN_PASSWORD], &[]);
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(server.child.wait().unwrap().code(), Some(0));
+    let status = process::bin()
+        .args(["user", "--data"])
+        .arg(&data)
+        .arg("list")
+        .stdout(closed())
+        .stderr(closed())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    let out = run_bin(&["user", "--data", data.to_str().unwrap(), "list"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("admin"));
+}
