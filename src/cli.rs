@@ -16,7 +16,7 @@ use crate::store::sled_log::{SledLog, SledOptions};
 use crate::store::EventLog;
 use crate::time::Timestamp;
 use std::io::{BufWriter, IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Page cache of the offline tools: they read the whole log once (and verify its two indexes
 /// alongside), and sled re-fetches evicted pages; a large cache made `verify` of 1,000,000
@@ -201,8 +201,9 @@ pub fn user(args: UserArgs) -> Result<()> {
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
-    if let Some(out) = &args.out {
-        crate::read_copy::refuse_output_inside("--out", out, &args.data.data, None)?;
+    let target = args.out.as_deref().map(out_target).transpose()?;
+    if let Some(OutTarget::File(file)) = &target {
+        crate::read_copy::refuse_output_inside("--out", file, &args.data.data, None)?;
     }
     crate::read_copy::handle_signals();
     let view = read_view(&args.data.data, &args.read)?;
@@ -214,9 +215,13 @@ pub fn export(args: ExportArgs) -> Result<()> {
             "offset out of range: --from {from} is beyond the head {head} (+ 1)"
         )));
     }
-    match &args.out {
-        Some(path) => export_to_file(&view.log, &args, path)?,
-        None => {
+    match &target {
+        Some(OutTarget::File(path)) => export_to_file(&view.log, &args, path)?,
+        Some(OutTarget::Stream(path)) => {
+            let mut out = BufWriter::with_capacity(256 * 1024, create(path)?);
+            write_export(&view.log, &args, &mut out)?;
+        }
+        Some(OutTarget::Stdout) | None => {
             let mut out = BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
             write_export(&view.log, &args, &mut out)?;
         }
@@ -224,22 +229,93 @@ pub fn export(args: ExportArgs) -> Result<()> {
     view.finish()
 }
 
+/// Where `export --out PATH` writes.
+#[derive(Debug, PartialEq)]
+enum OutTarget {
+    /// `/dev/stdout` and its aliases (also through symlinks): the process's own standard
+    /// output, as without `--out`. Opened again by name it could not be a pipe's (no path), and
+    /// a file the shell opened for appending would be truncated or renamed over.
+    Stdout,
+    /// Not a regular file (a FIFO, a device), or a file reached through `/proc` or `/dev`:
+    /// written through, as a stream.
+    Stream(PathBuf),
+    /// A regular file, new or existing, with every symlink on the way resolved: written under a
+    /// staging name beside it and renamed over it. A symlink given stays a symlink, now to the
+    /// new file (renaming over the link itself would have replaced it with the export, and
+    /// `/dev/stdout` with a file).
+    File(PathBuf),
+}
+
+fn out_target(path: &Path) -> Result<OutTarget> {
+    let bad = |what: String| Error::Config(format!("--out {}: {what}", path.display()));
+    let mut at = std::path::absolute(path).map_err(|e| bad(e.to_string()))?;
+    for _ in 0..40 {
+        let stdout_alias = ["/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"]
+            .iter()
+            .any(|alias| at == Path::new(alias));
+        if stdout_alias {
+            return Ok(OutTarget::Stdout);
+        }
+        let through_kernel = at.starts_with("/proc") || at.starts_with("/dev");
+        let meta = if through_kernel {
+            std::fs::metadata(&at) // `/proc/self/fd/N` links name no path to follow
+        } else {
+            std::fs::symlink_metadata(&at)
+        };
+        match meta {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(&at).map_err(|e| bad(e.to_string()))?;
+                let dir = crate::staging::parent_dir(&at);
+                let dir = std::fs::canonicalize(&dir).map_err(|e| bad(e.to_string()))?;
+                at = std::path::absolute(dir.join(target)).map_err(|e| bad(e.to_string()))?;
+            }
+            Ok(m) if m.is_dir() => return Err(bad("is a directory".into())),
+            Ok(m) if !m.is_file() || through_kernel => return Ok(OutTarget::Stream(at)),
+            Ok(_) => {
+                let real = std::fs::canonicalize(&at).map_err(|e| bad(e.to_string()))?;
+                return Ok(OutTarget::File(real));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if at != std::path::absolute(path).map_err(|e| bad(e.to_string()))? {
+                    return Err(bad(format!(
+                        "a symlink to {}, which does not exist: give the file itself",
+                        at.display()
+                    )));
+                }
+                return Ok(OutTarget::File(path.to_path_buf()));
+            }
+            Err(e) => return Err(bad(e.to_string())),
+        }
+    }
+    Err(bad("too many levels of symbolic links".into()))
+}
+
 /// `--out FILE`: written to `FILE.partial` beside it, fsynced and renamed to `FILE` only once
 /// complete. A failure part-way (a missing record, a full disk) must not leave a line-aligned
 /// prefix under the name asked for: `verify_chain.py` would take it for a complete export of a
 /// shorter ledger. On failure the `.partial` is removed and an existing `FILE` is left as it was.
-/// A `FILE` that is not a regular file (a pipe, `/dev/stdout`) is a stream: written directly.
+/// `path` is a regular file or a new one (`OutTarget::File`).
 fn export_to_file(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
-    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
-        let mut out = BufWriter::with_capacity(256 * 1024, create(path)?);
-        return write_export(log, args, &mut out);
-    }
     let partial = crate::staging::staging_path(path)
         .ok_or_else(|| Error::Config(format!("--out {} has no file name", path.display())))?;
     // Interrupted (Ctrl-C, `timeout`): no half-written `.partial` is left behind.
     crate::read_copy::remove_on_signal(&partial);
+    // A failure of the file (a full disk) names it; a failure of the log says what it says.
+    let named = |e: Error| match e {
+        Error::Io(e) => Error::Other(format!("cannot write {}: {e}", partial.display())),
+        other => other,
+    };
     let written = write_durably(log, args, &partial)
-        .and_then(|()| Ok(crate::staging::publish(&partial, path)?));
+        .map_err(named)
+        .and_then(|()| {
+            crate::staging::publish(&partial, path).map_err(|e| {
+                Error::Other(format!(
+                    "cannot rename {} to {}: {e}",
+                    partial.display(),
+                    path.display()
+                ))
+            })
+        });
     if let Err(e) = written {
         // Its file is closed by now: nothing half-written is left under either name.
         let _ = std::fs::remove_file(&partial);

@@ -1985,33 +1985,97 @@ async fn results_are_not_written_into_the_data_directory_they_come_from() {
             assert!(!dest.exists(), "{all:?}: nothing created");
         }
     }
-    // A symlink as the last component is replaced by the result (written beside it, renamed
-    // over it), not followed: a link inside the data directory is refused wherever it points,
-    // one outside it is fine even when it points in (and stays outside: replaced by the file).
+    // A symlink as the last component is followed: the file it points to is where the export
+    // lands (written beside it, renamed over it), and the link stays a link. So a link inside
+    // the data directory pointing out is fine (the directory is not written), and one outside
+    // pointing in is refused.
     let outside = tmp.path().join("outside.ndjson");
     let inner_link = data.join("to-outside.ndjson");
     std::os::unix::fs::symlink(&outside, &inner_link).unwrap();
     let out = cli(&["export", "--data", d(&data), "--out", d(&inner_link)]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(out.status.code(), Some(2), "no such file: the link dangles");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not exist: give the file itself"),
+        "{err}"
     );
+    std::fs::write(&outside, b"older export\n").unwrap();
+    cli_ok(&["export", "--data", d(&data), "--out", d(&inner_link)]);
+    assert!(std::fs::symlink_metadata(&inner_link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let exported = std::fs::read_to_string(&outside).unwrap();
+    assert_eq!(exported, cli_ok(&["export", "--data", d(&data)]));
     let outer_link = tmp.path().join("to-inside.ndjson");
+    std::fs::write(data.join("inside.ndjson"), b"not ours\n").unwrap();
     std::os::unix::fs::symlink(data.join("inside.ndjson"), &outer_link).unwrap();
-    cli_ok(&["export", "--data", d(&data), "--out", d(&outer_link)]);
-    assert!(
-        std::fs::symlink_metadata(&outer_link).unwrap().is_file(),
-        "the link was replaced"
+    let out = cli(&["export", "--data", d(&data), "--out", d(&outer_link)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is inside the data directory"), "{err}");
+    assert_eq!(
+        std::fs::read(data.join("inside.ndjson")).unwrap(),
+        b"not ours\n"
     );
-    assert!(
-        !data.join("inside.ndjson").exists(),
-        "nothing written inside"
-    );
+    assert!(std::fs::symlink_metadata(&outer_link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    std::fs::remove_file(data.join("inside.ndjson")).unwrap();
     let under = data.join("backups/by-hand");
     cli_ok(&["backup", "--data", d(&data), "--to", d(&under)]);
     cli_ok(&["verify", "--data", d(&under)]);
+}
+
+/// `--out /dev/stdout`, or a symlink to `/proc/self/fd/1`, is the process's standard output:
+/// the export arrives where stdout goes, a file or a pipe, and no link is replaced (before, a
+/// staged file was renamed over the link: `/dev/stdout` itself became a regular file, and the
+/// shell's file stayed empty, exit 0). A FIFO is written through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_out_to_standard_output_aliases_writes_to_standard_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = stopped_ledger(tmp.path(), "s", 3).await;
+    let expected = cli_ok(&["export", "--data", d(&data)]);
+    let my_stdout = tmp.path().join("my-stdout");
+    std::os::unix::fs::symlink("/proc/self/fd/1", &my_stdout).unwrap();
+    // Not `/dev/stdout` itself: a regression would replace the test machine's.
+    for out in [Path::new("/dev/fd/1"), my_stdout.as_path()] {
+        // Stdout a file, as `> file` gives.
+        let file = tmp.path().join("redirected.ndjson");
+        let status = process::bin()
+            .args(["export", "--data", d(&data), "--out"])
+            .arg(out)
+            .stdout(std::fs::File::create(&file).unwrap())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{out:?}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), expected, "{out:?}");
+        // Stdout a pipe.
+        let o = process::bin()
+            .args(["export", "--data", d(&data), "--out"])
+            .arg(out)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{out:?}: {o:?}");
+        assert_eq!(String::from_utf8_lossy(&o.stdout), expected, "{out:?}");
+    }
+    assert!(std::fs::symlink_metadata(&my_stdout)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // A FIFO is a stream: written through, nothing staged beside it.
+    let fifo = tmp.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+    };
+    cli_ok(&["export", "--data", d(&data), "--out", d(&fifo)]);
+    assert_eq!(reader.join().unwrap(), expected);
+    assert!(!tmp.path().join("fifo.partial").exists());
 }
 
 /// `export --from` beyond the head + 1 is refused as on HTTP (416 there), not an empty export;
