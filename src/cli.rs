@@ -441,6 +441,14 @@ pub fn verify(args: VerifyArgs) -> Result<String> {
     let view = read_view(&args.data.data, &args.read)?;
     let log = &view.log;
     let mut report = crate::verify::verify_log(log, Some(&view.snapshot))?;
+    if let Some(why) = &report.snapshot_discarded {
+        tracing::warn!(
+            snapshot = %args.data.data.join("projection.snapshot").display(),
+            reason = %why,
+            "the projection snapshot was not checked: a server started here discards it and \
+             rebuilds the projection from the log (the log itself is verified)"
+        );
+    }
     let security = SecurityLog::open(log.db(), log.info().ledger_id)
         .map_err(|e| Error::Storage(e.to_string()))?;
     let (n, _) = security.verify().map_err(|why| Error::Corrupt {
@@ -463,7 +471,16 @@ pub fn backup(args: BackupArgs) -> Result<String> {
     crate::read_copy::refuse_output_inside("--to", &args.to, data, Some(&data.join("backups")))?;
     let dir = DataDir::lock_existing(data)?;
     let log = open_for_full_read(&dir)?;
-    let head = log.head()?.offset;
+    let head = log.head()?;
+    // A snapshot that proves events lost or rewritten stops `serve` and `verify`; the copy,
+    // with a snapshot rebuilt from the log as it is now, would verify clean and erase that
+    // evidence. One the server would discard is no evidence of anything: the copy goes on.
+    if let crate::ledger::SnapshotVerdict::Discarded(why) =
+        crate::ledger::judge_snapshot(&log, &dir.snapshot_path(), head)?
+    {
+        tracing::warn!(reason = %why, "the source's projection snapshot is discarded (the copy gets one rebuilt from the log)");
+    }
+    let head = head.offset;
     let security = SecurityLog::open(log.db(), log.info().ledger_id)
         .map_err(|e| Error::Storage(e.to_string()))?;
     let (security_head, _) = security.head();

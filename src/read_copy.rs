@@ -91,14 +91,24 @@ impl ReadView {
             .and_then(|()| match File::open(dir.snapshot_path()) {
                 Ok(mut from) => copy_file(&mut from, &snapshot),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(e),
+                Err(e) => Err(at(&dir.snapshot_path(), e)),
             })
             .map_err(|e| {
+                use std::io::ErrorKind as K;
+                let room = matches!(
+                    e.kind(),
+                    K::StorageFull | K::QuotaExceeded | K::FileTooLarge
+                );
                 Error::Other(format!(
-                    "cannot copy {} to {} to read it (the copy needs room for the db file: \
-                     --scratch DIR elsewhere, or --in-place on a copy you can lose): {e}",
-                    source.display(),
-                    scratch.path.display()
+                    "cannot copy {} to {} to read it{}: {e}",
+                    dir.root().display(),
+                    scratch.path.display(),
+                    if room {
+                        " (the copy needs room for the db file: --scratch DIR elsewhere, or \
+                         --in-place on a copy you can lose)"
+                    } else {
+                        ""
+                    }
                 ))
             })?;
         // The copy is taken: a server may start on the source now.
@@ -418,6 +428,12 @@ fn name_source(e: Error, copy: &Path, source: &Path) -> Error {
     }
 }
 
+/// `e` with the file it is about in its message (which file of the copy failed matters: a
+/// source file the user may not read is not a full scratch disk).
+fn at(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
 /// Creates `to` (mode 0600, new) unless the copy was cancelled, then copies `from` into it.
 fn copy_file(from: &mut File, to: &Path) -> std::io::Result<()> {
     let mut dst = {
@@ -429,9 +445,10 @@ fn copy_file(from: &mut File, to: &Path) -> std::io::Result<()> {
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(to)?
+            .open(to)
+            .map_err(|e| at(to, e))?
     };
-    std::io::copy(from, &mut dst)?;
+    std::io::copy(from, &mut dst).map_err(|e| at(to, e))?;
     Ok(())
 }
 
@@ -444,18 +461,20 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         if *cancelled {
             return Err(std::io::Error::from(std::io::ErrorKind::Interrupted));
         }
-        std::fs::create_dir(to)?;
+        std::fs::create_dir(to).map_err(|e| at(to, e))?;
     }
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
+    for entry in std::fs::read_dir(from).map_err(|e| at(from, e))? {
+        let entry = entry.map_err(|e| at(from, e))?;
         let name = entry.file_name();
         if name.to_string_lossy().ends_with(".generating") {
             continue;
         }
-        if std::fs::metadata(entry.path())?.is_dir() {
-            copy_dir(&entry.path(), &to.join(&name))?;
+        let path = entry.path();
+        if std::fs::metadata(&path).map_err(|e| at(&path, e))?.is_dir() {
+            copy_dir(&path, &to.join(&name))?;
         } else {
-            copy_file(&mut File::open(entry.path())?, &to.join(&name))?;
+            let mut from = File::open(&path).map_err(|e| at(&path, e))?;
+            copy_file(&mut from, &to.join(&name))?;
         }
     }
     Ok(())

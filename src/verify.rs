@@ -5,7 +5,7 @@
 
 use crate::domain::{Event, Hash};
 use crate::error::{Error, Result};
-use crate::ledger::{check_link, snapshot};
+use crate::ledger::{check_link, snapshot, SnapshotVerdict};
 use crate::projection::Projection;
 use crate::store::{chain, CommandOutcome, EventLog, OutcomeKind};
 use std::path::Path;
@@ -18,6 +18,8 @@ pub struct VerifyReport {
     pub head_hash: Hash,
     /// Offset of the snapshot checked, if there was one.
     pub snapshot_checked: Option<u64>,
+    /// Why the snapshot there was not checked: one that start-up would discard and rebuild.
+    pub snapshot_discarded: Option<String>,
     pub security_entries: u64,
 }
 
@@ -57,24 +59,22 @@ fn verify_with(
     // (command_id, offset) of every event that carries one; sorted and searched after the walk
     // (cheaper than a million-entry hash map).
     let mut commands: Vec<(Uuid, u64)> = Vec::new();
-    let snap = match snapshot_path.map(snapshot::load) {
-        None | Some(Ok(None)) => None,
-        Some(Ok(Some(s))) => Some(s),
-        Some(Err(why)) => {
-            return Err(Error::Corrupt {
-                offset: 0,
-                reason: format!("projection snapshot unreadable: {why}"),
-            })
-        }
+    // The snapshot is judged as start-up judges it: one that proves events lost or rewritten
+    // fails here as it fails `serve`; one the server would discard and rebuild (unreadable, of
+    // another format or ledger) is a cache of no use, not damage to the ledger: reported, and
+    // the rest verified.
+    let mut snapshot_discarded = None;
+    let snap = match snapshot_path {
+        None => None,
+        Some(path) => match crate::ledger::judge_snapshot(log, path, log.head()?)? {
+            SnapshotVerdict::Absent => None,
+            SnapshotVerdict::Usable(s) => Some(s),
+            SnapshotVerdict::Discarded(why) => {
+                snapshot_discarded = Some(why);
+                None
+            }
+        },
     };
-    if let Some(s) = &snap {
-        if s.ledger_id != info.ledger_id {
-            return Err(Error::Corrupt {
-                offset: s.offset,
-                reason: format!("projection snapshot is of ledger {}", s.ledger_id),
-            });
-        }
-    }
     let mut projection = Projection::new();
     let mut snapshot_checked = None;
     let compare = |p: &Projection, s: &snapshot::Snapshot| -> Result<()> {
@@ -250,6 +250,7 @@ fn verify_with(
         head,
         head_hash: prev,
         snapshot_checked,
+        snapshot_discarded,
         security_entries: 0,
     })
 }

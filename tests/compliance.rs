@@ -2302,3 +2302,53 @@ async fn a_start_removes_online_backups_cut_short() {
     );
     s.stop();
 }
+
+/// A projection snapshot that proves events lost or rewritten (this ledger's, beyond the head or
+/// with another hash at its offset) stops `serve` and `verify`, and the offline `backup` too: a
+/// copy with a snapshot rebuilt from the log as it is now would verify clean and erase the
+/// evidence. A snapshot the server would only discard (unreadable, another ledger's) is no
+/// evidence: `verify` reports it and verifies the log (exit 0), and `backup` copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_proves_events_lost_stops_the_offline_backup_too() {
+    use alarm_ledger::ledger::snapshot;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = stopped_ledger(tmp.path(), "lost", 4).await;
+    let snap_file = data.join("projection.snapshot");
+    let good = snapshot::decode(&std::fs::read(&snap_file).unwrap()).unwrap();
+    assert_eq!(good.offset, 4);
+    let mut beyond = good.clone();
+    beyond.offset = 9;
+    let mut forked = good.clone();
+    forked.head_hash = alarm_ledger::domain::Hash([7; 32]);
+    for (i, evidence) in [beyond, forked].into_iter().enumerate() {
+        std::fs::write(&snap_file, snapshot::encode(&evidence).unwrap()).unwrap();
+        let dest = tmp.path().join(format!("copy-{i}"));
+        let out = cli(&["backup", "--data", d(&data), "--to", d(&dest)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("lost or rewrote events"), "{err}");
+        assert!(!dest.exists(), "no copy");
+        assert!(!tmp.path().join(format!("copy-{i}.partial")).exists());
+        assert!(verify_fails(&data).contains("lost or rewrote events"));
+    }
+    // Discarded by the server, reported by verify, copied by backup.
+    let mut foreign = good.clone();
+    foreign.ledger_id = Uuid::new_v4();
+    for (i, junk) in [snapshot::encode(&foreign).unwrap(), b"garbage".to_vec()]
+        .into_iter()
+        .enumerate()
+    {
+        std::fs::write(&snap_file, junk).unwrap();
+        let out = cli(&["verify", "--data", d(&data)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok 4 events"));
+        assert!(
+            err.contains("the projection snapshot was not checked"),
+            "{err}"
+        );
+        let dest = tmp.path().join(format!("fine-{i}"));
+        cli_ok(&["backup", "--data", d(&data), "--to", d(&dest)]);
+        cli_ok(&["verify", "--data", d(&dest)]);
+    }
+}

@@ -424,10 +424,12 @@ fn a_snapshot_at_offset_0_that_is_not_the_empty_head_is_discarded() {
         }
         assert_eq!(l.head(), head, "{what}");
         assert_eq!(l.read_model().projection, projection, "{what}");
-        match alarm_ledger::verify::verify_log(l.log().as_ref(), Some(&snap_path(root))) {
-            Err(Error::Corrupt { offset: 0, .. }) => {}
-            other => panic!("{what}: verify should name the snapshot, got {other:?}"),
-        }
+        // verify judges it as start-up does: discarded (reported, with the reason), the log
+        // verified.
+        let report = alarm_ledger::verify::verify_log(l.log().as_ref(), Some(&snap_path(root)))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let r = report.snapshot_discarded.expect("reported");
+        assert!(r.contains(why), "{what}: {r}");
     }
 }
 
@@ -1070,13 +1072,38 @@ fn verify_checks_the_snapshot_ledger_and_head_time() {
     late.head_at = Timestamp(late.head_at.0 + 1);
     let mut foreign = good.clone();
     foreign.ledger_id = Uuid::new_v4();
+    // What start-up would discard and rebuild is reported, not called corruption: the log is
+    // verified all the same.
     for (snap, why) in [
-        (late, "head time disagrees"),
+        (late, "head time at offset 10 disagrees"),
         (foreign, "snapshot is of ledger"),
     ] {
         std::fs::write(&path, snapshot::encode(&snap).unwrap()).unwrap();
+        let report = alarm_ledger::verify::verify_log(&log, Some(&path)).expect(why);
+        assert_eq!(report.head, 10);
+        assert_eq!(report.snapshot_checked, None);
+        let discarded = report.snapshot_discarded.expect("reported");
+        assert!(discarded.contains(why), "{discarded}");
+    }
+    std::fs::write(&path, b"not a snapshot at all").unwrap();
+    let report = alarm_ledger::verify::verify_log(&log, Some(&path)).expect("unreadable");
+    assert!(report.snapshot_discarded.is_some());
+    // What start-up refuses (this ledger's snapshot, and the log no longer holds what it saw)
+    // fails verify too.
+    let mut beyond = good.clone();
+    beyond.offset = 11;
+    let mut forked = good.clone();
+    forked.head_hash = alarm_ledger::domain::Hash([7; 32]);
+    for (snap, why) in [
+        (beyond, "beyond the log head"),
+        (forked, "hash at offset 10 disagrees"),
+    ] {
+        std::fs::write(&path, snapshot::encode(&snap).unwrap()).unwrap();
         match alarm_ledger::verify::verify_log(&log, Some(&path)) {
-            Err(Error::Corrupt { reason, .. }) => assert!(reason.contains(why), "{reason}"),
+            Err(Error::Corrupt { reason, .. }) => {
+                assert!(reason.contains(why), "{reason}");
+                assert!(reason.contains("lost or rewrote events"), "{reason}");
+            }
             other => panic!("expected {why:?}, got {other:?}"),
         }
     }

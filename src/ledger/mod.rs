@@ -17,7 +17,7 @@ use crate::projection::{Projection, StateFilter};
 use crate::store::{chain, EventLog, Head, LedgerInfo};
 use crate::time::Timestamp;
 use hub::Hub;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot};
@@ -120,31 +120,17 @@ impl Ledger {
             Timestamp(0),
         );
         if let Some(path) = &opts.snapshot_path {
-            match snapshot::load(path) {
-                Ok(None) => {}
-                Ok(Some(s)) => match validate_snapshot(log.as_ref(), &s, info.ledger_id, head) {
-                    Ok(()) => {
-                        let projection = Projection::from_parts(s.alarms, s.offset);
-                        snapshot_digest = Some(alarms_digest(&projection));
-                        start = (projection, s.head_hash, s.head_at)
-                    }
-                    Err(SnapshotCheck::Untrusted(why)) => reason = Some(why),
-                    Err(SnapshotCheck::Contradicts(why)) => {
-                        return Err(Error::Corrupt {
-                            offset: s.offset,
-                            reason: format!(
-                                "{why}: the log lost or rewrote events since the snapshot {} was taken. \
-                                 Restore from a backup; or, if this log was restored from an older \
-                                 copy on purpose, delete the snapshot and start again",
-                                path.display()
-                            ),
-                        });
-                    }
-                },
-                Err(why) => reason = Some(why),
-            }
-            if let Some(why) = &reason {
-                tracing::warn!(snapshot = %path.display(), reason = %why, "projection snapshot discarded; rebuilding from the log");
+            match judge_snapshot(log.as_ref(), path, head)? {
+                SnapshotVerdict::Absent => {}
+                SnapshotVerdict::Usable(s) => {
+                    let projection = Projection::from_parts(s.alarms, s.offset);
+                    snapshot_digest = Some(alarms_digest(&projection));
+                    start = (projection, s.head_hash, s.head_at)
+                }
+                SnapshotVerdict::Discarded(why) => {
+                    tracing::warn!(snapshot = %path.display(), reason = %why, "projection snapshot discarded; rebuilding from the log");
+                    reason = Some(why);
+                }
             }
         }
         let (mut projection, mut prev, mut last_at) = start;
@@ -497,6 +483,41 @@ pub fn check_link(event: &Event, expected: u64, prev: &Hash, ledger_id: Uuid) ->
         });
     }
     Ok(())
+}
+
+/// What start-up makes of the projection snapshot at `path`.
+pub enum SnapshotVerdict {
+    Absent,
+    /// This ledger's, and the log holds the event it names: the projection starts from it.
+    Usable(snapshot::Snapshot),
+    /// Unreadable, of another format or ledger, or inconsistent in itself: a cache that is of no
+    /// use, discarded (the projection is rebuilt from the log). Why, for the log.
+    Discarded(String),
+}
+
+/// Judges the projection snapshot at `path` against `log` (whose head is `head`) as start-up
+/// does. `Err(Error::Corrupt)` when it is this ledger's and the log no longer holds what it saw
+/// (a shorter log, another event at its offset): evidence that acknowledged events were lost or
+/// rewritten, which `serve`, `verify` and the offline `backup` all refuse to pass over.
+pub fn judge_snapshot(log: &dyn EventLog, path: &Path, head: Head) -> Result<SnapshotVerdict> {
+    let s = match snapshot::load(path) {
+        Ok(None) => return Ok(SnapshotVerdict::Absent),
+        Ok(Some(s)) => s,
+        Err(why) => return Ok(SnapshotVerdict::Discarded(why)),
+    };
+    match validate_snapshot(log, &s, log.info().ledger_id, head) {
+        Ok(()) => Ok(SnapshotVerdict::Usable(s)),
+        Err(SnapshotCheck::Untrusted(why)) => Ok(SnapshotVerdict::Discarded(why)),
+        Err(SnapshotCheck::Contradicts(why)) => Err(Error::Corrupt {
+            offset: s.offset,
+            reason: format!(
+                "{why}: the log lost or rewrote events since the snapshot {} was taken. \
+                 Restore from a backup; or, if this log was restored from an older \
+                 copy on purpose, delete the snapshot and start again",
+                path.display()
+            ),
+        }),
+    }
 }
 
 fn validate_snapshot(
