@@ -469,6 +469,14 @@ pub fn verify(args: VerifyArgs) -> Result<String> {
 pub fn backup(args: BackupArgs) -> Result<String> {
     let data = &args.data.data;
     crate::read_copy::refuse_output_inside("--to", &args.to, data, Some(&data.join("backups")))?;
+    // Stopped by SIGINT, SIGTERM or SIGHUP (Ctrl-C), the copy in progress is removed as a failed
+    // one is: a `.partial` left behind would block the next backup to that name. One that was
+    // there before is not ours to remove (`backup` refuses it, below).
+    if let Some(staging) = crate::staging::staging_path(&args.to) {
+        if !staging.exists() {
+            crate::read_copy::remove_on_signal(&staging);
+        }
+    }
     let dir = DataDir::lock_existing(data)?;
     let log = open_for_full_read(&dir)?;
     let head = log.head()?;

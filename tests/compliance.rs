@@ -2352,3 +2352,38 @@ async fn a_snapshot_that_proves_events_lost_stops_the_offline_backup_too() {
         cli_ok(&["verify", "--data", d(&dest)]);
     }
 }
+
+/// The offline `backup` stopped by SIGINT (Ctrl-C) or SIGTERM removes its `DEST.partial`, as a
+/// failed copy does, so the next backup to that name runs; the process dies of the signal.
+#[test]
+fn an_offline_backup_stopped_by_a_signal_leaves_no_partial_copy() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let source = tmp.path().join("source");
+    several_segment_ledger(&source);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let dest = tmp.path().join(format!("copy-{sig}"));
+        let partial = tmp.path().join(format!("copy-{sig}.partial"));
+        let mut child = process::bin()
+            .args(["backup", "--data", d(&source), "--to", d(&dest)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !partial.exists() {
+            assert!(child.try_wait().unwrap().is_none(), "the copy ended unseen");
+            assert!(Instant::now() < deadline, "no copy started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(sig), "{status:?}");
+        assert!(!partial.exists(), "the .partial was left");
+        assert!(!dest.exists());
+        wait_unlocked(&source);
+        cli_ok(&["backup", "--data", d(&source), "--to", d(&dest)]);
+        assert!(cli_ok(&["verify", "--data", d(&dest)]).starts_with("ok 6000 events"));
+    }
+}
