@@ -1,4 +1,6 @@
-//! The shutdown signal: SIGTERM or SIGINT (Ctrl-C).
+//! The shutdown signal: SIGTERM, SIGINT (Ctrl-C) or SIGHUP (the terminal went away). SIGHUP is
+//! handled only when it is at its default action: under `nohup` (or `trap '' HUP`) it stays
+//! ignored, as asked. Nothing is reloaded on SIGHUP: the configuration is read at start only.
 //!
 //! The handlers are installed before the server opens anything (`Signals::install`), not when
 //! the shutdown future is first polled: a SIGTERM that arrived between "listening" and that poll
@@ -14,6 +16,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 pub struct Signals {
     term: Option<Signal>,
     int: Option<Signal>,
+    hup: Option<Signal>,
 }
 
 impl Signals {
@@ -30,10 +33,13 @@ impl Signals {
         Signals {
             term: install(SignalKind::terminate(), "SIGTERM"),
             int: install(SignalKind::interrupt(), "SIGINT"),
+            hup: hup_is_default()
+                .then(|| install(SignalKind::hangup(), "SIGHUP"))
+                .flatten(),
         }
     }
 
-    /// Resolves at the next SIGTERM or SIGINT.
+    /// Resolves at the next SIGTERM, SIGINT or (handled) SIGHUP.
     pub async fn wait(&mut self) {
         async fn recv(s: &mut Option<Signal>) {
             match s {
@@ -46,6 +52,7 @@ impl Signals {
         tokio::select! {
             _ = recv(&mut self.term) => tracing::info!("SIGTERM"),
             _ = recv(&mut self.int) => tracing::info!("SIGINT"),
+            _ = recv(&mut self.hup) => tracing::info!("SIGHUP"),
         }
     }
 }
@@ -60,7 +67,17 @@ pub fn exit_on_second(mut signals: Signals) {
     });
 }
 
-/// Gives SIGTERM and SIGINT back their default action (end the process), for the last phase of
+/// Whether SIGHUP is at its default action (not ignored by `nohup` or the parent).
+fn hup_is_default() -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one into a zeroed struct.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_DFL
+    }
+}
+
+/// Gives SIGTERM and SIGINT (and SIGHUP, unless it was ignored) back their default action (end the process), for the last phase of
 /// a stop that runs after the runtime, whose handlers caught them, is gone (the shutdown
 /// checkpoint): a signal then still ends the process at once instead of being swallowed.
 pub fn restore_default_signals() {
@@ -68,5 +85,11 @@ pub fn restore_default_signals() {
     unsafe {
         libc::signal(libc::SIGTERM, libc::SIG_DFL);
         libc::signal(libc::SIGINT, libc::SIG_DFL);
+        let mut hup: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut hup) == 0
+            && hup.sa_sigaction != libc::SIG_IGN
+        {
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
+        }
     }
 }

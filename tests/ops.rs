@@ -933,3 +933,53 @@ fn a_tool_whose_output_reader_went_away_exits_with_its_own_code() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("admin"));
 }
+
+/// SIGHUP (the terminal went away) stops the server gracefully, as SIGTERM does: exit 0 with its
+/// snapshot, instead of dying at once. Under `nohup` (SIGHUP ignored by the parent) it stays
+/// ignored: the server goes on.
+#[tokio::test]
+async fn sighup_stops_gracefully_unless_it_was_ignored() {
+    use std::os::unix::process::CommandExt;
+    for ignored in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().display().to_string();
+        let mut cmd = process::bin();
+        cmd.args(["serve", "--data", &data, "--listen", "127.0.0.1:0"]);
+        if ignored {
+            // SAFETY: signal(2) only, between fork and exec (what `nohup` does).
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
+        let (mut child, addr, _log) = spawn_with_log(cmd);
+        let client = reqwest::Client::new();
+        admin_login(&client, &addr).await;
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+        if ignored {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(child.try_wait().unwrap().is_none(), "SIGHUP was ignored");
+            let r = client
+                .get(format!("http://{addr}/healthz"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            // SAFETY: as above.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "no exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(status.code(), Some(0), "ignored: {ignored}");
+        assert!(dir.path().join("projection.snapshot").exists());
+    }
+}
