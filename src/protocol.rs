@@ -70,7 +70,7 @@ impl ValueText {
             ValueText::Text(s) => Ok(s),
             ValueText::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
             ValueText::Number(_) => Err(BadRequest(
-                "`value` must be a string holding the exact text (e.g. \"201.35\"); non-integer numbers are not accepted".into(),
+                "`value` must be a string holding the exact text (e.g. \"201.35\"); a JSON number is accepted only as an integer of at most 64 bits".into(),
             )),
         }
     }
@@ -157,11 +157,21 @@ pub enum ClientMessage {
     Ping {},
 }
 
+/// Parses JSON whose objects may not repeat a key (`StrictValue`) into `T`: HTTP bodies, so
+/// that they refuse `{"name":"a","x":1,"x":2}` as WebSocket messages do (serde's derived structs
+/// refuse only a repeated field they know).
+pub fn from_strict_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, serde_json::Error> {
+    serde_json::from_slice::<StrictValue>(bytes)
+        .and_then(|StrictValue(v)| serde_json::from_value(v))
+}
+
 /// Parses one text frame. On failure, returns the `req` (if it could be read) with the error.
 /// A JSON value whose objects may not repeat a key. serde_json keeps the last of repeated keys
 /// without a word, so `{"type":"trigger","alarm_id":A,"alarm_id":B}` would act on B while a
-/// proxy or log that read the first saw A; HTTP bodies refuse them (serde's derived structs
-/// do), and so do WebSocket messages.
+/// proxy or log that read the first saw A. WebSocket messages and HTTP bodies
+/// (`from_strict_json`) refuse them, at any depth.
 struct StrictValue(Value);
 
 impl<'de> serde::Deserialize<'de> for StrictValue {

@@ -110,9 +110,10 @@ pub enum AuthError {
     /// Not one of `admin`, `operator`, `viewer`.
     #[error("unknown role {0:?} (expected admin, operator or viewer)")]
     InvalidRole(String),
-    /// A user with this name (compared case-insensitively) already exists.
-    #[error("user {0:?} already exists")]
-    UserExists(String),
+    /// A user with this name (compared case-insensitively) already exists: the name asked for,
+    /// and the existing user's.
+    #[error("user {existing:?} already exists{case}", existing = .1, case = if .0 == .1 { "" } else { " (names may not differ only in letter case; every other use of a name matches it exactly)" })]
+    UserExists(String, String),
     /// No user with this name (administration paths only; login answers `BadCredentials`).
     #[error("unknown user {0:?}")]
     UnknownUser(String),

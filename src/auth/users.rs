@@ -201,14 +201,15 @@ impl UserStore {
         };
         let _guard = self.lock();
         for existing in self.records() {
-            if existing?.name.eq_ignore_ascii_case(name) {
-                return Err(AuthError::UserExists(name.to_owned()));
+            let existing = existing?;
+            if existing.name.eq_ignore_ascii_case(name) {
+                return Err(AuthError::UserExists(name.to_owned(), existing.name));
             }
         }
         // Compare-and-swap from "absent": even a second store on the same tree cannot overwrite.
         self.tree
             .compare_and_swap(name.as_bytes(), None::<&[u8]>, Some(encode(&record)?))?
-            .map_err(|_| AuthError::UserExists(name.to_owned()))?;
+            .map_err(|_| AuthError::UserExists(name.to_owned(), name.to_owned()))?;
         self.db.flush()?;
         Ok(record.info())
     }
@@ -558,12 +559,22 @@ mod tests {
         assert!(!s.is_empty().unwrap());
         assert!(matches!(
             s.add("alice", PW, Role::Admin),
-            Err(AuthError::UserExists(_))
+            Err(AuthError::UserExists(..))
         ));
-        assert!(matches!(
-            s.add("ALICE", PW, Role::Admin),
-            Err(AuthError::UserExists(_))
-        ));
+        let e = s.add("ALICE", PW, Role::Admin).unwrap_err();
+        assert!(matches!(&e, AuthError::UserExists(..)));
+        // The message names the user that exists, and why another case is refused.
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(
+                "user \"alice\" already exists (names may not differ only in letter case"
+            ),
+            "{msg}"
+        );
+        assert_eq!(
+            s.add("alice", PW, Role::Admin).unwrap_err().to_string(),
+            "user \"alice\" already exists"
+        );
         assert!(matches!(
             s.add("bad name", PW, Role::Admin),
             Err(AuthError::InvalidUsername(_))

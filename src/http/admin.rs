@@ -141,8 +141,8 @@ pub async fn login(state: &State, req: &Request) -> Result<Response, ApiError> {
 }
 
 pub async fn refresh(state: &State, req: &Request) -> Result<Response, ApiError> {
-    let token =
-        bearer(&req.headers).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+    let token = bearer(&req.headers)
+        .ok_or_else(|| ApiError::unauthorized(super::session::MISSING_BEARER))?;
     let p = check_token(state, token)?;
     state
         .auth

@@ -64,6 +64,8 @@ fn command_id(req: &Request, body: Option<Uuid>) -> Result<Option<Uuid>, ApiErro
         .to_str()
         .ok()
         .and_then(|s| Uuid::parse_str(s.trim()).ok())
+        // An empty key too: a client whose key came out empty would otherwise lose its
+        // protection against a double apply without a word.
         .ok_or_else(|| ApiError::bad_request("Idempotency-Key must be a UUID"))?;
     match body {
         Some(c) if c != key => Err(ApiError::bad_request(

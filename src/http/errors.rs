@@ -126,7 +126,7 @@ impl From<crate::error::Error> for ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match &e {
-            AuthError::UserExists(_) => {
+            AuthError::UserExists(..) => {
                 let mut err = ApiError::new("conflict", e.to_string());
                 err.status = StatusCode::CONFLICT;
                 err

@@ -268,7 +268,7 @@ impl Request {
         } else {
             &self.body
         };
-        serde_json::from_slice(body)
+        crate::protocol::from_strict_json(body)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
 }

@@ -61,7 +61,7 @@ impl Denied {
 impl From<Denied> for ApiError {
     fn from(d: Denied) -> Self {
         match d {
-            Denied::Missing => ApiError::unauthorized("missing bearer token"),
+            Denied::Missing => ApiError::unauthorized(MISSING_BEARER),
             Denied::Expired => ApiError::unauthorized("token expired"),
             Denied::Invalid => ApiError::unauthorized("invalid token"),
             Denied::Revoked(why) => ApiError::unauthorized(why),
@@ -69,6 +69,10 @@ impl From<Denied> for ApiError {
         }
     }
 }
+
+/// The answer to a request without an `Authorization: Bearer` header (none, or another scheme).
+pub const MISSING_BEARER: &str =
+    "missing bearer token (expected the header `Authorization: Bearer <token>`)";
 
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get("authorization")?.to_str().ok()?;

@@ -485,6 +485,19 @@ async fn malformed_http_bodies_and_queries_are_400() {
         ("POST", &alarms, r#"{"name": "x", "severity": "urgent"}"#),
         ("POST", &alarms, r#"{"name": "x", "tags": [1]}"#),
         ("POST", &alarms, r#"{"name": "x", "id": "nope"}"#),
+        // A repeated key, known or not, at any depth (as on the WebSocket).
+        ("POST", &alarms, r#"{"name": "x", "note": 1, "note": 2}"#),
+        (
+            "POST",
+            &alarms,
+            r#"{"name": "x", "meta": {"k": 1, "k": 2}}"#,
+        ),
+        ("POST", &alarms, r#"{"name": "x", "name": "y"}"#),
+        (
+            "POST",
+            &trig,
+            r#"{"value": "1", "extra": [{"a": 1, "a": 1}]}"#,
+        ),
         ("POST", &trig, r#"{"value": true}"#),
         ("POST", &trig, r#"{"value": {"a": 1}}"#),
         ("POST", &trig, r#"{"expected_version": "1"}"#),
