@@ -83,7 +83,15 @@ pub fn backup(src: &Source<'_>, dest: &Path) -> Result<BackupReport> {
 /// boundaries with a small ledger).
 fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupReport> {
     let chunk = chunk.max(1);
-    if dest.exists() && std::fs::read_dir(dest)?.next().is_some() {
+    let named = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+        Error::Other(format!("{what} {}: {e}", path.display()))
+    };
+    let not_empty = dest.exists()
+        && std::fs::read_dir(dest)
+            .map_err(|e| named("backup destination", dest, &e))?
+            .next()
+            .is_some();
+    if not_empty {
         return Err(Error::Other(format!(
             "backup destination {} exists and is not empty",
             dest.display()
@@ -98,8 +106,15 @@ fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupR
             staging.display()
         )));
     }
-    std::fs::create_dir_all(crate::staging::parent_dir(&staging))?;
-    let copied = copy_into(src, &staging, chunk);
+    let parent = crate::staging::parent_dir(&staging);
+    std::fs::create_dir_all(&parent).map_err(|e| named("cannot create directory", &parent, &e))?;
+    // A failure of the disk being written names the copy (the source's own damage is reported
+    // as `Corrupt`, with its offset).
+    let copied = copy_into(src, &staging, chunk).map_err(|e| match e {
+        Error::Io(e) => named("cannot write the backup into", &staging, &e),
+        Error::Storage(e) => named("backup into", &staging, &format!("storage error: {e}")),
+        other => other,
+    });
     let (head, head_hash, checkpoint) = match copied {
         Ok(done) => done,
         Err(e) => {
@@ -108,7 +123,13 @@ fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupR
             return Err(e);
         }
     };
-    crate::staging::publish(&staging, dest)?;
+    crate::staging::publish(&staging, dest).map_err(|e| {
+        Error::Other(format!(
+            "cannot rename {} to {}: {e}",
+            staging.display(),
+            dest.display()
+        ))
+    })?;
     Ok(BackupReport {
         path: dest.to_path_buf(),
         head,

@@ -180,6 +180,16 @@ impl Application {
         let first_start = users
             .is_empty()
             .map_err(|e| Error::Storage(e.to_string()))?;
+        if !first_start && admin_pw.is_some() {
+            // Kept out of the ledger's users once they exist: an operator who set it to reset a
+            // lost password would otherwise believe it had worked.
+            tracing::warn!(
+                "--admin-password (ALARM_LEDGER_ADMIN_PASSWORD) is ignored: it sets the password \
+                 of the first admin on the first start only, and this ledger has users; change a \
+                 password with `alarm-ledger user passwd NAME` (server stopped) or \
+                 PATCH /api/v1/users/NAME"
+            );
+        }
         let generated_admin_password = users.bootstrap_admin(admin_pw.as_deref()).map_err(|e| {
             if e.is_client_fault() {
                 Error::Config(format!("ALARM_LEDGER_ADMIN_PASSWORD: {e}"))

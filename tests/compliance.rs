@@ -2387,3 +2387,23 @@ fn an_offline_backup_stopped_by_a_signal_leaves_no_partial_copy() {
         assert!(cli_ok(&["verify", "--data", d(&dest)]).starts_with("ok 6000 events"));
     }
 }
+
+/// A backup that cannot write where it was sent names that path (it said only "Not a
+/// directory (os error 20)" or "File exists (os error 17)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_errors_name_the_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = stopped_ledger(tmp.path(), "b", 2).await;
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    for (dest, what) in [
+        (file.clone(), "backup destination"),
+        (file.join("copy"), "cannot create directory"),
+    ] {
+        let out = cli(&["backup", "--data", d(&data), "--to", d(&dest)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(what) && err.contains(d(&file)), "{err}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}

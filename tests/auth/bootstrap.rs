@@ -128,6 +128,28 @@ async fn admin_password_from_the_environment_is_used_and_not_printed() {
     assert!(!logs.contains(ADMIN_PASSWORD) && !logs.contains(SECRET));
     // With the secret from the environment, none is written to the directory.
     assert!(!dir.join("jwt_secret").exists());
+    // Once users exist, another admin password is not taken, and the start says so (an
+    // operator resetting a lost password this way would otherwise believe it had worked).
+    let other = "another-admin-password";
+    let server = Server::start(
+        &dir,
+        &[],
+        &[
+            ("ALARM_LEDGER_ADMIN_PASSWORD", other),
+            ("ALARM_LEDGER_JWT_SECRET", SECRET),
+        ],
+    )
+    .await;
+    assert_eq!(login(&server, other).await.0, 401);
+    assert_eq!(login(&server, ADMIN_PASSWORD).await.0, 200);
+    let logs = server.stop().await;
+    assert!(
+        logs.contains(
+            "is ignored: it sets the password of the first admin on the first start only"
+        ),
+        "{logs}"
+    );
+    assert!(!logs.contains(other));
 }
 
 #[tokio::test]
