@@ -201,6 +201,14 @@ pub fn user(args: UserArgs) -> Result<()> {
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
+    // A swapped pair is a mistake to report, not an empty extract to hand over (exit 0).
+    if let (Some(from), Some(to)) = (args.from, args.to) {
+        if from > to {
+            return Err(Error::Config(format!(
+                "--from {from} is after --to {to} (both inclusive): the range holds nothing"
+            )));
+        }
+    }
     let target = args.out.as_deref().map(out_target).transpose()?;
     if let Some(OutTarget::File(file)) = &target {
         crate::read_copy::refuse_output_inside("--out", file, &args.data.data, None)?;

@@ -21,6 +21,17 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
+    /// Why the offset range is inverted (`from` after `to`), if it is: a swapped pair is a
+    /// mistake to report, not an empty audit extract to hand over as if it were the answer.
+    pub fn inverted(&self) -> Option<String> {
+        match (self.from, self.to) {
+            (Some(from), Some(to)) if from > to => Some(format!(
+                "from {from} is after to {to} (both inclusive): the range holds nothing"
+            )),
+            _ => None,
+        }
+    }
+
     fn matches(&self, e: &Event) -> bool {
         self.since.is_none_or(|t| e.at >= t)
             && self.until.is_none_or(|t| e.at <= t)

@@ -2092,6 +2092,17 @@ async fn export_refuses_a_start_beyond_the_head_and_names_a_bad_out_path() {
         err.contains("offset out of range") && err.contains("head 3"),
         "{err}"
     );
+    // A swapped range is a usage error, not an empty export (exit 0).
+    let out = cli(&["export", "--data", d(&data), "--from", "3", "--to", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--from 3 is after --to 2"), "{err}");
+    assert_eq!(
+        cli_ok(&["export", "--data", d(&data), "--from", "2", "--to", "2"])
+            .lines()
+            .count(),
+        1
+    );
     // A reader that goes away cuts the export short: an error, not a success.
     let mut child = process::bin()
         .args(["export", "--data", d(&data)])

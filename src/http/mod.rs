@@ -374,6 +374,17 @@ fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "the query string does not decode to UTF-8".to_string())
 }
 
+/// The body length the request declares (`Content-Length`), if it declares one that parses.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(warp::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Reads the body, refusing more than `MAX_BODY` bytes, or one not complete by `deadline`
 /// (`server::BodyDeadline`; `HEADER_READ_TIMEOUT` from now where the accept loop set none).
 async fn read_body(
@@ -454,6 +465,14 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
                     let request_id = ws::new_request_id();
                     let span = tracing::info_span!("http", request_id = %request_id, method = %method, path = %path.as_str());
                     let resp = async {
+                        // Refused before a byte of it is read: a client that sent
+                        // `Expect: 100-continue` is not told to go on (hyper says "continue"
+                        // when the body is first read) and does not upload it for nothing.
+                        if let Some(len) = declared_length(&headers).filter(|&n| n > MAX_BODY as u64) {
+                            return ("body", ApiError::bad_request(format!(
+                                "request body larger than {MAX_BODY} bytes (Content-Length: {len})"
+                            )).into_response());
+                        }
                         let body = match read_body(Box::pin(body), body_deadline).await {
                             Ok(b) => b,
                             Err(e) => return ("body", e.into_response()),

@@ -355,6 +355,9 @@ fn parse_filter(req: &Request) -> Result<EventFilter, ApiError> {
             }
         }
     }
+    if let Some(why) = f.inverted() {
+        return Err(ApiError::bad_request(why));
+    }
     Ok(f)
 }
 

@@ -534,6 +534,7 @@ async fn malformed_http_bodies_and_queries_are_400() {
         "/api/v1/events?since=today",
         "/api/v1/events?alarm_id=x",
         "/api/v1/events?alarm=0190a5d2-0000-7000-8000-000000000000",
+        "/api/v1/events?from=5&to=2",
     ] {
         let (s, v) = app.get(&tok, path).await;
         assert_eq!(
@@ -558,6 +559,24 @@ async fn malformed_http_bodies_and_queries_are_400() {
             .contains("larger than"),
         "{v}"
     );
+    // Declared too large, with `Expect: 100-continue`: refused at once, before the client is
+    // told to send the body (no "100 Continue" first).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut sock = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let head = format!(
+            "POST /api/v1/alarms HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {tok}\r\n\
+             Content-Type: application/json\r\nContent-Length: 5000000\r\n\
+             Expect: 100-continue\r\n\r\n",
+            app.addr
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = timeout(STEP, sock.read(&mut buf)).await.unwrap().unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("Content-Length: 5000000"), "{answer}");
+    }
     // Missing or invalid bearer on HTTP: 401 with the error shape.
     let r = app
         .client
