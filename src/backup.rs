@@ -39,6 +39,11 @@ pub struct Source<'a> {
     /// Pause after each chunk is written out: `ONLINE_CHUNK_PAUSE` while a writer shares the
     /// disk, zero for an offline copy.
     pub chunk_pause: Duration,
+    /// The offline tool's: the copy in progress is removed if the process is stopped by
+    /// SIGINT, SIGTERM or SIGHUP (`read_copy::remove_on_signal`), and renamed into place only if
+    /// it was not (`read_copy::publish_unless_stopped`). Never the server's (its signals stop
+    /// it gracefully).
+    pub removed_on_signal: bool,
 }
 
 /// The online backup's pause after each chunk written out, which leaves the disk to the live
@@ -100,19 +105,33 @@ fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupR
     let staging = crate::staging::staging_path(dest).ok_or_else(|| {
         Error::Other(format!("backup destination {} has no name", dest.display()))
     })?;
-    if staging.exists() {
-        return Err(Error::Other(format!(
-            "{} exists: an earlier backup to this destination was interrupted; remove it first",
-            staging.display()
-        )));
-    }
     let parent = crate::staging::parent_dir(&staging);
     std::fs::create_dir_all(&parent).map_err(|e| named("cannot create directory", &parent, &e))?;
+    // Created here, new: one that exists is another backup's, running or interrupted.
+    match std::fs::create_dir(&staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(Error::Other(format!(
+                "{} exists: an earlier backup to this destination was interrupted (or one is \
+                 running); remove it first",
+                staging.display()
+            )))
+        }
+        Err(e) => return Err(named("cannot create directory", &staging, &e)),
+    }
+    if src.removed_on_signal {
+        crate::read_copy::remove_on_signal(&staging);
+    }
     // A failure of the disk being written names the copy (the source's own damage is reported
     // as `Corrupt`, with its offset).
+    // Named: which backup failed (the error itself may be the source's or the copy's).
     let copied = copy_into(src, &staging, chunk).map_err(|e| match e {
-        Error::Io(e) => named("cannot write the backup into", &staging, &e),
-        Error::Storage(e) => named("backup into", &staging, &format!("storage error: {e}")),
+        Error::Io(e) => named("backup to", &staging, &format!("failed: {e}")),
+        Error::Storage(e) => named(
+            "backup to",
+            &staging,
+            &format!("failed: storage error: {e}"),
+        ),
         other => other,
     });
     let (head, head_hash, checkpoint) = match copied {
@@ -123,7 +142,12 @@ fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupR
             return Err(e);
         }
     };
-    crate::staging::publish(&staging, dest).map_err(|e| {
+    let published = if src.removed_on_signal {
+        crate::read_copy::publish_unless_stopped(&staging, dest)
+    } else {
+        crate::staging::publish(&staging, dest)
+    };
+    published.map_err(|e| {
         Error::Other(format!(
             "cannot rename {} to {}: {e}",
             staging.display(),
@@ -153,6 +177,7 @@ fn copy_into(
         users,
         secret_file,
         chunk_pause,
+        removed_on_signal: _,
     } = *src;
     let pause = || {
         if !chunk_pause.is_zero() {
@@ -448,6 +473,7 @@ mod tests {
             users: Some(&users_at_cut),
             secret_file: None,
             chunk_pause: Duration::from_micros(10),
+            removed_on_signal: false,
         };
         let r = backup_chunked(&from, &dest, 3).unwrap();
         assert_eq!((r.head, r.head_hash.as_str()), (10, prev.to_hex().as_str()));

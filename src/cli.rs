@@ -210,8 +210,8 @@ pub fn export(args: ExportArgs) -> Result<()> {
         }
     }
     let target = args.out.as_deref().map(out_target).transpose()?;
-    if let Some(OutTarget::File(file)) = &target {
-        crate::read_copy::refuse_output_inside("--out", file, &args.data.data, None)?;
+    if let Some(OutTarget::File(out) | OutTarget::Stream(out)) = &target {
+        crate::read_copy::refuse_output_inside("--out", out, &args.data.data, None)?;
     }
     crate::read_copy::handle_signals();
     let view = read_view(&args.data.data, &args.read)?;
@@ -223,13 +223,17 @@ pub fn export(args: ExportArgs) -> Result<()> {
             "offset out of range: --from {from} is beyond the head {head} (+ 1)"
         )));
     }
-    match &target {
-        Some(OutTarget::File(path)) => export_to_file(&view.log, &args, path)?,
+    match target {
+        Some(OutTarget::File(path)) => export_to_file(&view.log, &args, &path)?,
         Some(OutTarget::Stream(path)) => {
-            let mut out = BufWriter::with_capacity(256 * 1024, create(path)?);
+            let mut out = BufWriter::with_capacity(256 * 1024, create(&path)?);
             write_export(&view.log, &args, &mut out)?;
         }
-        Some(OutTarget::Stdout) | None => {
+        Some(OutTarget::Descriptor(file)) => {
+            let mut out = BufWriter::with_capacity(256 * 1024, file);
+            write_export(&view.log, &args, &mut out)?;
+        }
+        None => {
             let mut out = BufWriter::with_capacity(256 * 1024, std::io::stdout().lock());
             write_export(&view.log, &args, &mut out)?;
         }
@@ -238,53 +242,72 @@ pub fn export(args: ExportArgs) -> Result<()> {
 }
 
 /// Where `export --out PATH` writes.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 enum OutTarget {
-    /// `/dev/stdout` and its aliases (also through symlinks): the process's own standard
-    /// output, as without `--out`. Opened again by name it could not be a pipe's (no path), and
-    /// a file the shell opened for appending would be truncated or renamed over.
-    Stdout,
-    /// Not a regular file (a FIFO, a device), or a file reached through `/proc` or `/dev`:
-    /// written through, as a stream.
+    /// `/dev/stdout`, `/dev/stderr`, `/dev/fd/N`, `/proc/self/fd/N` (also through symlinks):
+    /// that descriptor of this process, duplicated, as a shell redirection gave it (a pipe, or a
+    /// file opened for appending that reopening by name would truncate or rename over).
+    /// Duplicated at once, before the tool opens anything: a descriptor number that was not
+    /// open could otherwise be one of sled's files by the time the export is written.
+    Descriptor(std::fs::File),
+    /// Not a regular file (a FIFO, a device): written through, as a stream.
     Stream(PathBuf),
-    /// A regular file, new or existing, with every symlink on the way resolved: written under a
+    /// A regular file, new or existing, every symlink on the way resolved: written under a
     /// staging name beside it and renamed over it. A symlink given stays a symlink, now to the
-    /// new file (renaming over the link itself would have replaced it with the export, and
-    /// `/dev/stdout` with a file).
+    /// new file (renaming over the link itself had replaced it, `/dev/stdout` included).
     File(PathBuf),
+}
+
+/// The descriptor a path names when it is one of this process's descriptor aliases.
+fn descriptor_alias(path: &Path) -> Option<std::os::fd::RawFd> {
+    let s = path.to_str()?;
+    match s {
+        "/dev/stdin" => return Some(0),
+        "/dev/stdout" => return Some(1),
+        "/dev/stderr" => return Some(2),
+        _ => {}
+    }
+    let pid = format!("/proc/{}/fd/", std::process::id());
+    [
+        "/dev/fd/",
+        "/proc/self/fd/",
+        "/proc/thread-self/fd/",
+        pid.as_str(),
+    ]
+    .iter()
+    .find_map(|prefix| s.strip_prefix(prefix)?.parse().ok())
 }
 
 fn out_target(path: &Path) -> Result<OutTarget> {
     let bad = |what: String| Error::Config(format!("--out {}: {what}", path.display()));
-    let mut at = std::path::absolute(path).map_err(|e| bad(e.to_string()))?;
+    let given = std::path::absolute(path).map_err(|e| bad(e.to_string()))?;
+    let mut at = given.clone();
     for _ in 0..40 {
-        let stdout_alias = ["/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"]
-            .iter()
-            .any(|alias| at == Path::new(alias));
-        if stdout_alias {
-            return Ok(OutTarget::Stdout);
+        if let Some(fd) = descriptor_alias(&at) {
+            return Ok(OutTarget::Descriptor(duplicate(fd)?));
         }
-        let through_kernel = at.starts_with("/proc") || at.starts_with("/dev");
-        let meta = if through_kernel {
-            std::fs::metadata(&at) // `/proc/self/fd/N` links name no path to follow
-        } else {
-            std::fs::symlink_metadata(&at)
-        };
-        match meta {
+        match std::fs::symlink_metadata(&at) {
             Ok(m) if m.file_type().is_symlink() => {
                 let target = std::fs::read_link(&at).map_err(|e| bad(e.to_string()))?;
                 let dir = crate::staging::parent_dir(&at);
                 let dir = std::fs::canonicalize(&dir).map_err(|e| bad(e.to_string()))?;
                 at = std::path::absolute(dir.join(target)).map_err(|e| bad(e.to_string()))?;
             }
-            Ok(m) if m.is_dir() => return Err(bad("is a directory".into())),
-            Ok(m) if !m.is_file() || through_kernel => return Ok(OutTarget::Stream(at)),
             Ok(_) => {
+                // Where it really is (`..`, symlinked directories, `/proc/self/cwd/...`), so the
+                // inside-the-data-directory check sees the real place.
                 let real = std::fs::canonicalize(&at).map_err(|e| bad(e.to_string()))?;
-                return Ok(OutTarget::File(real));
+                let meta = std::fs::metadata(&real).map_err(|e| bad(e.to_string()))?;
+                return if meta.is_dir() {
+                    Err(bad("is a directory".into()))
+                } else if meta.is_file() {
+                    Ok(OutTarget::File(real))
+                } else {
+                    Ok(OutTarget::Stream(real))
+                };
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if at != std::path::absolute(path).map_err(|e| bad(e.to_string()))? {
+                if at != given {
                     return Err(bad(format!(
                         "a symlink to {}, which does not exist: give the file itself",
                         at.display()
@@ -296,6 +319,20 @@ fn out_target(path: &Path) -> Result<OutTarget> {
         }
     }
     Err(bad("too many levels of symbolic links".into()))
+}
+
+/// A duplicate of this process's descriptor `fd`, to write an export to.
+fn duplicate(fd: std::os::fd::RawFd) -> Result<std::fs::File> {
+    use std::os::fd::{BorrowedFd, OwnedFd};
+    if fd < 0 {
+        return Err(Error::Config(format!("--out: no descriptor {fd}")));
+    }
+    // SAFETY: `fd` is only borrowed for the duration of the `fcntl(F_DUPFD_CLOEXEC)` that
+    // `try_clone_to_owned` makes; a descriptor that is not open fails that call (EBADF).
+    let owned: OwnedFd = unsafe { BorrowedFd::borrow_raw(fd) }
+        .try_clone_to_owned()
+        .map_err(|e| Error::Config(format!("--out: descriptor {fd}: {e}")))?;
+    Ok(std::fs::File::from(owned))
 }
 
 /// `--out FILE`: written to `FILE.partial` beside it, fsynced and renamed to `FILE` only once
@@ -448,7 +485,8 @@ pub fn verify(args: VerifyArgs) -> Result<String> {
     crate::read_copy::handle_signals();
     let view = read_view(&args.data.data, &args.read)?;
     let log = &view.log;
-    let mut report = crate::verify::verify_log(log, Some(&view.snapshot))?;
+    let mut report = crate::verify::verify_log(log, Some(&view.snapshot))
+        .map_err(|e| view.name_source(e, &args.data.data))?;
     if let Some(why) = &report.snapshot_discarded {
         tracing::warn!(
             snapshot = %args.data.data.join("projection.snapshot").display(),
@@ -477,14 +515,10 @@ pub fn verify(args: VerifyArgs) -> Result<String> {
 pub fn backup(args: BackupArgs) -> Result<String> {
     let data = &args.data.data;
     crate::read_copy::refuse_output_inside("--to", &args.to, data, Some(&data.join("backups")))?;
-    // Stopped by SIGINT, SIGTERM or SIGHUP (Ctrl-C), the copy in progress is removed as a failed
-    // one is: a `.partial` left behind would block the next backup to that name. One that was
-    // there before is not ours to remove (`backup` refuses it, below).
-    if let Some(staging) = crate::staging::staging_path(&args.to) {
-        if !staging.exists() {
-            crate::read_copy::remove_on_signal(&staging);
-        }
-    }
+    // Before anything is opened (sled's threads inherit the signal mask): stopped by SIGINT,
+    // SIGTERM or SIGHUP (Ctrl-C), the copy in progress is removed as a failed one is, since a
+    // `.partial` left behind would block the next backup to that name (`removed_on_signal`).
+    crate::read_copy::handle_signals();
     let dir = DataDir::lock_existing(data)?;
     let log = open_for_full_read(&dir)?;
     let head = log.head()?;
@@ -511,6 +545,7 @@ pub fn backup(args: BackupArgs) -> Result<String> {
         secret_file: Some(&secret),
         // Offline: no writer shares the disk.
         chunk_pause: std::time::Duration::ZERO,
+        removed_on_signal: true,
     };
     let r = crate::backup::backup(&src, &args.to)?;
     // Recorded in the source's security log (after the copy, as the online backup does), so

@@ -167,7 +167,6 @@ pub fn from_strict_json<T: serde::de::DeserializeOwned>(
         .and_then(|StrictValue(v)| serde_json::from_value(v))
 }
 
-/// Parses one text frame. On failure, returns the `req` (if it could be read) with the error.
 /// A JSON value whose objects may not repeat a key. serde_json keeps the last of repeated keys
 /// without a word, so `{"type":"trigger","alarm_id":A,"alarm_id":B}` would act on B while a
 /// proxy or log that read the first saw A. WebSocket messages and HTTP bodies
@@ -232,6 +231,7 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     }
 }
 
+/// Parses one text frame. On failure, returns the `req` (if it could be read) with the error.
 pub fn parse_client_message(text: &str) -> Result<(Req, ClientMessage), (Req, BadRequest)> {
     let value: Value = serde_json::from_str::<StrictValue>(text)
         .map_err(|e| (None, BadRequest(format!("invalid JSON: {e}"))))?

@@ -123,6 +123,18 @@ impl ReadView {
         })
     }
 
+    /// `e` with the private copy's paths (the log's, the snapshot's) named as the directory
+    /// `root` they were copied from: a message must not send the user to a scratch file that is
+    /// removed when the tool exits.
+    pub fn name_source(&self, e: Error, root: &Path) -> Error {
+        let Some(scratch) = &self.scratch else {
+            return e;
+        };
+        let e = name_source(e, &scratch.path.join("ledger"), &root.join("ledger"));
+        let file = "projection.snapshot";
+        name_source(e, &scratch.path.join(file), &root.join(file))
+    }
+
     /// Ends the tool's use of the log without tearing sled down, then removes the copy. The
     /// tools are the binary's: the process exits as soon as one returns, and freeing the page
     /// cache a full pass filled (~900 MiB for 1M events, millions of allocations) object by
@@ -229,6 +241,26 @@ pub fn remove_on_signal(path: &Path) {
         .push(path.to_path_buf());
 }
 
+/// Renames the complete `staging` (registered with `remove_on_signal`) to `dest` and syncs the
+/// directory, unless a stop signal came first (then `Interrupted`: the signal thread removes
+/// it). Under the lock the signal thread takes before it removes anything, so the two never
+/// overlap: the signal either finds `staging` gone (published, unregistered) or removes it
+/// before it could be published — never the files of a published `dest`.
+pub fn publish_unless_stopped(staging: &Path, dest: &Path) -> std::io::Result<()> {
+    {
+        let cancelled = CANCELLED.lock().unwrap_or_else(|p| p.into_inner());
+        if *cancelled {
+            return Err(std::io::Error::from(std::io::ErrorKind::Interrupted));
+        }
+        std::fs::rename(staging, dest)?;
+        ON_SIGNAL
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| p != staging);
+    }
+    std::fs::File::open(crate::staging::parent_dir(dest))?.sync_all()
+}
+
 /// SIGINT, SIGTERM or SIGHUP while a read-only tool runs removes what it registered
 /// (`remove_on_signal`), then the process dies of that signal (so a shell loop sees Ctrl-C as
 /// such). Only signals still at their default action are handled: one the tool was told to
@@ -240,17 +272,14 @@ pub fn handle_signals() {
 }
 
 fn install_signal_thread() {
-    // SAFETY: sigaction only reads the current dispositions; the signal-set calls work on a
-    // local, initialized set; pthread_sigmask changes this thread's mask only.
+    // SAFETY: the signal-set calls work on a local, initialized set; pthread_sigmask changes
+    // this thread's mask only.
     let (set, previous) = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         let mut any = false;
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
-                && old.sa_sigaction == libc::SIG_DFL
-            {
+            if crate::shutdown::disposition(sig) == Some(libc::SIG_DFL) {
                 libc::sigaddset(&mut set, sig);
                 any = true;
             }
@@ -275,10 +304,19 @@ fn install_signal_thread() {
             let mut cancelled = CANCELLED.lock().unwrap_or_else(|p| p.into_inner());
             *cancelled = true;
             for path in ON_SIGNAL.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                if path.is_dir() {
-                    let _ = std::fs::remove_dir_all(path);
-                } else {
-                    let _ = std::fs::remove_file(path);
+                // A directory may still be written by other threads (sled's, in a backup's
+                // copy) while it is removed: a file they add makes the removal fail
+                // (ENOTEMPTY), so it is tried again, a few times.
+                for _ in 0..20 {
+                    if path.is_dir() {
+                        let _ = std::fs::remove_dir_all(path);
+                    } else {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    if std::fs::symlink_metadata(path).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
                 }
             }
             // SAFETY: resets one signal to its default action, unblocks it in this thread and

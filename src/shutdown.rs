@@ -20,8 +20,8 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Installs the SIGTERM and SIGINT handlers now (inside the runtime). A handler that cannot
-    /// be installed is logged and left out.
+    /// Installs the SIGTERM, SIGINT and (unless it is ignored) SIGHUP handlers now (inside the
+    /// runtime). A handler that cannot be installed is logged and left out.
     pub fn install() -> Signals {
         let install = |kind: SignalKind, name: &str| match signal(kind) {
             Ok(s) => Some(s),
@@ -39,8 +39,8 @@ impl Signals {
         }
     }
 
-    /// Resolves at the next SIGTERM, SIGINT or (handled) SIGHUP.
-    pub async fn wait(&mut self) {
+    /// Resolves at the next SIGTERM, SIGINT or (handled) SIGHUP; true for SIGHUP.
+    pub async fn wait(&mut self) -> bool {
         async fn recv(s: &mut Option<Signal>) {
             match s {
                 Some(s) => {
@@ -52,43 +52,52 @@ impl Signals {
         tokio::select! {
             _ = recv(&mut self.term) => tracing::info!("SIGTERM"),
             _ = recv(&mut self.int) => tracing::info!("SIGINT"),
-            _ = recv(&mut self.hup) => tracing::info!("SIGHUP"),
+            _ = recv(&mut self.hup) => {
+                tracing::info!("SIGHUP");
+                return true;
+            }
         }
+        false
     }
 }
 
-/// After the first signal: the next one exits the process at once.
+/// After the first signal: the next SIGTERM or SIGINT exits the process at once. A SIGHUP does
+/// not: it often comes with the SIGTERM (systemd's `SendSIGHUP=yes`, a closing terminal), and
+/// must not cut short the stop that one started.
 pub fn exit_on_second(mut signals: Signals) {
     tokio::spawn(async move {
-        signals.wait().await;
+        while signals.wait().await {}
         // tracing writes stderr synchronously: the line is out before the exit.
         tracing::warn!("second signal during shutdown: exiting now");
         std::process::exit(1);
     });
 }
 
-/// Whether SIGHUP is at its default action (not ignored by `nohup` or the parent).
-fn hup_is_default() -> bool {
+/// The current action of signal `sig` (`SIG_DFL`, `SIG_IGN` or a handler), if it can be read.
+pub fn disposition(sig: libc::c_int) -> Option<libc::sighandler_t> {
     // SAFETY: sigaction with a null new action only reads the current one into a zeroed struct.
     unsafe {
         let mut old: libc::sigaction = std::mem::zeroed();
-        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
-            && old.sa_sigaction == libc::SIG_DFL
+        (libc::sigaction(sig, std::ptr::null(), &mut old) == 0).then_some(old.sa_sigaction)
     }
 }
 
-/// Gives SIGTERM and SIGINT (and SIGHUP, unless it was ignored) back their default action (end the process), for the last phase of
-/// a stop that runs after the runtime, whose handlers caught them, is gone (the shutdown
-/// checkpoint): a signal then still ends the process at once instead of being swallowed.
+/// Whether SIGHUP is at its default action (not ignored by `nohup` or the parent).
+fn hup_is_default() -> bool {
+    disposition(libc::SIGHUP) == Some(libc::SIG_DFL)
+}
+
+/// Gives SIGTERM and SIGINT (and SIGHUP, unless it was ignored) back their default action (end
+/// the process), for the last phase of a stop that runs after the runtime, whose handlers caught
+/// them, is gone (the shutdown checkpoint): a signal then still ends the process at once instead
+/// of being swallowed.
 pub fn restore_default_signals() {
+    let hup_ignored = disposition(libc::SIGHUP) == Some(libc::SIG_IGN);
     // SAFETY: signal(2) with SIG_DFL installs no handler code; no Rust state is involved.
     unsafe {
         libc::signal(libc::SIGTERM, libc::SIG_DFL);
         libc::signal(libc::SIGINT, libc::SIG_DFL);
-        let mut hup: libc::sigaction = std::mem::zeroed();
-        if libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut hup) == 0
-            && hup.sa_sigaction != libc::SIG_IGN
-        {
+        if !hup_ignored {
             libc::signal(libc::SIGHUP, libc::SIG_DFL);
         }
     }

@@ -2064,6 +2064,47 @@ async fn export_out_to_standard_output_aliases_writes_to_standard_output() {
         .unwrap()
         .file_type()
         .is_symlink());
+    // Stdout a file opened for appending (`>>`): what it held stays, the export follows.
+    let appended = tmp.path().join("appended.log");
+    std::fs::write(&appended, "earlier line\n").unwrap();
+    let status = process::bin()
+        .args(["export", "--data", d(&data), "--out", "/dev/stdout"])
+        .stdout(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&appended)
+                .unwrap(),
+        )
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(&appended).unwrap(),
+        format!("earlier line\n{expected}")
+    );
+    // A descriptor that is not open is refused before anything is opened (it could otherwise
+    // be one of the tool's own files by the time the export is written).
+    let out = cli(&["export", "--data", d(&data), "--out", "/dev/fd/97"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("descriptor 97"), "{err}");
+    // A file of the data directory reached through `/proc` is still inside it: refused, and
+    // left as it was.
+    let db = data.join("ledger/db");
+    let before = std::fs::read(&db).unwrap();
+    let via_proc = format!(
+        "/proc/self/cwd/{}/ledger/db",
+        data.file_name().unwrap().to_str().unwrap()
+    );
+    let out = process::bin()
+        .args(["export", "--data", d(&data), "--out", &via_proc])
+        .current_dir(data.parent().unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is inside the data directory"), "{err}");
+    assert!(std::fs::read(&db).unwrap() == before, "the log was written");
     // A FIFO is a stream: written through, nothing staged beside it.
     let fifo = tmp.path().join("fifo");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
@@ -2340,7 +2381,10 @@ async fn a_snapshot_that_proves_events_lost_stops_the_offline_backup_too() {
         assert!(err.contains("lost or rewrote events"), "{err}");
         assert!(!dest.exists(), "no copy");
         assert!(!tmp.path().join(format!("copy-{i}.partial")).exists());
-        assert!(verify_fails(&data).contains("lost or rewrote events"));
+        // verify reads a private copy, and names the file the user has, not that copy.
+        let err = verify_fails(&data);
+        assert!(err.contains("lost or rewrote events"), "{err}");
+        assert!(err.contains(d(&snap_file)), "{err}");
     }
     // Discarded by the server, reported by verify, copied by backup.
     let mut foreign = good.clone();
@@ -2392,8 +2436,12 @@ fn an_offline_backup_stopped_by_a_signal_leaves_no_partial_copy() {
         let status = child.wait().unwrap();
         assert_eq!(status.signal(), Some(sig), "{status:?}");
         assert!(!partial.exists(), "the .partial was left");
-        assert!(!dest.exists());
         wait_unlocked(&source);
+        if dest.exists() {
+            // The signal came after the copy was renamed into place: complete, so it stays.
+            assert!(cli_ok(&["verify", "--data", d(&dest)]).starts_with("ok 6000 events"));
+            std::fs::remove_dir_all(&dest).unwrap();
+        }
         cli_ok(&["backup", "--data", d(&source), "--to", d(&dest)]);
         assert!(cli_ok(&["verify", "--data", d(&dest)]).starts_with("ok 6000 events"));
     }

@@ -900,8 +900,16 @@ async fn a_server_whose_stderr_reader_went_away_keeps_serving_and_stops_cleanly(
 #[test]
 fn a_tool_whose_output_reader_went_away_exits_with_its_own_code() {
     let dir = tempfile::tempdir().unwrap();
+    // The write end of a pipe whose read end is closed (libc: `std::io::pipe` is newer than
+    // the crate's rust-version).
     let closed = || {
-        let (reader, writer) = std::io::pipe().unwrap();
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe(2) fills the two-element array; each end is owned once below.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both are fresh descriptors this closure owns.
+        let (reader, writer) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         drop(reader);
         Stdio::from(writer)
     };
@@ -982,4 +990,27 @@ async fn sighup_stops_gracefully_unless_it_was_ignored() {
         assert_eq!(status.code(), Some(0), "ignored: {ignored}");
         assert!(dir.path().join("projection.snapshot").exists());
     }
+    // SIGTERM and SIGHUP together (systemd's `SendSIGHUP=yes`, a closing terminal): one
+    // graceful stop, not a stop cut short as by a second SIGTERM.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let mut cmd = process::bin();
+    cmd.args(["serve", "--data", &data, "--listen", "127.0.0.1:0"]);
+    let (mut child, addr, _log) = spawn_with_log(cmd);
+    admin_login(&reqwest::Client::new(), &addr).await;
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(child.id() as i32, libc::SIGHUP);
+    }
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(dir.path().join("projection.snapshot").exists());
 }
