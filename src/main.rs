@@ -79,8 +79,8 @@ fn run_server(args: config::ServeArgs, json: bool) -> Result<(), Error> {
             ));
         }
         let stop = async move {
-            signals.wait().await;
-            shutdown::exit_on_second(signals);
+            let hup = signals.wait().await;
+            shutdown::exit_on_second(signals, hup);
         };
         app.run_until_stopped(stop).await
     });

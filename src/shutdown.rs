@@ -50,6 +50,9 @@ impl Signals {
             }
         }
         tokio::select! {
+            // SIGTERM first when both are pending (the kernel delivers SIGHUP, the lower number,
+            // first; systemd sends SIGTERM, then SIGHUP).
+            biased;
             _ = recv(&mut self.term) => tracing::info!("SIGTERM"),
             _ = recv(&mut self.int) => tracing::info!("SIGINT"),
             _ = recv(&mut self.hup) => {
@@ -61,12 +64,22 @@ impl Signals {
     }
 }
 
-/// After the first signal: the next SIGTERM or SIGINT exits the process at once. A SIGHUP does
-/// not: it often comes with the SIGTERM (systemd's `SendSIGHUP=yes`, a closing terminal), and
-/// must not cut short the stop that one started.
-pub fn exit_on_second(mut signals: Signals) {
+/// After the first signal (`first_was_hup`: a SIGHUP), the next SIGTERM or SIGINT exits the
+/// process at once. A SIGHUP never does, and a stop a SIGHUP started takes a SIGTERM or SIGINT
+/// as its own start, not as a second signal: the two often come together (systemd's
+/// `SendSIGHUP=yes`, a closing terminal), in either order.
+pub fn exit_on_second(mut signals: Signals, first_was_hup: bool) {
     tokio::spawn(async move {
-        while signals.wait().await {}
+        let mut armed = !first_was_hup;
+        loop {
+            if signals.wait().await {
+                continue;
+            }
+            if armed {
+                break;
+            }
+            armed = true;
+        }
         // tracing writes stderr synchronously: the line is out before the exit.
         tracing::warn!("second signal during shutdown: exiting now");
         std::process::exit(1);

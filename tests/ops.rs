@@ -990,27 +990,28 @@ async fn sighup_stops_gracefully_unless_it_was_ignored() {
         assert_eq!(status.code(), Some(0), "ignored: {ignored}");
         assert!(dir.path().join("projection.snapshot").exists());
     }
-    // SIGTERM and SIGHUP together (systemd's `SendSIGHUP=yes`, a closing terminal): one
-    // graceful stop, not a stop cut short as by a second SIGTERM.
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().display().to_string();
-    let mut cmd = process::bin();
-    cmd.args(["serve", "--data", &data, "--listen", "127.0.0.1:0"]);
-    let (mut child, addr, _log) = spawn_with_log(cmd);
-    admin_login(&reqwest::Client::new(), &addr).await;
-    // SAFETY: plain kill(2) on our child's pid.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-        libc::kill(child.id() as i32, libc::SIGHUP);
-    }
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
+    // SIGTERM and SIGHUP together, in either order (systemd's `SendSIGHUP=yes`, a closing
+    // terminal): one graceful stop, not a stop cut short as by a second SIGTERM.
+    for pair in [[libc::SIGTERM, libc::SIGHUP], [libc::SIGHUP, libc::SIGTERM]] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().display().to_string();
+        let mut cmd = process::bin();
+        cmd.args(["serve", "--data", &data, "--listen", "127.0.0.1:0"]);
+        let (mut child, addr, _log) = spawn_with_log(cmd);
+        admin_login(&reqwest::Client::new(), &addr).await;
+        for sig in pair {
+            // SAFETY: plain kill(2) on our child's pid.
+            unsafe { libc::kill(child.id() as i32, sig) };
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "no exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(status.code(), Some(0));
-    assert!(dir.path().join("projection.snapshot").exists());
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "no exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(status.code(), Some(0), "{pair:?}");
+        assert!(dir.path().join("projection.snapshot").exists());
+    }
 }

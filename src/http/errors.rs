@@ -94,6 +94,8 @@ pub fn status_of(code: &str) -> StatusCode {
         "not_triggered" | "not_acknowledged" | "version_conflict" | "alarm_deleted"
         | "ledger_mismatch" | "conflict" => StatusCode::CONFLICT,
         "offset_out_of_range" => StatusCode::RANGE_NOT_SATISFIABLE,
+        // HTTP only (README: an addition): a path the server has, with another method.
+        "method_not_allowed" => StatusCode::METHOD_NOT_ALLOWED,
         "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
         "overloaded" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -532,57 +532,110 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     api.boxed()
 }
 
-/// The route table. Returns the route's name (a metrics label) and the response.
-async fn dispatch(state: &State, req: &Request) -> (&'static str, Response) {
-    let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
-    let m = &req.method;
-    macro_rules! route {
-        ($name:expr, $fut:expr) => {{
-            let r: Result<Response, ApiError> = $fut.await;
-            return ($name, r.unwrap_or_else(ApiError::into_response));
-        }};
-    }
-    match (m.as_str(), segs.as_slice()) {
+/// A request's route: what `route` finds for a method and path, before anything is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Healthz,
+    Readyz,
+    Metrics,
+    Login,
+    TokenRefresh,
+    Ledger,
+    Alarms,
+    AlarmCreate,
+    Alarm(&'a str),
+    AlarmUpdate(&'a str),
+    AlarmDelete(&'a str),
+    AlarmHistory(&'a str),
+    AlarmAction(&'a str, &'a str),
+    Events,
+    Users,
+    UserCreate,
+    UserUpdate(&'a str),
+    SecurityLog,
+    Backup,
+    WebSocket,
+}
+
+/// The route table: the route of `method` on the path `segs`, if there is one.
+fn route<'a>(method: &str, segs: &[&'a str]) -> Option<Route<'a>> {
+    use Route as R;
+    Some(match (method, segs) {
         // HEAD (RFC 9110: a server must support it) on the probes and the ledger summary, which
         // load balancers and uptime checks use: the GET answer, whose body hyper leaves out.
         // Not on the streamed or audited reads: a HEAD would run the whole read (and record
         // it) for nothing.
-        ("GET" | "HEAD", ["healthz"]) => route!("healthz", health::healthz(state)),
-        ("GET" | "HEAD", ["readyz"]) => route!("readyz", health::readyz(state)),
-        ("GET" | "HEAD", ["metrics"]) => route!("metrics", health::metrics(state)),
-        ("POST", ["api", "v1", "login"]) => route!("login", admin::login(state, req)),
-        ("POST", ["api", "v1", "token", "refresh"]) => {
-            route!("token_refresh", admin::refresh(state, req))
-        }
-        ("GET" | "HEAD", ["api", "v1", "ledger"]) => route!("ledger", queries::ledger(state, req)),
-        ("GET", ["api", "v1", "alarms"]) => route!("alarms", queries::alarms(state, req)),
-        ("POST", ["api", "v1", "alarms"]) => route!("alarm_create", commands::create(state, req)),
-        ("GET", ["api", "v1", "alarms", id]) => route!("alarm", queries::alarm(state, req, id)),
-        ("PATCH", ["api", "v1", "alarms", id]) => {
-            route!("alarm_update", commands::update(state, req, id))
-        }
-        ("DELETE", ["api", "v1", "alarms", id]) => {
-            route!("alarm_delete", commands::delete(state, req, id))
-        }
-        ("GET", ["api", "v1", "alarms", id, "history"]) => {
-            route!("alarm_history", queries::history(state, req, id))
-        }
+        ("GET" | "HEAD", ["healthz"]) => R::Healthz,
+        ("GET" | "HEAD", ["readyz"]) => R::Readyz,
+        ("GET" | "HEAD", ["metrics"]) => R::Metrics,
+        ("POST", ["api", "v1", "login"]) => R::Login,
+        ("POST", ["api", "v1", "token", "refresh"]) => R::TokenRefresh,
+        ("GET" | "HEAD", ["api", "v1", "ledger"]) => R::Ledger,
+        ("GET", ["api", "v1", "alarms"]) => R::Alarms,
+        ("POST", ["api", "v1", "alarms"]) => R::AlarmCreate,
+        ("GET", ["api", "v1", "alarms", id]) => R::Alarm(id),
+        ("PATCH", ["api", "v1", "alarms", id]) => R::AlarmUpdate(id),
+        ("DELETE", ["api", "v1", "alarms", id]) => R::AlarmDelete(id),
+        ("GET", ["api", "v1", "alarms", id, "history"]) => R::AlarmHistory(id),
         ("POST", ["api", "v1", "alarms", id, action @ ("trigger" | "ack" | "rearm")]) => {
-            route!("alarm_action", commands::action(state, req, id, action))
+            R::AlarmAction(id, action)
         }
-        ("GET", ["api", "v1", "events"]) => route!("events", queries::events(state, req)),
-        ("GET", ["api", "v1", "users"]) => route!("users", admin::list_users(state, req)),
-        ("POST", ["api", "v1", "users"]) => route!("user_create", admin::create_user(state, req)),
-        ("PATCH", ["api", "v1", "users", name]) => {
-            route!("user_update", admin::update_user(state, req, name))
+        ("GET", ["api", "v1", "events"]) => R::Events,
+        ("GET", ["api", "v1", "users"]) => R::Users,
+        ("POST", ["api", "v1", "users"]) => R::UserCreate,
+        ("PATCH", ["api", "v1", "users", name]) => R::UserUpdate(name),
+        ("GET", ["api", "v1", "security-log"]) => R::SecurityLog,
+        ("POST", ["api", "v1", "admin", "backup"]) => R::Backup,
+        ("GET", ["api", "v1", "ws"]) => R::WebSocket,
+        _ => return None,
+    })
+}
+
+/// The methods the route table has for the path `segs` (for `405` and its `Allow`), empty when
+/// the path is none of its routes.
+fn allowed_methods(segs: &[&str]) -> Vec<&'static str> {
+    ["GET", "HEAD", "POST", "PATCH", "DELETE"]
+        .into_iter()
+        .filter(|m| route(m, segs).is_some())
+        .collect()
+}
+
+/// Runs the request's route. Returns the route's name (a metrics label) and the response.
+async fn dispatch(state: &State, req: &Request) -> (&'static str, Response) {
+    let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    let m = &req.method;
+    macro_rules! run {
+        ($name:expr, $fut:expr) => {{
+            let r: Result<Response, ApiError> = $fut.await;
+            ($name, r.unwrap_or_else(ApiError::into_response))
+        }};
+    }
+    use Route as R;
+    match route(m.as_str(), &segs) {
+        Some(R::Healthz) => run!("healthz", health::healthz(state)),
+        Some(R::Readyz) => run!("readyz", health::readyz(state)),
+        Some(R::Metrics) => run!("metrics", health::metrics(state)),
+        Some(R::Login) => run!("login", admin::login(state, req)),
+        Some(R::TokenRefresh) => run!("token_refresh", admin::refresh(state, req)),
+        Some(R::Ledger) => run!("ledger", queries::ledger(state, req)),
+        Some(R::Alarms) => run!("alarms", queries::alarms(state, req)),
+        Some(R::AlarmCreate) => run!("alarm_create", commands::create(state, req)),
+        Some(R::Alarm(id)) => run!("alarm", queries::alarm(state, req, id)),
+        Some(R::AlarmUpdate(id)) => run!("alarm_update", commands::update(state, req, id)),
+        Some(R::AlarmDelete(id)) => run!("alarm_delete", commands::delete(state, req, id)),
+        Some(R::AlarmHistory(id)) => run!("alarm_history", queries::history(state, req, id)),
+        Some(R::AlarmAction(id, action)) => {
+            run!("alarm_action", commands::action(state, req, id, action))
         }
-        ("GET", ["api", "v1", "security-log"]) => {
-            route!("security_log", admin::security_log(state, req))
-        }
-        ("POST", ["api", "v1", "admin", "backup"]) => route!("backup", admin::backup(state, req)),
+        Some(R::Events) => run!("events", queries::events(state, req)),
+        Some(R::Users) => run!("users", admin::list_users(state, req)),
+        Some(R::UserCreate) => run!("user_create", admin::create_user(state, req)),
+        Some(R::UserUpdate(name)) => run!("user_update", admin::update_user(state, req, name)),
+        Some(R::SecurityLog) => run!("security_log", admin::security_log(state, req)),
+        Some(R::Backup) => run!("backup", admin::backup(state, req)),
         // The WebSocket route without an upgrade (a proxy that drops the `Upgrade` headers, a
         // browser tab): say so, rather than "no route".
-        ("GET", ["api", "v1", "ws"]) => ("ws", {
+        Some(R::WebSocket) => ("ws", {
             let mut resp = ApiError::new(
                 "bad_request",
                 "this is the WebSocket endpoint: send a WebSocket upgrade (Connection: Upgrade, \
@@ -595,10 +648,25 @@ async fn dispatch(state: &State, req: &Request) -> (&'static str, Response) {
                 .insert("upgrade", warp::http::HeaderValue::from_static("websocket"));
             resp
         }),
-        _ => (
-            "unknown",
-            ApiError::not_found(format!("no route for {} {}", m, req.path)).into_response(),
-        ),
+        None => match allowed_methods(&segs) {
+            // A path the server has, with another method: 405 and what it takes (RFC 9110).
+            allowed if !allowed.is_empty() => {
+                let allow = allowed.join(", ");
+                let mut resp = ApiError::new(
+                    "method_not_allowed",
+                    format!("{m} is not allowed on {}: {allow}", req.path),
+                )
+                .into_response();
+                if let Ok(v) = warp::http::HeaderValue::from_str(&allow) {
+                    resp.headers_mut().insert("allow", v);
+                }
+                ("method_not_allowed", resp)
+            }
+            _ => (
+                "unknown",
+                ApiError::not_found(format!("no route for {} {}", m, req.path)).into_response(),
+            ),
+        },
     }
 }
 
@@ -610,6 +678,26 @@ pub fn json_ok(v: &serde_json::Value) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_known_path_with_another_method_lists_the_methods_it_has() {
+        let segs = |p: &'static str| p.trim_matches('/').split('/').collect::<Vec<_>>();
+        assert_eq!(allowed_methods(&segs("/api/v1/alarms")), ["GET", "POST"]);
+        assert_eq!(
+            allowed_methods(&segs("/api/v1/alarms/x")),
+            ["GET", "PATCH", "DELETE"]
+        );
+        assert_eq!(allowed_methods(&segs("/api/v1/alarms/x/ack")), ["POST"]);
+        assert_eq!(allowed_methods(&segs("/api/v1/alarms/x/snooze")), [""; 0]);
+        assert_eq!(allowed_methods(&segs("/healthz")), ["GET", "HEAD"]);
+        assert_eq!(allowed_methods(&segs("/api/v1/ledger")), ["GET", "HEAD"]);
+        assert_eq!(allowed_methods(&segs("/api/v1/login")), ["POST"]);
+        assert_eq!(allowed_methods(&segs("/nowhere")), [""; 0]);
+        assert_eq!(
+            route("POST", &segs("/api/v1/alarms/x/rearm")),
+            Some(Route::AlarmAction("x", "rearm"))
+        );
+    }
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|n| n.parse().expect("net")).collect()

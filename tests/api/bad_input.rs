@@ -1004,3 +1004,40 @@ async fn the_websocket_route_without_an_upgrade_says_so() {
         "{v}"
     );
 }
+
+/// A path the server has, asked with a method it does not take, is 405 `method_not_allowed`
+/// with an `Allow` header (RFC 9110); an unknown path stays 404.
+#[tokio::test]
+async fn a_known_path_with_the_wrong_method_is_405_with_allow() {
+    let app = spawn_app().await;
+    let id = app.create_alarm("methods").await;
+    let one = format!("/api/v1/alarms/{id}");
+    let cases: [(&str, &str, &str); 5] = [
+        ("PUT", "/api/v1/alarms", "GET, POST"),
+        ("HEAD", "/api/v1/alarms", "GET, POST"),
+        ("GET", "/api/v1/login", "POST"),
+        ("POST", &one, "GET, PATCH, DELETE"),
+        ("DELETE", "/healthz", "GET, HEAD"),
+    ];
+    for (method, path, allow) in cases {
+        let r = app
+            .client
+            .request(method.parse().unwrap(), app.url(path))
+            .bearer_auth(&app.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 405, "{method} {path}");
+        assert_eq!(r.headers()["allow"], allow, "{method} {path}");
+        if method != "HEAD" {
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "method_not_allowed", "{v}");
+        }
+    }
+    let (s, v) = app.get(&app.admin_token, "/api/v1/nothing-here").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{v}"
+    );
+}
