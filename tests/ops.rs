@@ -213,6 +213,18 @@ fn start_server_with_log(data: &str) -> (Child, String, std::sync::mpsc::Receive
     spawn_with_log(cmd)
 }
 
+/// Waits for `child` to exit, at most `within` (then the test fails saying `what`).
+async fn wait_exit(child: &mut Child, within: Duration, what: &str) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(started.elapsed() < within, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Spawns `cmd` (a `serve`) with the admin password and info logs, and waits for its address.
 fn spawn_with_log(mut cmd: Command) -> (Child, String, std::sync::mpsc::Receiver<String>) {
     let mut child = cmd
@@ -273,17 +285,7 @@ async fn sigterm_closes_websockets_with_1001_snapshots_and_exits_0() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let code = recv_close(&mut ws).await;
     assert_eq!(code, Some(1001));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "server did not exit"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(15), "server did not exit").await;
     assert_eq!(status.code(), Some(0));
     assert!(
         dir.path().join("projection.snapshot").exists(),
@@ -517,16 +519,12 @@ async fn a_second_sigterm_during_shutdown_exits_at_once() {
     let second = Instant::now();
     // SAFETY: as above.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            second.elapsed() < Duration::from_secs(5),
-            "the second SIGTERM did not end the process"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(5),
+        "the second SIGTERM did not end the process",
+    )
+    .await;
     assert!(
         second.elapsed() < Duration::from_millis(1_500),
         "ended {:?} after the second signal: that is the graceful path, not the forced exit",
@@ -884,14 +882,7 @@ async fn a_server_whose_stderr_reader_went_away_keeps_serving_and_stops_cleanly(
     assert_eq!(r.status(), 200);
     // SAFETY: plain kill(2) on our child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "no exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(30), "no exit").await;
     assert_eq!(status.code(), Some(0));
     assert!(dir.path().join("projection.snapshot").exists());
 }
@@ -979,14 +970,7 @@ async fn sighup_stops_gracefully_unless_it_was_ignored() {
             // SAFETY: as above.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         }
-        let started = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "no exit");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let status = wait_exit(&mut child, Duration::from_secs(30), "no exit").await;
         assert_eq!(status.code(), Some(0), "ignored: {ignored}");
         assert!(dir.path().join("projection.snapshot").exists());
     }
@@ -1003,14 +987,7 @@ async fn sighup_stops_gracefully_unless_it_was_ignored() {
             // SAFETY: plain kill(2) on our child's pid.
             unsafe { libc::kill(child.id() as i32, sig) };
         }
-        let started = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "no exit");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let status = wait_exit(&mut child, Duration::from_secs(30), "no exit").await;
         assert_eq!(status.code(), Some(0), "{pair:?}");
         assert!(dir.path().join("projection.snapshot").exists());
     }

@@ -80,7 +80,9 @@ async fn head_on_the_probes_and_request_ids_on_every_answer() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 404);
+    // Not answered (a HEAD would run and record the whole read): 405, GET only.
+    assert_eq!(r.status().as_u16(), 405);
+    assert_eq!(r.headers()["allow"], "GET");
     let id = app.ws_request_id(&app.admin_token).await;
     assert!(
         id.as_deref().is_some_and(|id| id.len() == 12),
