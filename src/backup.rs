@@ -91,6 +91,14 @@ fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupR
     let named = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
         Error::Other(format!("{what} {}: {e}", path.display()))
     };
+    // A symlink would be replaced by the copy if it dangles, and cannot be renamed over if it
+    // points at a directory: the directory itself must be named.
+    if std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(Error::Config(format!(
+            "backup destination {} is a symlink: give the directory itself",
+            dest.display()
+        )));
+    }
     let not_empty = dest.exists()
         && std::fs::read_dir(dest)
             .map_err(|e| named("backup destination", dest, &e))?
@@ -147,13 +155,15 @@ fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupR
     } else {
         crate::staging::publish(&staging, dest)
     };
-    published.map_err(|e| {
-        Error::Other(format!(
+    if let Err(e) = published {
+        // Not left behind: it would block the next backup to this name.
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(Error::Other(format!(
             "cannot rename {} to {}: {e}",
             staging.display(),
             dest.display()
-        ))
-    })?;
+        )));
+    }
     Ok(BackupReport {
         path: dest.to_path_buf(),
         head,

@@ -202,12 +202,17 @@ pub fn user(args: UserArgs) -> Result<()> {
 
 pub fn export(args: ExportArgs) -> Result<()> {
     // A swapped pair is a mistake to report, not an empty extract to hand over (exit 0).
-    if let (Some(from), Some(to)) = (args.from, args.to) {
-        if from > to {
-            return Err(Error::Config(format!(
-                "--from {from} is after --to {to} (both inclusive): the range holds nothing"
-            )));
-        }
+    let bounds = EventFilter {
+        from: args.from,
+        to: args.to,
+        since: args.since,
+        until: args.until,
+        ..EventFilter::default()
+    };
+    if let Some(why) = bounds.inverted() {
+        return Err(Error::Config(
+            format!("--{why}").replace(" is after ", " is after --"),
+        ));
     }
     let target = args.out.as_deref().map(out_target).transpose()?;
     if let Some(OutTarget::File(out) | OutTarget::Stream(out)) = &target {
@@ -343,6 +348,34 @@ fn duplicate(fd: std::os::fd::RawFd) -> Result<std::fs::File> {
 fn export_to_file(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
     let partial = crate::staging::staging_path(path)
         .ok_or_else(|| Error::Config(format!("--out {} has no file name", path.display())))?;
+    // Created new, never opened as found: a `.partial` already there is another export's (one
+    // running, or one killed), or a link planted there (into the data directory, say), which
+    // writing through would have filled with this export.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial)
+    };
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(Error::Other(format!(
+                "{} exists: another export to {} is running, or one was interrupted; \
+                 remove it first",
+                partial.display(),
+                path.display()
+            )))
+        }
+        Err(e) => {
+            return Err(Error::Other(format!(
+                "cannot create {}: {e}",
+                partial.display()
+            )))
+        }
+    };
     // Interrupted (Ctrl-C, `timeout`): no half-written `.partial` is left behind.
     crate::read_copy::remove_on_signal(&partial);
     // A failure of the file (a full disk) names it; a failure of the log says what it says.
@@ -350,7 +383,7 @@ fn export_to_file(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
         Error::Io(e) => Error::Other(format!("cannot write {}: {e}", partial.display())),
         other => other,
     };
-    let written = write_durably(log, args, &partial)
+    let written = write_durably(log, args, file)
         .map_err(named)
         .and_then(|()| {
             crate::staging::publish(&partial, path).map_err(|e| {
@@ -362,7 +395,7 @@ fn export_to_file(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
             })
         });
     if let Err(e) = written {
-        // Its file is closed by now: nothing half-written is left under either name.
+        // Ours, and closed by now: nothing half-written is left under either name.
         let _ = std::fs::remove_file(&partial);
         return Err(e);
     }
@@ -375,9 +408,9 @@ fn create(path: &Path) -> Result<std::fs::File> {
         .map_err(|e| Error::Other(format!("cannot create {}: {e}", path.display())))
 }
 
-/// The export into a new file at `path`, fsynced; the file is closed when this returns.
-fn write_durably(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
-    let mut out = BufWriter::with_capacity(256 * 1024, create(path)?);
+/// The export into `file` (new), fsynced; the file is closed when this returns.
+fn write_durably(log: &SledLog, args: &ExportArgs, file: std::fs::File) -> Result<()> {
+    let mut out = BufWriter::with_capacity(256 * 1024, file);
     write_export(log, args, &mut out)?;
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;

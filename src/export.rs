@@ -23,13 +23,27 @@ pub struct EventFilter {
 impl EventFilter {
     /// Why the offset range is inverted (`from` after `to`), if it is: a swapped pair is a
     /// mistake to report, not an empty audit extract to hand over as if it were the answer.
+    /// So is a time range whose `since` is after `until` — by more than the millisecond that
+    /// rounding a finer `since` up (and `until` down) can put between two bounds that were in
+    /// order as given.
     pub fn inverted(&self) -> Option<String> {
-        match (self.from, self.to) {
-            (Some(from), Some(to)) if from > to => Some(format!(
-                "from {from} is after to {to} (both inclusive): the range holds nothing"
-            )),
-            _ => None,
+        if let (Some(from), Some(to)) = (self.from, self.to) {
+            if from > to {
+                return Some(format!(
+                    "from {from} is after to {to} (both inclusive): the range holds nothing"
+                ));
+            }
         }
+        if let (Some(since), Some(until)) = (self.since, self.until) {
+            if since.0 > until.0.saturating_add(1) {
+                return Some(format!(
+                    "since {} is after until {} (both inclusive): the range holds nothing",
+                    since.to_rfc3339(),
+                    until.to_rfc3339()
+                ));
+            }
+        }
+        None
     }
 
     fn matches(&self, e: &Event) -> bool {

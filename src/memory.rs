@@ -74,3 +74,13 @@ pub fn restrict_new_files() {
         libc::umask(0o077);
     }
 }
+
+/// Ignores SIGXFSZ, so that a write beyond the file-size limit (`ulimit -f`, `RLIMIT_FSIZE`)
+/// fails with `EFBIG` like any other refused write (appends refused with a clear error, the
+/// server up for reads, `/healthz` 503) instead of killing the process at once.
+pub fn ignore_file_size_signal() {
+    // SAFETY: signal(2) with SIG_IGN installs no handler code; no Rust state is involved.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}

@@ -241,6 +241,13 @@ pub fn remove_on_signal(path: &Path) {
         .push(path.to_path_buf());
 }
 
+/// Whether a stop signal came (the signal thread is removing what was registered and then
+/// ends the process). A failure the tool meets meanwhile is an effect of that removal (a
+/// scratch copy emptied under it reads as "no ledger"), not a finding: it must not be reported.
+pub fn stopping() -> bool {
+    *CANCELLED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Renames the complete `staging` (registered with `remove_on_signal`) to `dest` and syncs the
 /// directory, unless a stop signal came first (then `Interrupted`: the signal thread removes
 /// it). Under the lock the signal thread takes before it removes anything, so the two never
@@ -348,7 +355,7 @@ fn refuse_inside(base: &Path, root: &Path, source: &Path) -> Result<()> {
         let Ok(inside) = std::fs::canonicalize(inside) else {
             continue;
         };
-        if base.starts_with(&inside) {
+        if base.starts_with(&inside) || within(&base, &inside) {
             return Err(Error::Config(format!(
                 "--scratch {} is inside the data directory being read ({}): choose a directory elsewhere",
                 base.display(),
@@ -379,11 +386,10 @@ pub fn refuse_output_inside(
         ))
     })?;
     let allowed = allowed.and_then(|a| canonical_even_if_missing(a).ok());
-    if out.starts_with(&data)
-        && !allowed
-            .as_ref()
-            .is_some_and(|a| out.starts_with(a) && out != *a)
-    {
+    let under_allowed = allowed
+        .as_ref()
+        .is_some_and(|a| out != *a && (out.starts_with(a) || within(&out, a)));
+    if (out.starts_with(&data) || within(&out, &data)) && !under_allowed {
         return Err(Error::Config(format!(
             "{flag} {} is inside the data directory {}: write it elsewhere{}",
             out.display(),
@@ -396,6 +402,18 @@ pub fn refuse_output_inside(
         )));
     }
     Ok(())
+}
+
+/// Whether `path` (or the nearest of its ancestors that exists) lies in the directory `dir`,
+/// by identity (device and inode) rather than by name: the same directory seen through a bind
+/// mount has another path and the same identity.
+fn within(path: &Path, dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let Some(dir) = id(dir) else {
+        return false;
+    };
+    path.ancestors().any(|a| id(a) == Some(dir))
 }
 
 /// Where a result given as `path` really lands. A regular file (or a new one) is written under

@@ -1191,6 +1191,17 @@ impl Mount {
         Ok(Mount(at.to_path_buf()))
     }
 
+    /// `from` bind-mounted (read-write) at `at`.
+    fn bind(from: &Path, at: &Path) -> Result<Mount, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        run_ok(Command::new("mount").args(["--bind", d(from), d(at)]))?;
+        Ok(Mount(at.to_path_buf()))
+    }
+
     /// `from` bind-mounted read-only at `at`.
     fn bind_read_only(from: &Path, at: &Path) -> Result<Mount, String> {
         // SAFETY: geteuid has no preconditions.
@@ -2156,6 +2167,32 @@ async fn export_refuses_a_start_beyond_the_head_and_names_a_bad_out_path() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--from 3 is after --to 2"), "{err}");
+    let out = cli(&[
+        "export",
+        "--data",
+        d(&data),
+        "--since",
+        "2026-12-09T00:00:00Z",
+        "--until",
+        "2026-12-01T00:00:00Z",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--since 2026-12-09T00:00:00.000Z is after --until"),
+        "{err}"
+    );
+    // Bounds in order as given, which rounding to milliseconds puts one apart: an empty
+    // range, not a mistake.
+    cli_ok(&[
+        "export",
+        "--data",
+        d(&data),
+        "--since",
+        "2026-12-01T00:00:00.1235Z",
+        "--until",
+        "2026-12-01T00:00:00.1236Z",
+    ]);
     assert_eq!(
         cli_ok(&["export", "--data", d(&data), "--from", "2", "--to", "2"])
             .lines()
@@ -2483,4 +2520,122 @@ async fn backup_errors_name_the_destination() {
         assert!(err.contains(what) && err.contains(d(&file)), "{err}");
     }
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}
+
+/// Nothing the tools write reaches the data directory they read, by any way round: a `.partial`
+/// planted beside `--out` as a symlink or a hard link into it (the export had written through
+/// it: the log overwritten, exit 0), a `backup --to` that is a symlink (the copy was left as a
+/// `.partial`), or the data directory seen through a bind mount (judged by path, it was
+/// "elsewhere"). Two exports to one file: the second is refused, never mixed with the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_never_reach_the_data_directory_through_links_or_mounts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = stopped_ledger(tmp.path(), "w", 3).await;
+    let db = data.join("ledger/db");
+    let before = std::fs::read(&db).unwrap();
+    let out = tmp.path().join("out.ndjson");
+    let partial = tmp.path().join("out.ndjson.partial");
+    for hard in [false, true] {
+        if hard {
+            std::fs::hard_link(&db, &partial).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&db, &partial).unwrap();
+        }
+        let o = cli(&["export", "--data", d(&data), "--out", d(&out)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "hard link {hard}: {err}");
+        assert!(err.contains("another export to"), "{err}");
+        assert!(std::fs::read(&db).unwrap() == before, "the log was written");
+        assert!(partial.exists(), "someone else's .partial is left alone");
+        assert!(!out.exists());
+        std::fs::remove_file(&partial).unwrap();
+    }
+    cli_ok(&["export", "--data", d(&data), "--out", d(&out)]);
+    cli_ok(&["verify", "--data", d(&data)]);
+    // A backup sent to a symlink: refused, nothing left.
+    std::fs::create_dir(tmp.path().join("empty")).unwrap();
+    for target in ["empty", "nowhere"] {
+        let link = tmp.path().join(format!("to-{target}"));
+        std::os::unix::fs::symlink(tmp.path().join(target), &link).unwrap();
+        let o = cli(&["backup", "--data", d(&data), "--to", d(&link)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("is a symlink"), "{err}");
+        assert!(!tmp.path().join(format!("to-{target}.partial")).exists());
+    }
+    // The data directory through a bind mount.
+    let mnt = tmp.path().join("mnt");
+    let _m = match Mount::bind(&data, &mnt) {
+        Ok(m) => m,
+        Err(why) => return skip_not_exercised(&format!("cannot bind-mount here ({why})")),
+    };
+    let listing = || {
+        let mut v: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let files = listing();
+    for args in [
+        vec![
+            "export",
+            "--data",
+            d(&data),
+            "--out",
+            d(&mnt.join("x.ndjson")),
+        ],
+        vec!["backup", "--data", d(&data), "--to", d(&mnt.join("copy"))],
+    ] {
+        let o = cli(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("is inside the data directory"), "{err}");
+    }
+    assert_eq!(listing(), files, "nothing written into the data directory");
+}
+
+/// `verify` stopped by a signal while it copies the directory to its scratch space dies of the
+/// signal: the removal of its half-made copy must not surface as a verdict ("holds no ledger",
+/// exit 1) on a sound ledger.
+#[test]
+fn a_verify_stopped_while_copying_gives_no_verdict() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let source = tmp.path().join("source");
+    several_segment_ledger(&source);
+    let scratch = tmp.path().join("scratch");
+    // How long a whole verify takes here: the signals are spread over its first fifth, the
+    // start and the copy (where a signal used to surface as a false "holds no ledger").
+    let t = Instant::now();
+    cli_ok(&["verify", "--data", d(&source), "--scratch", d(&scratch)]);
+    let whole = t.elapsed();
+    let mut outcomes = std::collections::BTreeMap::new();
+    const RUNS: u32 = 60;
+    for i in 0..RUNS {
+        let delay = whole * i / (RUNS * 5);
+        let child = process::bin()
+            .args(["verify", "--data", d(&source), "--scratch", d(&scratch)])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let outcome = match (o.status.code(), o.status.signal()) {
+            (_, Some(libc::SIGTERM)) => "killed",
+            (Some(0), _) => {
+                assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok 6000 events"));
+                "verified"
+            }
+            other => panic!("after {delay:?} of {whole:?}: {other:?}: {err}"),
+        };
+        *outcomes.entry(outcome).or_insert(0) += 1;
+    }
+    eprintln!("a whole verify {whole:?}: {outcomes:?}");
+    assert!(outcomes["killed"] > 0, "{outcomes:?}");
 }

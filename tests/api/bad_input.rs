@@ -535,6 +535,7 @@ async fn malformed_http_bodies_and_queries_are_400() {
         "/api/v1/events?alarm_id=x",
         "/api/v1/events?alarm=0190a5d2-0000-7000-8000-000000000000",
         "/api/v1/events?from=5&to=2",
+        "/api/v1/events?since=2026-12-09T00:00:00Z&until=2026-12-01T00:00:00Z",
     ] {
         let (s, v) = app.get(&tok, path).await;
         assert_eq!(

@@ -39,8 +39,9 @@ pub fn spawn_server(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Spawne
 }
 
 /// `spawn_server` with the files the server writes limited to `file_size` bytes
-/// (`RLIMIT_FSIZE`, with `SIGXFSZ` ignored, so a write beyond it fails with `EFBIG`): a disk that
-/// refuses writes, without root.
+/// (`RLIMIT_FSIZE`): a disk that refuses writes, without root. `SIGXFSZ` is left at its default
+/// action (which kills the process): the server ignores it itself, so a write beyond the limit
+/// fails with `EFBIG`.
 pub fn spawn_server_limited(
     data: &Path,
     extra: &[&str],
@@ -53,7 +54,7 @@ pub fn spawn_server_limited(
         // SAFETY: signal and setrlimit only, between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
                 let r = libc::rlimit {
                     rlim_cur: limit as libc::rlim_t,
                     rlim_max: limit as libc::rlim_t,
