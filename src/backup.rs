@@ -39,6 +39,11 @@ pub struct Source<'a> {
     /// Pause after each chunk is written out: `ONLINE_CHUNK_PAUSE` while a writer shares the
     /// disk, zero for an offline copy.
     pub chunk_pause: Duration,
+    /// The source's projection snapshot, to be checked against the projection rebuilt from the
+    /// copied events at its offset (offline: `serve` and `verify` refuse a directory whose
+    /// snapshot disagrees with its log, and a copy with a snapshot rebuilt from the log would
+    /// erase that evidence). `None` online: the server's start-up check did this.
+    pub expect_snapshot: Option<&'a crate::ledger::snapshot::Snapshot>,
     /// The offline tool's: the copy in progress is removed if the process is stopped by
     /// SIGINT, SIGTERM or SIGHUP (`read_copy::remove_on_signal`), and renamed into place only if
     /// it was not (`read_copy::publish_unless_stopped`). Never the server's (its signals stop
@@ -187,6 +192,7 @@ fn copy_into(
         users,
         secret_file,
         chunk_pause,
+        expect_snapshot,
         removed_on_signal: _,
     } = *src;
     let pause = || {
@@ -218,6 +224,17 @@ fn copy_into(
         prev = e.hash;
         prev_at = e.at;
         projection.apply(&e);
+        if let Some(s) = expect_snapshot.filter(|s| s.offset == e.offset) {
+            if projection.alarms_sorted() != s.alarms {
+                return Err(Error::Corrupt {
+                    offset: s.offset,
+                    reason: "the projection snapshot differs from the projection rebuilt from \
+                             the log (the log verifies up to this offset: the snapshot is wrong, \
+                             or was altered); `verify` says the same, and `serve` refuses it"
+                        .into(),
+                });
+            }
+        }
         next += 1;
         events.push(e);
         if events.len() < chunk && next <= head {
@@ -483,6 +500,7 @@ mod tests {
             users: Some(&users_at_cut),
             secret_file: None,
             chunk_pause: Duration::from_micros(10),
+            expect_snapshot: None,
             removed_on_signal: false,
         };
         let r = backup_chunked(&from, &dest, 3).unwrap();

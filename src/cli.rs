@@ -558,11 +558,16 @@ pub fn backup(args: BackupArgs) -> Result<String> {
     // A snapshot that proves events lost or rewritten stops `serve` and `verify`; the copy,
     // with a snapshot rebuilt from the log as it is now, would verify clean and erase that
     // evidence. One the server would discard is no evidence of anything: the copy goes on.
-    if let crate::ledger::SnapshotVerdict::Discarded(why) =
-        crate::ledger::judge_snapshot(&log, &dir.snapshot_path(), head)?
-    {
-        tracing::warn!(reason = %why, "the source's projection snapshot is discarded (the copy gets one rebuilt from the log)");
-    }
+    // A snapshot that passes that but whose alarms differ from the log's at its offset is
+    // caught during the copy (`expect_snapshot`), as `verify` and the server's check catch it.
+    let usable = match crate::ledger::judge_snapshot(&log, &dir.snapshot_path(), head)? {
+        crate::ledger::SnapshotVerdict::Usable(s) => Some(s),
+        crate::ledger::SnapshotVerdict::Discarded(why) => {
+            tracing::warn!(reason = %why, "the source's projection snapshot is discarded (the copy gets one rebuilt from the log)");
+            None
+        }
+        crate::ledger::SnapshotVerdict::Absent => None,
+    };
     let head = head.offset;
     let security = SecurityLog::open(log.db(), log.info().ledger_id)
         .map_err(|e| Error::Storage(e.to_string()))?;
@@ -578,6 +583,7 @@ pub fn backup(args: BackupArgs) -> Result<String> {
         secret_file: Some(&secret),
         // Offline: no writer shares the disk.
         chunk_pause: std::time::Duration::ZERO,
+        expect_snapshot: usable.as_ref(),
         removed_on_signal: true,
     };
     let r = crate::backup::backup(&src, &args.to)?;

@@ -2441,6 +2441,18 @@ async fn a_snapshot_that_proves_events_lost_stops_the_offline_backup_too() {
         assert!(err.contains("lost or rewrote events"), "{err}");
         assert!(err.contains(d(&snap_file)), "{err}");
     }
+    // This ledger's snapshot at a record the log holds, whose alarms were altered (checksum
+    // recomputed): `verify` and the server's check find it; so does the offline backup.
+    let mut altered = good.clone();
+    altered.alarms[0].name = "altered".into();
+    std::fs::write(&snap_file, snapshot::encode(&altered).unwrap()).unwrap();
+    let dest = tmp.path().join("copy-altered");
+    let out = cli(&["backup", "--data", d(&data), "--to", d(&dest)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("differs from the projection rebuilt"), "{err}");
+    assert!(!dest.exists() && !tmp.path().join("copy-altered.partial").exists());
+    assert!(verify_fails(&data).contains("differs from the projection rebuilt"));
     // Discarded by the server, reported by verify, copied by backup.
     let mut foreign = good.clone();
     foreign.ledger_id = Uuid::new_v4();

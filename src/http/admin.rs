@@ -385,6 +385,7 @@ pub async fn backup(state: &State, req: &Request) -> Result<Response, ApiError> 
             users: Some(&users),
             secret_file: Some(&secret),
             chunk_pause: crate::backup::ONLINE_CHUNK_PAUSE,
+            expect_snapshot: None,
             removed_on_signal: false,
         };
         crate::backup::backup(&src, &dest)
