@@ -98,7 +98,9 @@ fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupR
     };
     // A symlink would be replaced by the copy if it dangles, and cannot be renamed over if it
     // points at a directory: the directory itself must be named.
-    if std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_symlink()) {
+    // (`components` drops a trailing `/`, through which the check would follow the link.)
+    let bare = dest.components().as_path();
+    if std::fs::symlink_metadata(bare).is_ok_and(|m| m.file_type().is_symlink()) {
         return Err(Error::Config(format!(
             "backup destination {} is a symlink: give the directory itself",
             dest.display()
@@ -164,7 +166,7 @@ fn backup_chunked(src: &Source<'_>, dest: &Path, chunk: usize) -> Result<BackupR
         // Not left behind: it would block the next backup to this name.
         let _ = std::fs::remove_dir_all(&staging);
         return Err(Error::Other(format!(
-            "cannot rename {} to {}: {e}",
+            "cannot rename {} to {} (and sync its directory): {e}",
             staging.display(),
             dest.display()
         )));

@@ -210,9 +210,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         ..EventFilter::default()
     };
     if let Some(why) = bounds.inverted() {
-        return Err(Error::Config(
-            format!("--{why}").replace(" is after ", " is after --"),
-        ));
+        return Err(Error::Config(why.describe("--")));
     }
     let target = args.out.as_deref().map(out_target).transpose()?;
     if let Some(OutTarget::File(out) | OutTarget::Stream(out)) = &target {
@@ -351,15 +349,9 @@ fn export_to_file(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
     // Created new, never opened as found: a `.partial` already there is another export's (one
     // running, or one killed), or a link planted there (into the data directory, say), which
     // writing through would have filled with this export.
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&partial)
-    };
-    let file = match file {
+    // Registered as it is created: interrupted (Ctrl-C, `timeout`), no half-written
+    // `.partial` is left behind.
+    let file = match crate::read_copy::create_new_removed_on_signal(&partial) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             return Err(Error::Other(format!(
@@ -376,8 +368,6 @@ fn export_to_file(log: &SledLog, args: &ExportArgs, path: &Path) -> Result<()> {
             )))
         }
     };
-    // Interrupted (Ctrl-C, `timeout`): no half-written `.partial` is left behind.
-    crate::read_copy::remove_on_signal(&partial);
     // A failure of the file (a full disk) names it; a failure of the log says what it says.
     let named = |e: Error| match e {
         Error::Io(e) => Error::Other(format!("cannot write {}: {e}", partial.display())),

@@ -20,27 +20,42 @@ pub struct EventFilter {
     pub limit: Option<u64>,
 }
 
+/// An inverted range of an `EventFilter`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inverted {
+    Offsets { from: u64, to: u64 },
+    Times { since: Timestamp, until: Timestamp },
+}
+
+impl Inverted {
+    /// What is wrong, naming the bounds as the caller's interface does (`flag`: `""` for the
+    /// HTTP parameters, `"--"` for the CLI's options).
+    pub fn describe(&self, flag: &str) -> String {
+        let (lower, upper) = match self {
+            Inverted::Offsets { from, to } => (format!("from {from}"), format!("to {to}")),
+            Inverted::Times { since, until } => (
+                format!("since {}", since.to_rfc3339()),
+                format!("until {}", until.to_rfc3339()),
+            ),
+        };
+        format!("{flag}{lower} is after {flag}{upper} (both inclusive): the range holds nothing")
+    }
+}
+
 impl EventFilter {
-    /// Why the offset range is inverted (`from` after `to`), if it is: a swapped pair is a
-    /// mistake to report, not an empty audit extract to hand over as if it were the answer.
-    /// So is a time range whose `since` is after `until` — by more than the millisecond that
-    /// rounding a finer `since` up (and `until` down) can put between two bounds that were in
-    /// order as given.
-    pub fn inverted(&self) -> Option<String> {
+    /// The range, if it is inverted (`from` after `to`; `since` after `until` by more than the
+    /// millisecond that rounding a finer `since` up and `until` down can put between two bounds
+    /// that were in order as given): a swapped pair is a mistake to report, not an empty audit
+    /// extract to hand over as if it were the answer.
+    pub fn inverted(&self) -> Option<Inverted> {
         if let (Some(from), Some(to)) = (self.from, self.to) {
             if from > to {
-                return Some(format!(
-                    "from {from} is after to {to} (both inclusive): the range holds nothing"
-                ));
+                return Some(Inverted::Offsets { from, to });
             }
         }
         if let (Some(since), Some(until)) = (self.since, self.until) {
             if since.0 > until.0.saturating_add(1) {
-                return Some(format!(
-                    "since {} is after until {} (both inclusive): the range holds nothing",
-                    since.to_rfc3339(),
-                    until.to_rfc3339()
-                ));
+                return Some(Inverted::Times { since, until });
             }
         }
         None

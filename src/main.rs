@@ -36,9 +36,16 @@ fn main() -> ExitCode {
             // An offline tool stopped by a signal: the signal thread removes its copies and ends
             // the process by that signal. An error met meanwhile comes from that removal (the
             // scratch copy gone under a `verify`), and reporting it would be a false verdict.
-            loop {
-                std::thread::park();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+                std::thread::park_timeout(left);
             }
+            // The removal hangs (a scratch directory on a stuck mount): end anyway.
+            telemetry::fatal_line(
+                json,
+                "error: stopped by a signal; its copy could not be removed in time",
+            );
+            ExitCode::from(1)
         }
         Err(e) => {
             // With `--log-format json`, one JSON object per line, as every other line.

@@ -248,6 +248,28 @@ pub fn stopping() -> bool {
     *CANCELLED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Creates the new file `path` (mode 0600; an existing one is an error) and registers it with
+/// `remove_on_signal`, both under the lock the signal thread takes first: a signal can come
+/// neither between them (an unregistered file would be left behind) nor before them (the
+/// signal thread would remove a file that is someone else's). Call `handle_signals` first.
+pub fn create_new_removed_on_signal(path: &Path) -> std::io::Result<File> {
+    let cancelled = CANCELLED.lock().unwrap_or_else(|p| p.into_inner());
+    if *cancelled {
+        return Err(std::io::Error::from(std::io::ErrorKind::Interrupted));
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    ON_SIGNAL
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(path.to_path_buf());
+    drop(cancelled);
+    Ok(file)
+}
+
 /// Renames the complete `staging` (registered with `remove_on_signal`) to `dest` and syncs the
 /// directory, unless a stop signal came first (then `Interrupted`: the signal thread removes
 /// it). Under the lock the signal thread takes before it removes anything, so the two never
@@ -386,9 +408,12 @@ pub fn refuse_output_inside(
         ))
     })?;
     let allowed = allowed.and_then(|a| canonical_even_if_missing(a).ok());
-    let under_allowed = allowed
-        .as_ref()
-        .is_some_and(|a| out != *a && (out.starts_with(a) || within(&out, a)));
+    // Strictly under it, judged on the parent: `backups/` itself (or it seen through a bind
+    // mount) is not a place for a backup.
+    let under_allowed = allowed.as_ref().is_some_and(|a| {
+        out.parent()
+            .is_some_and(|p| p.starts_with(a) || within(p, a))
+    });
     if (out.starts_with(&data) || within(&out, &data)) && !under_allowed {
         return Err(Error::Config(format!(
             "{flag} {} is inside the data directory {}: write it elsewhere{}",

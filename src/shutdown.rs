@@ -7,8 +7,9 @@
 //! met the default disposition and killed the process without a graceful stop (no final
 //! snapshot, connections reset). A signal during start-up ends the start at once (exit 1).
 //!
-//! A second signal during the graceful stop ends the process at once (exit 1): an operator
-//! pressing Ctrl-C twice means it. What was acknowledged is durable anyway; the next start
+//! A second SIGTERM or SIGINT during the graceful stop ends the process at once (exit 1): an
+//! operator pressing Ctrl-C twice means it (a SIGHUP never does, and a stop a SIGHUP started
+//! takes the first SIGTERM or SIGINT after it as its own: they often come together). What was acknowledged is durable anyway; the next start
 //! replays the log's tail instead of loading a final snapshot.
 
 use tokio::signal::unix::{signal, Signal, SignalKind};

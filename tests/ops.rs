@@ -991,4 +991,28 @@ async fn sighup_stops_gracefully_unless_it_was_ignored() {
         assert_eq!(status.code(), Some(0), "{pair:?}");
         assert!(dir.path().join("projection.snapshot").exists());
     }
+    // The same, one after the other: the stop a SIGHUP started takes the SIGTERM that follows
+    // as its own, and only a second SIGTERM would cut it short.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let mut cmd = process::bin();
+    cmd.args(["serve", "--data", &data, "--listen", "127.0.0.1:0"]);
+    let (mut child, addr, log) = spawn_with_log(cmd);
+    admin_login(&reqwest::Client::new(), &addr).await;
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) if line.contains("SIGHUP") => break,
+            Ok(_) => {}
+            Err(e) => panic!("no SIGHUP line in the log: {e}"),
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut child, Duration::from_secs(30), "no exit").await;
+    assert_eq!(status.code(), Some(0));
+    assert!(dir.path().join("projection.snapshot").exists());
 }

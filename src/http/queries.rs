@@ -356,7 +356,7 @@ fn parse_filter(req: &Request) -> Result<EventFilter, ApiError> {
         }
     }
     if let Some(why) = f.inverted() {
-        return Err(ApiError::bad_request(why));
+        return Err(ApiError::bad_request(why.describe("")));
     }
     Ok(f)
 }
