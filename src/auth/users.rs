@@ -26,6 +26,11 @@ const FORMAT_VERSION: u8 = 1;
 /// Length of a generated bootstrap password (~143 bits from 62 symbols).
 const GENERATED_PASSWORD_CHARS: usize = 24;
 
+/// Actor names the security log uses for what no user did: the offline tools (`cli`) and the
+/// server itself (`server`, the first-start admin). No account may take them (compared without
+/// letter case, as names are), or its entries could not be told from those.
+pub const RESERVED_ACTORS: [&str; 2] = ["cli", "server"];
+
 /// Checks a username: 1–64 characters of `[A-Za-z0-9._-]`, the first a letter or digit (so a name
 /// can never look like an option, a path like `..`, or be empty).
 pub fn validate_username(name: &str) -> Result<(), AuthError> {
@@ -188,6 +193,12 @@ impl UserStore {
     /// `admin` would make the audit trail ambiguous).
     pub fn add(&self, name: &str, password: &str, role: Role) -> Result<UserInfo, AuthError> {
         validate_username(name)?;
+        if RESERVED_ACTORS.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+            return Err(AuthError::InvalidUsername(
+                "reserved: the security log names the offline tools `cli` and the server's own \
+                 actions `server`",
+            ));
+        }
         password::validate_password(password)?;
         let hash = PasswordHash::new_with_iterations(password, self.iterations)?;
         let now = to_millis(Utc::now());
@@ -561,6 +572,15 @@ mod tests {
             s.add("alice", PW, Role::Admin),
             Err(AuthError::UserExists(..))
         ));
+        for reserved in ["cli", "Server"] {
+            assert!(
+                matches!(
+                    s.add(reserved, PW, Role::Admin),
+                    Err(AuthError::InvalidUsername(why)) if why.starts_with("reserved")
+                ),
+                "{reserved}"
+            );
+        }
         let e = s.add("ALICE", PW, Role::Admin).unwrap_err();
         assert!(matches!(&e, AuthError::UserExists(..)));
         // The message names the user that exists, and why another case is refused.

@@ -91,10 +91,18 @@ pub async fn login(state: &State, req: &Request) -> Result<Response, ApiError> {
     let st = state.clone();
     let (name, password) = (user.clone(), body.password);
     // PBKDF2 costs ~150 ms: never on the reactor, never on every core, at low priority.
-    let result = match state
+    // The token is dated from before the user record is read (`read_at`), not from its
+    // issue: a password change, disable or role change written while the password was being
+    // checked (~150 ms, more in the hash queue) is then later than the token and revokes it.
+    // Dated at the issue, it outlived the change that should have revoked it (and, refreshed,
+    // for as long as the attacker liked).
+    let (read_at, result) = match state
         .auth
         .hasher
-        .run(move || st.auth.users.authenticate(&name, &password))
+        .run(move || {
+            let read_at = chrono::Utc::now();
+            (read_at, st.auth.users.authenticate(&name, &password))
+        })
         .await
     {
         Ok(r) => r,
@@ -110,7 +118,7 @@ pub async fn login(state: &State, req: &Request) -> Result<Response, ApiError> {
             let issued = state
                 .auth
                 .tokens
-                .issue(&info.username, info.role, chrono::Utc::now())
+                .issue(&info.username, info.role, read_at)
                 .map_err(|e| ApiError::internal(e.to_string()))?;
             record(
                 state,
@@ -143,6 +151,9 @@ pub async fn login(state: &State, req: &Request) -> Result<Response, ApiError> {
 pub async fn refresh(state: &State, req: &Request) -> Result<Response, ApiError> {
     let token = bearer(&req.headers)
         .ok_or_else(|| ApiError::unauthorized(super::session::MISSING_BEARER))?;
+    // Dated from before the check (as a login's token): a change to the user written between
+    // the check and the issue revokes the new token too.
+    let read_at = chrono::Utc::now();
     let p = check_token(state, token)?;
     state
         .auth
@@ -152,7 +163,7 @@ pub async fn refresh(state: &State, req: &Request) -> Result<Response, ApiError>
     let issued = state
         .auth
         .tokens
-        .issue(&p.name, p.role, chrono::Utc::now())
+        .issue(&p.name, p.role, read_at)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     record(
         state,

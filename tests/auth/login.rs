@@ -185,3 +185,71 @@ async fn commands_appended_before_a_disable_are_answered_before_the_4001() {
         appended.difference(&answered).collect::<Vec<_>>()
     );
 }
+
+/// The `iat_ms` claim of a token (verified with the test server's secret).
+fn issued_at_ms(token: &str) -> i64 {
+    tokens(chrono::Duration::minutes(15))
+        .verify(token, chrono::Utc::now())
+        .expect("a token of the test server")
+        .iat_ms
+        .expect("iat_ms")
+}
+
+/// A change to a user written while their login's password check runs (~150 ms) revokes the
+/// token that login returns: the token is dated from before the user record was read. Dated
+/// from its issue, it outlived the change (here a disable and re-enable, which revoke every
+/// token) and could be refreshed for as long as its holder liked. Which happens first, the
+/// record read or the change, is up to the scheduler: a run where the read came after the
+/// change proves nothing and is tried again; at least one must be conclusive.
+#[tokio::test]
+async fn a_change_written_during_a_login_revokes_the_token_it_returns() {
+    let app = spawn_app().await;
+    create_user(&app, "rita", USER_PASSWORD, "operator").await;
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let mut conclusive = 0;
+    for _ in 0..5 {
+        let login = {
+            let client = app.client.clone();
+            let url = app.url("/api/v1/login");
+            tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .json(&json!({"username": "rita", "password": USER_PASSWORD}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                r.json::<Value>().await.unwrap()["token"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let changed_from = now_ms();
+        let (s, v) = patch_user(&app, &app.admin_token, "rita", json!({"disabled": true})).await;
+        assert_eq!(s, 200, "{v}");
+        let (s, v) = patch_user(&app, &app.admin_token, "rita", json!({"disabled": false})).await;
+        assert_eq!(s, 200, "{v}");
+        let token = login.await.unwrap();
+        let (s, _) = app.get(&token, "/api/v1/ledger").await;
+        if issued_at_ms(&token) < changed_from {
+            // The record was read before the change: the change must revoke this token.
+            assert_eq!(s, 401, "a token from before a disable still works");
+            conclusive += 1;
+            if conclusive == 2 {
+                break;
+            }
+        } else {
+            assert_eq!(s, 200, "a token from after the change is valid");
+        }
+        // The next round starts after this one's throttle-free success.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(conclusive > 0, "no run read the user before the change");
+}
