@@ -193,6 +193,19 @@ impl Server {
     fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
+
+    /// The log once it holds `needle`, or after 10 s: the last lines a process writes before it
+    /// exits reach the reader thread after `wait` has returned.
+    fn log_text_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log_text();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Server {
@@ -2374,7 +2387,7 @@ async fn a_server_that_found_a_corrupt_log_stops_without_writing_over_it() {
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let status = child.wait().unwrap();
-    let log = s.log_text();
+    let log = s.log_text_with("stopped without the shutdown checkpoint");
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(
         log.contains("stopped without the shutdown checkpoint"),

@@ -179,6 +179,18 @@ fn unknown_variables_are_warned_about() {
 }
 
 /// Logs in as admin on a server started by `start_server`; returns the token.
+/// Creates an alarm named `name` over HTTP on the server at `addr`; it must succeed.
+async fn create_alarm(client: &reqwest::Client, addr: &str, token: &str, name: &str) {
+    let r = client
+        .post(format!("http://{addr}/api/v1/alarms"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "name": name }))
+        .send()
+        .await
+        .expect("create request");
+    assert_eq!(r.status(), 200, "create {name}");
+}
+
 async fn admin_login(client: &reqwest::Client, addr: &str) -> String {
     let r = client
         .post(format!("http://{addr}/api/v1/login"))
@@ -267,14 +279,7 @@ async fn sigterm_closes_websockets_with_1001_snapshots_and_exits_0() {
     let (mut child, addr, log) = start_server_with_log(&data);
     let client = reqwest::Client::new();
     let token = admin_login(&client, &addr).await;
-    let r = client
-        .post(format!("http://{addr}/api/v1/alarms"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"name": "before shutdown"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    create_alarm(&client, &addr, &token, "before shutdown").await;
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{addr}/api/v1/ws?access_token={token}"))
             .await
@@ -752,14 +757,7 @@ async fn serve_does_not_found_a_new_ledger_over_a_lost_one() {
     let (mut child, addr) = start_server(data.to_str().unwrap());
     let client = reqwest::Client::new();
     let token = admin_login(&client, &addr).await;
-    let r = client
-        .post(format!("http://{addr}/api/v1/alarms"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"name": "before the loss"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    create_alarm(&client, &addr, &token, "before the loss").await;
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
@@ -872,14 +870,7 @@ async fn a_server_whose_stderr_reader_went_away_keeps_serving_and_stops_cleanly(
         assert!(matches!(r.status().as_u16(), 401 | 429), "{}", r.status());
     }
     let token = admin_login(&client, &addr).await;
-    let r = client
-        .post(format!("http://{addr}/api/v1/alarms"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"name": "logged nowhere"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    create_alarm(&client, &addr, &token, "logged nowhere").await;
     // SAFETY: plain kill(2) on our child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = wait_exit(&mut child, Duration::from_secs(30), "no exit").await;
