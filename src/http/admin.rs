@@ -120,6 +120,25 @@ pub async fn login(state: &State, req: &Request) -> Result<Response, ApiError> {
                 .tokens
                 .issue(&info.username, info.role, read_at)
                 .map_err(|e| ApiError::internal(e.to_string()))?;
+            // A change to the user written while the password was checked has revoked this
+            // token already: the login failed, and the audit trail must say so rather than
+            // record a success after (say) the disable.
+            if let Err(super::session::Denied::Revoked(why)) = check_token(state, &issued.token) {
+                state.metrics.login_failures.inc();
+                record(
+                    state,
+                    entry(state, req, SecurityAction::LoginFailed)
+                        .target(user.clone())
+                        .detail(
+                            "reason",
+                            format!("the account changed during the login: {why}"),
+                        ),
+                )
+                .await?;
+                return Err(ApiError::unauthorized(
+                    "the account changed during the login: log in again",
+                ));
+            }
             record(
                 state,
                 entry(state, req, SecurityAction::LoginSucceeded)
