@@ -313,12 +313,19 @@ pub fn client_ip(
     Some(client)
 }
 
-/// One `X-Forwarded-For` element: an address, optionally with a port.
+/// One `X-Forwarded-For` element: an address, optionally with a port, an IPv6 one optionally
+/// in brackets without a port (`[2001:db8::1]`, as RFC 7239 writes it and some proxies copy).
 fn parse_hop(part: &str) -> Option<IpAddr> {
     let part = part.trim();
+    let bracketed = part
+        .strip_prefix('[')
+        .and_then(|p| p.strip_suffix(']'))
+        .and_then(|p| p.parse::<std::net::Ipv6Addr>().ok())
+        .map(IpAddr::V6);
     let ip = part
         .parse::<IpAddr>()
         .ok()
+        .or(bracketed)
         .or_else(|| part.parse::<SocketAddr>().ok().map(|s| s.ip()))?;
     Some(ip.to_canonical())
 }
@@ -602,7 +609,22 @@ fn allowed_methods(segs: &[&str]) -> Vec<&'static str> {
 
 /// Runs the request's route. Returns the route's name (a metrics label) and the response.
 async fn dispatch(state: &State, req: &Request) -> (&'static str, Response) {
-    let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    // Each segment percent-decoded (RFC 3986: `%61dmin` is `admin`); a malformed escape, or one
+    // that is not UTF-8, is refused rather than matched as written.
+    let decoded = req
+        .path
+        .trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect::<Result<Vec<_>, _>>();
+    let decoded = match decoded {
+        Ok(d) => d,
+        Err(why) => {
+            let e = ApiError::bad_request(format!("the path {}: {why}", req.path));
+            return ("unknown", e.into_response());
+        }
+    };
+    let segs: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let m = &req.method;
     macro_rules! run {
         ($name:expr, $fut:expr) => {{
@@ -752,11 +774,14 @@ mod tests {
             client_ip(peer("10.0.0.2:1"), &h, &trusted),
             ip("198.51.100.4")
         );
-        let h = headers(&["[2001:db8::1]:443"]);
-        assert_eq!(
-            client_ip(peer("10.0.0.2:1"), &h, &trusted),
-            ip("2001:db8::1")
-        );
+        for hop in ["[2001:db8::1]:443", "[2001:db8::1]", "2001:db8::1"] {
+            let h = headers(&[hop]);
+            assert_eq!(
+                client_ip(peer("10.0.0.2:1"), &h, &trusted),
+                ip("2001:db8::1"),
+                "{hop}"
+            );
+        }
         // A hop that is not an address stops the walk at the last good one.
         let h = headers(&["garbage"]);
         assert_eq!(client_ip(peer("10.0.0.2:1"), &h, &trusted), ip("10.0.0.2"));

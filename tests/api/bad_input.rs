@@ -1041,4 +1041,19 @@ async fn a_known_path_with_the_wrong_method_is_405_with_allow() {
         (404, Some("not_found")),
         "{v}"
     );
+    // Path segments are percent-decoded (`%30` is `0`); a malformed escape is a bad request.
+    let hex = format!("%{:02X}", id.as_bytes()[0]);
+    let (s, v) = app
+        .get(
+            &app.admin_token,
+            &format!("/api/v1/alarms/{hex}{}", &id[1..]),
+        )
+        .await;
+    assert_eq!((s, v["id"].as_str()), (200, Some(id.as_str())), "{v}");
+    let (s, v) = app.get(&app.admin_token, "/api/v1/alarms/%zz").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{v}"
+    );
 }
