@@ -237,15 +237,34 @@ async fn wait_exit(child: &mut Child, within: Duration, what: &str) -> std::proc
     }
 }
 
-/// Spawns `cmd` (a `serve`) with the admin password and info logs, and waits for its address.
-fn spawn_with_log(mut cmd: Command) -> (Child, String, std::sync::mpsc::Receiver<String>) {
-    let mut child = cmd
-        .env("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+/// Spawns `cmd` (a `serve`) with the admin password, info logs and its stderr piped.
+fn spawn_logged(mut cmd: Command) -> Child {
+    cmd.env("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
-        .expect("spawn server");
+        .expect("spawn server")
+}
+
+/// The address in the server's `listening` log line (human format), if `line` is that line.
+fn listening_addr(line: &str) -> Option<String> {
+    if !line.contains("listening") {
+        return None;
+    }
+    let i = line.find("127.0.0.1:")?;
+    Some(
+        line[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect(),
+    )
+}
+
+/// Spawns `cmd` (a `serve`, as `spawn_logged`), and waits for its address; the later log lines
+/// arrive on the receiver.
+fn spawn_with_log(cmd: Command) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+    let mut child = spawn_logged(cmd);
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let (log_tx, log_rx) = std::sync::mpsc::channel();
@@ -254,15 +273,9 @@ fn spawn_with_log(mut cmd: Command) -> (Child, String, std::sync::mpsc::Receiver
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if sent {
                 let _ = log_tx.send(line);
-            } else if line.contains("listening") {
-                if let Some(i) = line.find("127.0.0.1:") {
-                    let addr: String = line[i..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                        .collect();
-                    let _ = tx.send(addr);
-                    sent = true;
-                }
+            } else if let Some(addr) = listening_addr(&line) {
+                let _ = tx.send(addr);
+                sent = true;
             }
         }
     });
@@ -830,25 +843,15 @@ async fn serve_does_not_found_a_new_ledger_over_a_lost_one() {
 #[tokio::test]
 async fn a_server_whose_stderr_reader_went_away_keeps_serving_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = process::bin()
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
-        .env("ALARM_LEDGER_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn server");
+    let mut cmd = process::bin();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path());
+    let mut child = spawn_logged(cmd);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = loop {
         let line = lines.next().expect("the server logs its address").unwrap();
-        if let Some(i) = line.find("127.0.0.1:") {
-            if line.contains("listening") {
-                break line[i..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                    .collect::<String>();
-            }
+        if let Some(addr) = listening_addr(&line) {
+            break addr;
         }
     };
     drop(lines); // the reader goes away: every later write to stderr fails with EPIPE
